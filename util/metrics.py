@@ -1,0 +1,218 @@
+"""Evaluation metrics, defined once so every number the project reports means the same thing (DESIGN §5).
+
+Array conventions: numpy images are H×W×C (the I/O layer's layout); torch images are (..., C, H, W).
+Kernels are 2-D (s1×s2), numpy or torch. All metrics are computed in float64 on the CPU so that they do
+not depend on the device or dtype the algorithm ran in.
+
+- PSNR: RGB in [0, 1], both images clipped to [0, 1], data range 1, MSE over all pixels and channels.
+- SSIM: pytorch_msssim.ssim, Gaussian window 11, σ 1.5, data range 1, per channel then averaged.
+- Kernel MSE: both kernels normalised to sum 1, zero-padded (centred) to one common size, aligned by the
+  integer shift within ±max_shift px minimising the error; sum of squared differences divided by the
+  number of taps of the ESTIMATED kernel. The unaligned (zero-shift) value is returned alongside.
+- Re-blur error: mean((k̂ ⊛ x̂ − y)²) − σ², circular convolution (util.fft.conv_circular).
+- LPIPS (VGG): only when the `lpips` package and the user's VGG16 backbone weights are present; never
+  downloads anything, and returns (None, reason) otherwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .fft import conv_circular
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _image_to_nchw(img: ArrayLike, name: str) -> torch.Tensor:
+    """numpy H×W×C / H×W -> float64 (1, C, H, W); torch (C,H,W)/(N,C,H,W)/(H,W) -> float64 NCHW."""
+    if isinstance(img, np.ndarray):
+        a = np.asarray(img, dtype=np.float64)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        if a.ndim != 3:
+            raise ValueError(f"{name}: expected a numpy image H×W×C, got shape {a.shape}")
+        return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
+    if isinstance(img, torch.Tensor):
+        t = img.detach().to("cpu", torch.float64)
+        if t.ndim == 2:
+            t = t[None, None]
+        elif t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4:
+            raise ValueError(f"{name}: expected a tensor (N,C,H,W), got shape {tuple(t.shape)}")
+        return t
+    raise TypeError(f"{name}: expected a numpy array or torch tensor, got {type(img).__name__}")
+
+
+def _pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = _image_to_nchw(x, "x"), _image_to_nchw(y, "y")
+    if a.shape != b.shape:
+        raise ValueError(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return a, b
+
+
+def _kernel_to_np(k: ArrayLike, name: str) -> np.ndarray:
+    a = k.detach().to("cpu", torch.float64).numpy() if isinstance(k, torch.Tensor) else np.asarray(k, np.float64)
+    a = np.squeeze(a)  # accept 1×1×s×s as stored in the authors' pickles
+    if a.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D kernel, got shape {np.shape(k)}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name}: kernel contains NaN or inf")
+    s = a.sum()
+    if not s > 0:
+        raise ValueError(f"{name}: kernel sum is {s:.3g}, cannot normalise to 1")
+    return a / s
+
+
+def _pad_centred(k: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Zero-pad so the centre tap (s//2) lands on the centre of the new size (S//2), as DESIGN §2 centres."""
+    out = np.zeros(shape, dtype=k.dtype)
+    t0 = shape[0] // 2 - k.shape[0] // 2
+    t1 = shape[1] // 2 - k.shape[1] // 2
+    out[t0:t0 + k.shape[0], t1:t1 + k.shape[1]] = k
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- images
+def psnr(x: ArrayLike, y: ArrayLike) -> float:
+    """PSNR in dB of images in [0, 1] (both clipped), data range 1; +inf when identical after clipping."""
+    a, b = _pair(x, y)
+    mse = torch.mean((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).item()
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(x: ArrayLike, y: ArrayLike) -> float:
+    """SSIM (Gaussian window 11, σ 1.5, data range 1) per channel, averaged; images clipped to [0, 1]."""
+    from pytorch_msssim import ssim as _ssim  # imported here so util imports stay cheap for the rest
+
+    a, b = _pair(x, y)
+    if min(a.shape[-2:]) < 11:
+        raise ValueError(f"SSIM needs images of at least 11×11 pixels, got {tuple(a.shape[-2:])}")
+    return float(_ssim(a.clamp(0, 1), b.clamp(0, 1), data_range=1.0, win_size=11, win_sigma=1.5,
+                       size_average=True))
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple[float, float]:
+    """Kernel MSE (aligned, raw) per DESIGN §5.
+
+    Both kernels are normalised to sum 1 and zero-padded, centred, to the larger of the two sizes. The
+    aligned value is the minimum over all integer shifts (dy, dx) in [-max_shift, max_shift]² of
+    Σ(k_est − shift(k_true))² / (number of taps of k_est); shifting pads with zeros (no wrap-around, no
+    mass lost). `raw` is the zero-shift value. Shifts are evaluated all at once (sliding windows).
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    ke = _kernel_to_np(k_est, "k_est")
+    kt = _kernel_to_np(k_true, "k_true")
+    n_taps = ke.size
+    shape = (max(ke.shape[0], kt.shape[0]), max(ke.shape[1], kt.shape[1]))
+    ke, kt = _pad_centred(ke, shape), _pad_centred(kt, shape)
+    m = max_shift
+    kt_big = np.pad(kt, m)
+    # windows[i, j] = k_true shifted by (m - i, m - j); the (m, m) window is the unshifted one
+    windows = np.lib.stride_tricks.sliding_window_view(kt_big, shape)
+    err = ((windows - ke[None, None]) ** 2).sum(axis=(-2, -1)) / n_taps
+    return float(err.min()), float(err[m, m])
+
+
+# ----------------------------------------------------------------------------------------------- re-blur
+def reblur_error(k_est: ArrayLike, x_est: ArrayLike, y: ArrayLike, sigma: float) -> float:
+    """mean((k̂ ⊛ x̂ − y)²) − σ², with circular true convolution (DESIGN §2).
+
+    Close to 0 for a consistent estimate, negative when over-fitting the noise, large when the kernel or
+    the image is off. The kernel is used as given (not renormalised): it is the model's own estimate.
+    y is not clipped (observations may be unclipped); x̂ is used as given.
+    """
+    x, yy = _pair(x_est, y)
+    k = k_est.detach().to("cpu", torch.float64) if isinstance(k_est, torch.Tensor) else \
+        torch.from_numpy(np.asarray(k_est, np.float64))
+    k = k.squeeze()
+    if k.ndim != 2:
+        raise ValueError(f"k_est: expected a 2-D kernel, got shape {tuple(k.shape)}")
+    r = conv_circular(x, k) - yy
+    return float(torch.mean(r ** 2).item() - float(sigma) ** 2)
+
+
+# ----------------------------------------------------------------------------------------------- LPIPS
+# torchvision's file name for the ImageNet VGG16 weights; looked up, never fetched
+_VGG_FILE = "vgg16-397923af.pth"
+_VGG_ENV = "LPIPS_VGG_WEIGHTS"
+
+
+def _find_vgg_weights(vgg_weights: Optional[Union[str, Path]]) -> Optional[Path]:
+    cands = []
+    if vgg_weights:
+        cands.append(Path(vgg_weights))
+    if os.environ.get(_VGG_ENV):
+        cands.append(Path(os.environ[_VGG_ENV]))
+    cands.append(Path(torch.hub.get_dir()) / "checkpoints" / _VGG_FILE)
+    for c in cands:
+        if c.is_file():
+            return c
+    return None
+
+
+def lpips_available(vgg_weights: Optional[Union[str, Path]] = None) -> tuple[bool, str]:
+    """(available, reason). Needs the `lpips` package and a VGG16 state_dict file supplied by the user.
+
+    The weights are searched at `vgg_weights`, then $LPIPS_VGG_WEIGHTS, then the torch hub cache
+    (checkpoints/vgg16-397923af.pth). Nothing is ever downloaded.
+    """
+    try:
+        import lpips  # noqa: F401
+    except Exception as e:  # ImportError, or lpips failing on a missing torchvision
+        return False, f"LPIPS skipped: the 'lpips' package is not importable ({type(e).__name__}: {e})"
+    path = _find_vgg_weights(vgg_weights)
+    if path is None:
+        return False, (f"LPIPS skipped: VGG16 backbone weights not found (pass vgg_weights, set ${_VGG_ENV}, "
+                       f"or place {_VGG_FILE} in {Path(torch.hub.get_dir()) / 'checkpoints'})")
+    return True, f"LPIPS (VGG) with backbone weights {path}"
+
+
+_LPIPS_CACHE: dict = {}
+
+
+def _lpips_model(path: Path):
+    key = str(path)
+    if key not in _LPIPS_CACHE:
+        import lpips
+
+        # pnet_rand=True builds the backbone without fetching torchvision weights; we load the user's file
+        model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        feats = {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")}
+        # lpips splits vgg16.features into slice1..5 at layer indices 4, 9, 16, 23, 30, keeping the indices
+        bounds = [(1, 0, 4), (2, 4, 9), (3, 9, 16), (4, 16, 23), (5, 23, 30)]
+        mapped = {}
+        for k, v in feats.items():
+            idx = int(k.split(".")[0])
+            for s, lo, hi in bounds:
+                if lo <= idx < hi:
+                    mapped[f"slice{s}.{k}"] = v
+        model.net.load_state_dict(mapped, strict=True)
+        model.eval()
+        _LPIPS_CACHE[key] = model
+    return _LPIPS_CACHE[key]
+
+
+def lpips_distance(x: ArrayLike, y: ArrayLike,
+                   vgg_weights: Optional[Union[str, Path]] = None) -> tuple[Optional[float], str]:
+    """LPIPS (VGG) between images in [0, 1] (clipped), or (None, reason) when it cannot be computed."""
+    ok, reason = lpips_available(vgg_weights)
+    if not ok:
+        return None, reason
+    a, b = _pair(x, y)
+    try:
+        model = _lpips_model(_find_vgg_weights(vgg_weights))
+        with torch.no_grad():
+            d = model(a.float().clamp(0, 1) * 2 - 1, b.float().clamp(0, 1) * 2 - 1)
+        return float(d.mean()), reason
+    except Exception as e:  # a wrong weights file must not abort a whole evaluation run
+        return None, f"LPIPS skipped: {type(e).__name__}: {e}"
