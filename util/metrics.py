@@ -59,7 +59,7 @@ def _pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _kernel_to_np(k: ArrayLike, name: str) -> np.ndarray:
     a = k.detach().to("cpu", torch.float64).numpy() if isinstance(k, torch.Tensor) else np.asarray(k, np.float64)
-    a = np.squeeze(a)  # accept 1×1×s×s as stored in the authors' pickles
+    a = _drop_unit_dims(a)  # accept 1×1×s×s as stored in the authors' pickles
     if a.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D kernel, got shape {np.shape(k)}")
     if not np.all(np.isfinite(a)):
@@ -68,6 +68,13 @@ def _kernel_to_np(k: ArrayLike, name: str) -> np.ndarray:
     if not s > 0:
         raise ValueError(f"{name}: kernel sum is {s:.3g}, cannot normalise to 1")
     return a / s
+
+
+def _drop_unit_dims(a):
+    """Drop leading size-1 axes only (squeeze() would also flatten a legitimate 1×1 kernel)."""
+    while a.ndim > 2 and a.shape[0] == 1:
+        a = a[0]
+    return a
 
 
 def _pad_centred(k: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -133,7 +140,7 @@ def reblur_error(k_est: ArrayLike, x_est: ArrayLike, y: ArrayLike, sigma: float)
     x, yy = _pair(x_est, y)
     k = k_est.detach().to("cpu", torch.float64) if isinstance(k_est, torch.Tensor) else \
         torch.from_numpy(np.asarray(k_est, np.float64))
-    k = k.squeeze()
+    k = _drop_unit_dims(k)
     if k.ndim != 2:
         raise ValueError(f"k_est: expected a 2-D kernel, got shape {tuple(k.shape)}")
     r = conv_circular(x, k) - yy
