@@ -122,10 +122,12 @@ def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple
     shape = (max(ke.shape[0], kt.shape[0]), max(ke.shape[1], kt.shape[1]))
     ke, kt = _pad_centred(ke, shape), _pad_centred(kt, shape)
     m = max_shift
-    kt_big = np.pad(kt, m)
+    # compare on a frame enlarged by m so no mass of the shifted kernel falls off the edge
+    ke_big = np.pad(ke, m)
+    kt_big = np.pad(kt, 2 * m)
     # windows[i, j] = k_true shifted by (m - i, m - j); the (m, m) window is the unshifted one
-    windows = np.lib.stride_tricks.sliding_window_view(kt_big, shape)
-    err = ((windows - ke[None, None]) ** 2).sum(axis=(-2, -1)) / n_taps
+    windows = np.lib.stride_tricks.sliding_window_view(kt_big, ke_big.shape)
+    err = ((windows - ke_big[None, None]) ** 2).sum(axis=(-2, -1)) / n_taps
     return float(err.min()), float(err[m, m])
 
 
