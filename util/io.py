@@ -478,6 +478,16 @@ def estimate_noise_sigma(y: Union[np.ndarray, torch.Tensor]) -> float:
 
 
 # ====================================================================================== atomic writers
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once at import: toggling the umask later would race with other threads creating files
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _atomic_write(path: PathLike, write: Callable) -> Path:
     """Call write(fileobj) on a temp file in the destination folder, fsync, then rename over `path`."""
     p = Path(path)
@@ -488,6 +498,7 @@ def _atomic_write(path: PathLike, write: Callable) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; give outputs the usual permissions
         os.replace(tmp, p)
     except BaseException:
         try:
