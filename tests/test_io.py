@@ -476,3 +476,28 @@ def test_pad_larger_than_image_and_boundary():
     assert torch.allclose(yp[0, :, 0, 0], mean, atol=0.02) and torch.allclose(yp[0, :, -1, -1], mean, atol=0.02)
     with pytest.raises(ValueError, match="unknown padding mode"):
         uio.pad_for_boundary(y, 4, "bogus")
+
+
+# ------------------------------------------------------------------------------------------ bundled set
+def test_bundled_testset_is_consistent():
+    root = REPO / "testset"
+    samples = uio.list_inputs(root)
+    assert len(samples) == 6 and {s.kind for s in samples} == {"folder"}
+    for s in samples:
+        ls = uio.load_sample(s)
+        assert ls.y.shape == (256, 256, 3) and ls.x_true.shape == (256, 256, 3) and ls.k_true.shape == (33, 33)
+        assert min(abs(ls.sigma * 255 - v) for v in (5, 10, 20)) < 1e-9
+        # y = k ⊛ x + n with the stored kernel, circular (DESIGN §2): the residual is the noise of std σ
+        x = torch.from_numpy(ls.x_true).permute(2, 0, 1).double()
+        r = torch.from_numpy(ls.y).permute(2, 0, 1).double() - conv_circular(x, torch.from_numpy(ls.k_true).double())
+        assert abs(r.std().item() / ls.sigma - 1) < 0.03, s.name
+        assert abs(r.mean().item()) < 0.1 * ls.sigma, s.name
+
+
+def test_single_file_inputs(tmp_path):
+    t = torch.zeros(1, 3, 8, 8)
+    (tmp_path / "p.pickle").write_bytes(pickle.dumps({"H": t, "L": t, "kernel": torch.ones(1, 1, 3, 3), "sigma": 0.1}))
+    assert uio.list_inputs(tmp_path / "p.pickle")[0].kind == "pickle"
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match="not an image"):
+        uio.list_inputs(tmp_path / "x.txt")
