@@ -62,6 +62,28 @@ def _png16(path, a, filters=(0, 1, 2, 3, 4)):
                            + chunk(b"IEND", b""))
 
 
+def _tiff16_rgb(path, a, compression=1):
+    """Hand-encode a one-strip 16-bit RGB TIFF (little endian); compression 8 = deflate."""
+    h, w, _ = a.shape
+    data = a.astype("<u2").tobytes()
+    if compression == 8:
+        data = zlib.compress(data)
+    n, ifd = 10, 8
+    bps_off = ifd + 2 + n * 12 + 4
+    data_off = bps_off + 6
+    tags = [(256, 3, w), (257, 3, h), (258, 3, None), (259, 3, compression), (262, 3, 2), (273, 4, data_off),
+            (277, 3, 3), (278, 3, h), (279, 4, len(data)), (284, 3, 1)]
+    b = b"II*\x00" + struct.pack("<I", ifd) + struct.pack("<H", n)
+    for tag, typ, val in tags:
+        if tag == 258:
+            b += struct.pack("<HHII", tag, typ, 3, bps_off)
+        elif typ == 3:
+            b += struct.pack("<HHIHH", tag, typ, 1, val, 0)
+        else:
+            b += struct.pack("<HHII", tag, typ, 1, val)
+    Path(path).write_bytes(b + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data)
+
+
 # ------------------------------------------------------------------------------------------ read_image
 def test_png8_rgb_exact(tmp_path):
     u8 = (np.random.default_rng(1).random((9, 11, 3)) * 255).astype(np.uint8)
@@ -112,6 +134,15 @@ def test_16bit_grey_png_and_tif(tmp_path):
     for f in ("g.png", "g.tif"):
         a = uio.read_image(tmp_path / f)
         np.testing.assert_allclose(a[..., 1], g16 / 65535, atol=1e-7, err_msg=f)
+
+
+def test_16bit_rgb_tiff(tmp_path):
+    a16 = np.random.default_rng(7).integers(0, 65536, size=(6, 9, 3)).astype(np.uint16)
+    _tiff16_rgb(tmp_path / "a.tif", a16)
+    np.testing.assert_allclose(uio.read_image(tmp_path / "a.tif"), a16 / 65535, atol=1e-7)
+    _tiff16_rgb(tmp_path / "z.tif", a16, compression=8)  # compressed: refused, not truncated to 8 bits
+    with pytest.raises(ImageReadError, match="z.tif.*without loss"):
+        uio.read_image(tmp_path / "z.tif")
 
 
 @pytest.mark.parametrize("channels", [1, 3, 4])

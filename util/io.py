@@ -10,7 +10,7 @@ Conventions chosen here:
 - Every failure to read an input raises ImageReadError (a ValueError) with one line naming the file.
 - Every writer writes a temp file in the destination folder and then os.replace()s it, so an
   interrupted run never leaves a half-written output under the final name.
-This module imports nothing of the project besides util.fft (layout rule: util/ is the bottom layer).
+This module imports nothing of the project (layout rule: util/ is the bottom layer).
 """
 from __future__ import annotations
 
@@ -138,12 +138,52 @@ def _png_16bit_colour(path: Path) -> Optional[np.ndarray]:
     return ((px[..., 0::2] << 8) | px[..., 1::2]).astype(np.float32) / 65535.0
 
 
+def _raw_16bit_tiles(path: Path, size: tuple, tiles: list) -> np.ndarray:
+    """Read an uncompressed 16-bit colour image (e.g. TIFF) from Pillow's tile list without losing bits.
+
+    Compressed 16-bit colour TIFFs are refused with a clear message rather than silently truncated.
+    """
+    w, h = size
+    out = None
+    data = path.read_bytes()
+    for codec, extents, offset, args in tiles:
+        rawmode = args if isinstance(args, str) else args[0]
+        stride = 0 if isinstance(args, str) or len(args) < 2 else args[1]
+        orient = 1 if isinstance(args, str) or len(args) < 3 else args[2]
+        if codec != "raw" or rawmode not in ("RGB;16L", "RGB;16B", "RGBA;16L", "RGBA;16B") or orient != 1:
+            raise _fail(path, f"16-bit colour image with {codec} coding ({rawmode}) cannot be read without loss; "
+                              f"save it as an uncompressed TIFF, a 16-bit PNG or .npy")
+        c = 4 if rawmode.startswith("RGBA") else 3
+        x0, y0, x1, y1 = extents
+        tw, th = x1 - x0, y1 - y0
+        row = stride or tw * c * 2
+        need = offset + (th - 1) * row + tw * c * 2
+        if need > len(data):
+            raise _fail(path, "truncated image data")
+        dt = np.dtype("<u2" if rawmode.endswith("L") else ">u2")
+        buf = np.frombuffer(data, np.uint8, count=th * row if offset + th * row <= len(data) else need - offset,
+                            offset=offset)
+        rows = np.stack([buf[i * row:i * row + tw * c * 2] for i in range(th)])
+        tile = rows.view(dt).reshape(th, tw, c)
+        if out is None:
+            out = np.zeros((h, w, c), np.float32)
+        out[y0:y1, x0:x1] = tile[..., :c].astype(np.float32) / 65535.0
+    return out
+
+
 def _read_pil(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
+            # the decoder's raw mode tells the true bit depth; load() empties im.tile, so read it first.
+            # tile = (codec, extents, offset, args), a plain tuple in Pillow 10
+            tiles = list(im.tile)
+            args = tiles[0][3] if tiles else None
+            rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else None)
+            if isinstance(rawmode, str) and ";16" in rawmode and im.mode in ("RGB", "RGBA"):
+                # Pillow would truncate 16-bit colour to 8 bits: read uncompressed strips ourselves
+                return _raw_16bit_tiles(path, im.size, tiles)
             im.load()
             mode = im.mode
-            rawmode = im.tile[0].args if im.tile else None
             if mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey
                 a = np.asarray(im).astype(np.float32) / 65535.0
             elif mode == "I":  # 32-bit int: Pillow uses it for 16-bit grey PNG/TIFF too
@@ -155,9 +195,6 @@ def _read_pil(path: Path) -> np.ndarray:
             elif mode == "1":
                 a = np.asarray(im).astype(np.float32)
             else:
-                if isinstance(rawmode, str) and ";16" in rawmode and mode in ("RGB", "RGBA"):
-                    # Pillow silently truncated a 16-bit colour TIFF to 8 bits: refuse rather than lose data
-                    raise _fail(path, "16-bit colour TIFF cannot be read without loss; convert it to a 16-bit PNG or .npy")
                 if mode not in ("RGB", "RGBA", "L", "LA"):
                     im = im.convert("RGBA" if "A" in mode or "transparency" in im.info else "RGB")
                 a = np.asarray(im).astype(np.float32) / 255.0
