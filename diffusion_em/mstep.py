@@ -1,0 +1,161 @@
+"""M-step: kernel update by half-quadratic splitting with a plug-and-play kernel denoiser (DESIGN §1).
+
+Given y (1,C,H,W) and n image estimates x_i (n,C,H,W), both in [0,1], J times from the previous kernel K:
+
+    Z = F⁻¹( [F(y)·(1/n)Σ conj(F x_i) + βσ²·F(K)] / [(1/n)Σ|F x_i|² + βσ²] )     (HQS data step)
+    Z ← P_Δ(crop_s(Z));   K ← P_Δ(D(Z, sqrt(λ/β)))                                 (prior step)
+
+P_Δ = Euclidean projection on the simplex {k ≥ 0, Σk = 1}; D = kernel denoiser (None: no prior, K = Z).
+
+Colour. 'joint' (default): one kernel explains all channels, so the data terms of the channels add up
+(sum over C in numerator and denominator) with a single prox term βσ² — the HQS normal equation of
+Σ_c‖y_c − k⊛x_c‖²/σ² + β‖k − K‖². 'per_channel_mean' (the authors' code): solve each channel's data
+step and average the three Z before the crop.
+
+ΠGDM variant (paper App. D; off by default, as in the authors' code). With x0 ~ N(x̂0, r² I) (ΠGDM's
+posterior, r² in [0,1]-image units), E‖y − k⊛x0‖² = ‖y − k⊛x̂0‖² + r²·H·W·‖k‖²: in unnormalised-DFT units
+this adds H·W·r² per channel to (1/n)Σ|F x_i|². `cfg.pigdm_r2` sets r²; `m_step(..., r2=...)` overrides
+it per call (the driver passes r_t² at each diffusion step).
+
+Speed. Only the s×s crop of Z is used and K lives on s×s, so the data step is split exactly as
+Z = F⁻¹[N/(D+ρ)] + F⁻¹[ρ/(D+ρ)]⊛K (ρ = βσ²): the first term and the filter g = F⁻¹[ρ/(D+ρ)] are computed
+once per call at full size; inside the J loop the convolution of K with g restricted to offsets
+|d| ≤ s−1 is done with FFTs of size M ≥ 3s−2 (no wrap-around at that size), independent of the image size.
+Everything stays on the input's device; no Python loop over pixels, channels or particles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from kernel_denoiser.kernels import dirac, project_simplex, recenter
+from util.fft import o2p, p2o
+
+__all__ = ["MStepConfig", "m_step", "dirac_kernel", "recenter", "MStepState"]
+
+COLOUR_MODES = ("joint", "per_channel_mean")
+
+
+@dataclass(frozen=True)
+class MStepConfig:
+    lam: float = 1.0            # λ: prior weight; the denoiser sees noise level sqrt(λ/β)
+    beta: float = 1e5           # β: HQS splitting weight (prox weight βσ² in the data step)
+    J: int = 10                 # HQS iterations per M-step call
+    kernel_size: int = 33       # s
+    colour: str = "joint"       # 'joint' | 'per_channel_mean'
+    pigdm_r2: Optional[float] = None  # None: authors' M-step; float: r² added per App. D
+
+    def __post_init__(self):
+        if self.colour not in COLOUR_MODES:
+            raise ValueError(f"colour must be one of {COLOUR_MODES}, got {self.colour!r}")
+        if self.J < 1 or self.kernel_size < 1 or self.beta <= 0 or self.lam < 0:
+            raise ValueError(f"invalid M-step config {self}")
+        if self.pigdm_r2 is not None and self.pigdm_r2 < 0:
+            raise ValueError("pigdm_r2 must be >= 0")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MStepConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        for k in d:
+            if k not in names:
+                raise ValueError(f"unknown M-step config key {k!r} (known: {sorted(names)})")
+        return cls(**d)
+
+    @property
+    def denoiser_sigma(self) -> float:
+        return (self.lam / self.beta) ** 0.5
+
+
+def dirac_kernel(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Initial kernel: centred Dirac (1, 1, s, s)."""
+    return dirac(size, device=device, dtype=dtype)
+
+
+def _fft_size(n: int) -> int:
+    """Smallest even 2^a·3^b·5^c ≥ n (fast pocketfft sizes)."""
+    m = n + (n % 2)
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 2
+
+
+@dataclass(frozen=True)
+class MStepState:
+    """Per-call precomputation: z0 = crop_s F⁻¹[N/(D+ρ)] and the small-FFT filter G (both (1, s, s)/(1, M, M//2+1))."""
+    z0: torch.Tensor
+    G: torch.Tensor
+    M: int
+
+
+def precompute(y: torch.Tensor, x: torch.Tensor, sigma: float, cfg: MStepConfig,
+               r2: Optional[float] = None) -> MStepState:
+    """Everything of the data step that does not depend on K (FFTs of y and x_i, done once per call)."""
+    if y.dim() != 4 or y.shape[0] != 1:
+        raise ValueError(f"y must be (1,C,H,W), got {tuple(y.shape)}")
+    if x.dim() != 4 or x.shape[1:] != y.shape[1:]:
+        raise ValueError(f"x must be (n,C,H,W) matching y {tuple(y.shape)}, got {tuple(x.shape)}")
+    s = cfg.kernel_size
+    H, W = y.shape[-2:]
+    if s > H or s > W:
+        raise ValueError(f"kernel {s}x{s} is larger than the image {H}x{W}")
+    real = torch.float64 if y.dtype == torch.float64 else torch.float32
+    Y = torch.fft.rfft2(y.to(real))
+    X = torch.fft.rfft2(x.to(real))
+    N = (X.conj() * Y).mean(0)                 # (C,H,Wr): (1/n)Σ conj(F x_i)·F y
+    D = (X.real ** 2 + X.imag ** 2).mean(0)    # (C,H,Wr): (1/n)Σ|F x_i|²
+    r2 = cfg.pigdm_r2 if r2 is None else r2
+    if r2 is not None:
+        D = D + float(r2) * H * W               # App. D: E|F x0|² = |F x̂0|² + HW r²
+    rho = cfg.beta * float(sigma) ** 2
+    if cfg.colour == "joint":
+        N, D = N.sum(0, keepdim=True), D.sum(0, keepdim=True)
+    den = D + rho
+    # guard exact zeros (σ = 0 and a frequency absent from every x_i): leave that frequency at 0
+    den = torch.where(den > 0, den, torch.full_like(den, float("inf")))
+    z0 = o2p(N / den, (H, W), (s, s))        # (Cm,s,s)
+    g = torch.fft.irfft2(rho / den, s=(H, W))  # (Cm,H,W): circular filter applied to K
+    if cfg.colour == "per_channel_mean":     # averaging the channel solutions is linear: average the pieces
+        z0, g = z0.mean(0, keepdim=True), g.mean(0, keepdim=True)
+    # g at offsets d ∈ [-(s-1), s-1] (mod H, W), placed circularly on an M×M grid, M ≥ 3s-2: exact, no aliasing
+    M = _fft_size(3 * s - 2)
+    d = torch.arange(-(s - 1), s, device=y.device)
+    g_small = g[:, d % H][:, :, d % W]
+    gM = g.new_zeros(1, M, M)
+    gM[:, (d % M)[:, None], (d % M)[None, :]] = g_small
+    return MStepState(z0=z0, G=torch.fft.rfft2(gM), M=M)
+
+
+def data_step(K: torch.Tensor, st: MStepState) -> torch.Tensor:
+    """crop_s(Z) for kernel(s) K (..., s, s): z0 + (g ⊛ K) on the small grid."""
+    s = K.shape[-1]
+    return st.z0 + o2p(p2o(K, (st.M, st.M)) * st.G, (st.M, st.M), (s, s))
+
+
+def m_step(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg: MStepConfig = MStepConfig(),
+           denoiser: Optional[Callable] = None, r2: Optional[float] = None) -> torch.Tensor:
+    """One M-step call (J HQS iterations) from the previous kernel k; returns the new kernel, same layout as k.
+
+    y (1,C,H,W), x (n,C,H,W) in [0,1]; k (s,s) or (1,1,s,s); sigma = noise std of y in [0,1] units;
+    denoiser(k (1,1,s,s), σ_d) -> (1,1,s,s) or None for no prior. All on y's device; k's dtype is kept.
+    """
+    s = cfg.kernel_size
+    if k.shape[-2:] != (s, s) or k.numel() != s * s:
+        raise ValueError(f"previous kernel must be ({s},{s}) or (1,1,{s},{s}), got {tuple(k.shape)}")
+    st = precompute(y, x, sigma, cfg, r2)
+    K = k.reshape(1, 1, s, s).to(device=y.device, dtype=st.z0.dtype)
+    sig_d = cfg.denoiser_sigma
+    with torch.no_grad():
+        for _ in range(cfg.J):
+            Z = project_simplex(data_step(K[0], st)[None])
+            if denoiser is not None:
+                Z = project_simplex(denoiser(Z.to(y.dtype), sig_d).to(Z.dtype))
+            K = Z
+    return K.reshape(k.shape).to(k.dtype)

@@ -1,0 +1,127 @@
+"""Kernel denoiser D(k, σ): a plain FDnCNN on blur kernels (DESIGN §3).
+
+The default `FDnCNN(in_nc=2, out_nc=1, nc=32, nb=5)` has exactly the tensors of the authors'
+`kernel_denoiser_33.pth` (`reference/kernel_denoiser_manifest.json`): `model.{0,2,4,6,8}.{weight,bias}`,
+conv3×3 + bias, ReLU between, no BN, no residual; input = cat(kernel, constant noise-level map σ).
+
+Extensions (constructor args, all stored with our weights):
+- `dilations`: one dilation per conv (len nb) for a larger receptive field — needed for 64×64 kernels,
+  whose trajectories are longer than the 11×11 field of the plain 5-layer net.
+- `scale`: the network sees `(scale·k, scale·σ)` and its output is divided by `scale`. Kernel taps are
+  tiny (~1/60 for 33×33), so this puts the inputs near unit range; it is 1 for the authors' weights.
+
+Shipped files are `{"arch": {...}, "state_dict": {...}, "meta": {...}}` (plain dicts, ints, floats, lists,
+strings and tensors: loadable with `weights_only=True`); a bare state_dict (the authors' file) is read as
+the default architecture.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+DEFAULT_ARCH = {"in_nc": 2, "out_nc": 1, "nc": 32, "nb": 5, "dilations": None, "scale": 1.0}
+
+
+class FDnCNN(nn.Module):
+    def __init__(self, in_nc: int = 2, out_nc: int = 1, nc: int = 32, nb: int = 5,
+                 dilations: Optional[Sequence[int]] = None, scale: float = 1.0):
+        super().__init__()
+        if nb < 2:
+            raise ValueError("nb must be >= 2")
+        if dilations is None:
+            dilations = [1] * nb
+        dilations = [int(d) for d in dilations]
+        if len(dilations) != nb:
+            raise ValueError(f"dilations has {len(dilations)} entries, nb is {nb}")
+        self.arch = {"in_nc": int(in_nc), "out_nc": int(out_nc), "nc": int(nc), "nb": int(nb),
+                     "dilations": None if all(d == 1 for d in dilations) else dilations,
+                     "scale": float(scale)}
+        chans = [in_nc] + [nc] * (nb - 1) + [out_nc]
+        layers: list[nn.Module] = []
+        for i, d in enumerate(dilations):
+            # padding = dilation keeps the kernel size; zero padding = "no blur mass outside the support"
+            layers.append(nn.Conv2d(chans[i], chans[i + 1], 3, padding=d, dilation=d, bias=True))
+            if i < nb - 1:
+                layers.append(nn.ReLU(inplace=True))
+        self.model = nn.Sequential(*layers)
+        self.scale = float(scale)
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + 2 * sum(m.dilation[0] for m in self.model if isinstance(m, nn.Conv2d))
+
+    def forward(self, k: torch.Tensor, sigma) -> torch.Tensor:
+        """k (B,1,s,s) noisy kernel, sigma float or (B,) tensor: noise std in kernel-tap units -> (B,1,s,s)."""
+        if k.dim() != 4 or k.shape[1] != 1:
+            raise ValueError(f"expected a (B,1,s,s) kernel, got {tuple(k.shape)}")
+        sig = torch.as_tensor(sigma, dtype=k.dtype, device=k.device).reshape(-1, 1, 1, 1)
+        sig_map = sig.expand(k.shape[0], 1, k.shape[2], k.shape[3])
+        out = self.model(torch.cat([k, sig_map], dim=1) * self.scale)
+        return out / self.scale
+
+
+def save_kernel_denoiser(net: FDnCNN, path: str, meta: Optional[dict] = None) -> None:
+    """Write {"arch", "state_dict", "meta"}; atomic (tmp + rename) so a killed job never leaves half a file."""
+    obj = {"arch": dict(net.arch), "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+           "meta": dict(meta or {})}
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_arch(arch: dict, path: str) -> dict:
+    unknown = set(arch) - set(DEFAULT_ARCH)
+    if unknown:
+        raise ValueError(f"{path}: unknown architecture key(s) {sorted(unknown)}")
+    return {**DEFAULT_ARCH, **arch}
+
+
+def load_state_dict_strict(net: nn.Module, sd: dict, path: str = "<state_dict>") -> None:
+    """Strict load that names the first missing, unexpected or mis-shaped tensor."""
+    expected = net.state_dict()
+    for name, t in expected.items():
+        if name not in sd:
+            raise ValueError(f"{path}: architecture mismatch: tensor '{name}' {tuple(t.shape)} missing in the file")
+        if not isinstance(sd[name], torch.Tensor):
+            raise ValueError(f"{path}: entry '{name}' is not a tensor")
+        if tuple(sd[name].shape) != tuple(t.shape):
+            raise ValueError(f"{path}: architecture mismatch: tensor '{name}' has shape {tuple(sd[name].shape)} "
+                             f"in the file, the model expects {tuple(t.shape)}")
+    for name in sd:
+        if name not in expected:
+            raise ValueError(f"{path}: architecture mismatch: unexpected tensor '{name}' in the file")
+    net.load_state_dict(sd, strict=True)
+
+
+def load_kernel_denoiser(path: str, device=None, arch: Optional[dict] = None) -> FDnCNN:
+    """Load a kernel denoiser in eval mode, never falling back to random weights.
+
+    Accepts our {"arch", "state_dict"} files and bare state_dicts (the authors' file; `arch` overrides the
+    default architecture for those). Raises FileNotFoundError / ValueError with a one-line reason.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"kernel denoiser checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a checkpoint"
+        raise ValueError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a checkpoint (top-level object is {type(obj).__name__}, expected a dict)")
+    if "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        file_arch = obj.get("arch", {})
+        if not isinstance(file_arch, dict):
+            raise ValueError(f"{path}: 'arch' entry is not a dict")
+        sd = obj["state_dict"]
+        a = _check_arch({**file_arch, **(arch or {})}, path)
+    else:
+        sd = obj
+        a = _check_arch(dict(arch or {}), path)
+    net = FDnCNN(**a)
+    load_state_dict_strict(net, sd, path)
+    net.eval().requires_grad_(False)
+    if device is not None:
+        net.to(device)
+    return net
