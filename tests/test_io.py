@@ -118,6 +118,18 @@ def test_grey_rgba_palette_bmp(tmp_path):
     assert uio.read_image(tmp_path / "b.bmp").shape == (5, 6, 3)
 
 
+def test_exif_orientation_applied(tmp_path):
+    u8 = np.zeros((4, 6, 3), np.uint8)
+    u8[0, 0] = 255  # a marker in the top-left corner
+    im = Image.fromarray(u8)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90° CW to display"
+    im.save(tmp_path / "r.jpg", exif=exif, quality=100)
+    a = uio.read_image(tmp_path / "r.jpg")
+    assert a.shape == (6, 4, 3)
+    assert a[0, -1].mean() > 0.7 and a[0, 0].mean() < 0.3  # the marker moved to the top-right
+
+
 def test_jpg_and_tif(tmp_path):
     u8 = np.full((16, 16, 3), 128, np.uint8)
     Image.fromarray(u8).save(tmp_path / "a.jpg", quality=95)
@@ -190,7 +202,8 @@ def test_truncated_png(tmp_path):
 
 @pytest.mark.parametrize("arr,problem", [
     (np.full((4, 4, 3), np.nan, np.float32), "NaN"),
-    (np.zeros((4, 4, 5), np.float32), "channels"),
+    (np.zeros((4, 4, 5), np.float32), "channels last"),
+    (np.zeros((4, 4, 4), np.float32), "channels last"),
     (np.zeros((2, 4, 4, 3), np.float32), "shape"),
     (np.zeros((0, 4, 3), np.float32), "empty"),
     (np.array(["a", "b"]), "dtype"),
@@ -532,3 +545,14 @@ def test_single_file_inputs(tmp_path):
     (tmp_path / "x.txt").write_text("x")
     with pytest.raises(ValueError, match="not an image"):
         uio.list_inputs(tmp_path / "x.txt")
+
+
+def test_resolve_sigma():
+    y = _smooth_image() + np.random.default_rng(3).normal(0, 10 / 255, (256, 256, 3))
+    ls = uio.LoadedSample("a", y.astype(np.float32))
+    s, src = uio.resolve_sigma(ls)
+    assert src == "estimated" and abs(s * 255 - 10) < 1.5
+    assert uio.resolve_sigma(uio.LoadedSample("a", ls.y, sigma=0.02)) == (0.02, "given")
+    assert uio.resolve_sigma(uio.LoadedSample("a", ls.y, sigma=0.02), override=0.05) == (0.05, "override")
+    with pytest.raises(ValueError, match="outside"):
+        uio.resolve_sigma(ls, override=10)

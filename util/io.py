@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 PathLike = Union[str, os.PathLike]
 
@@ -161,9 +161,8 @@ def _raw_16bit_tiles(path: Path, size: tuple, tiles: list) -> np.ndarray:
         if need > len(data):
             raise _fail(path, "truncated image data")
         dt = np.dtype("<u2" if rawmode.endswith("L") else ">u2")
-        buf = np.frombuffer(data, np.uint8, count=th * row if offset + th * row <= len(data) else need - offset,
-                            offset=offset)
-        rows = np.stack([buf[i * row:i * row + tw * c * 2] for i in range(th)])
+        buf = np.frombuffer(data, np.uint8, count=need - offset, offset=offset)
+        rows = np.stack([buf[i * row:i * row + tw * c * 2] for i in range(th)])  # drop row padding
         tile = rows.view(dt).reshape(th, tw, c)
         if out is None:
             out = np.zeros((h, w, c), np.float32)
@@ -183,6 +182,8 @@ def _read_pil(path: Path) -> np.ndarray:
                 # Pillow would truncate 16-bit colour to 8 bits: read uncompressed strips ourselves
                 return _raw_16bit_tiles(path, im.size, tiles)
             im.load()
+            if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: use the image as viewers show it
+                im = ImageOps.exif_transpose(im)
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N"):  # 16-bit grey
                 a = np.asarray(im).astype(np.float32) / 65535.0
@@ -212,7 +213,8 @@ def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
     """Read an image as float32 H×W×3 RGB in [0, 1].
 
     png/jpg/jpeg/tif/tiff/bmp through Pillow (8-bit /255, 16-bit /65535; grey -> 3 channels; alpha
-    dropped; palette converted); 16-bit colour PNG through our own decoder (Pillow truncates it).
+    dropped; palette converted; EXIF orientation applied; float TIFF kept as is); 16-bit colour PNG
+    and uncompressed 16-bit colour TIFF through our own readers (Pillow truncates them to 8 bits).
     `.npy`: float (kept as is, so an unclipped observation stays exact) or integer (uint8 /255,
     uint16 /65535); H×W, H×W×1 or H×W×3. `clip=True` clips to [0, 1].
     Raises ImageReadError naming the file on a missing, empty, corrupt or invalid file.
@@ -231,9 +233,9 @@ def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
             a = a.astype(np.float32) / 65535.0
         else:
             a = a.astype(np.float32)
+        if a.ndim == 3 and a.shape[2] not in (1, 3):  # no alpha in .npy: 4 channels is more likely a layout error
+            raise _fail(p, f"expected an H×W, H×W×1 or H×W×3 array, got shape {a.shape} (channels last)")
         a = _to_rgb3(a, p)
-        if a.shape[2] != 3:
-            raise _fail(p, f"expected an H×W×3 array, got shape {a.shape}")
     elif ext in IMAGE_EXTS:
         a = _png_16bit_colour(p) if ext == ".png" else None
         if a is None:
@@ -512,6 +514,21 @@ def estimate_noise_sigma(y: Union[np.ndarray, torch.Tensor]) -> float:
     hh = (a[0::2, 0::2] - a[0::2, 1::2] - a[1::2, 0::2] + a[1::2, 1::2]) / 2.0
     per_channel = np.median(np.abs(hh).reshape(-1, a.shape[2]), axis=0) / MAD_TO_STD
     return float(per_channel.mean())
+
+
+def resolve_sigma(sample: LoadedSample, override: Optional[float] = None) -> tuple:
+    """σ to use for a sample and where it came from: ('override' | 'given' | 'estimated').
+
+    Order: an explicit override (e.g. --sigma), then σ from meta.csv / the pickle, else the blind
+    estimate of `estimate_noise_sigma` on the observation (report it: it is a guess).
+    """
+    if override is not None:
+        if not (math.isfinite(override) and 0 <= override < 1):
+            raise ValueError(f"sigma override {override} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
+        return float(override), "override"
+    if sample.sigma is not None:
+        return float(sample.sigma), "given"
+    return estimate_noise_sigma(sample.y), "estimated"
 
 
 # ====================================================================================== atomic writers
