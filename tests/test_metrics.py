@@ -134,3 +134,15 @@ def test_lpips_missing_is_clean(monkeypatch, tmp_path):
     val, why = M.lpips_distance(_img(), _img(seed=1))
     assert val is None and why == reason
     assert not any(tmp_path.rglob("*"))  # nothing was downloaded into the cache
+
+
+def test_evaluate_fields():
+    x = _img(24, 24)
+    k = np.zeros((5, 5))
+    k[2, 2] = 1
+    full = M.evaluate(x, x, k, 0.01, x_true=x, k_true=k)
+    assert set(full) == set(M.METRIC_FIELDS)
+    assert full["psnr"] == math.inf and full["ssim"] == pytest.approx(1.0) and full["kernel_mse"] == 0.0
+    assert full["reblur_error"] == pytest.approx(-1e-4)
+    photo = M.evaluate(x, x, k, 0.01)
+    assert photo["psnr"] is None and photo["kernel_mse"] is None and photo["reblur_error"] is not None

@@ -149,6 +149,24 @@ def reblur_error(k_est: ArrayLike, x_est: ArrayLike, y: ArrayLike, sigma: float)
     return float(torch.mean(r ** 2).item() - float(sigma) ** 2)
 
 
+# ----------------------------------------------------------------------------------------------- all
+METRIC_FIELDS = ("psnr", "ssim", "kernel_mse", "kernel_mse_raw", "reblur_error")
+
+
+def evaluate(x_est: ArrayLike, y: ArrayLike, k_est: ArrayLike, sigma: float,
+             x_true: Optional[ArrayLike] = None, k_true: Optional[ArrayLike] = None,
+             max_shift: int = 4) -> dict:
+    """Every DESIGN §5 metric of one restored image, keyed by METRIC_FIELDS; None where the ground truth
+    needed is unknown (real photos). The re-blur error needs no ground truth and is always computed."""
+    out = dict.fromkeys(METRIC_FIELDS)
+    if x_true is not None:
+        out["psnr"], out["ssim"] = psnr(x_est, x_true), ssim(x_est, x_true)
+    if k_true is not None:
+        out["kernel_mse"], out["kernel_mse_raw"] = kernel_mse(k_est, k_true, max_shift)
+    out["reblur_error"] = reblur_error(k_est, x_est, y, sigma)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- LPIPS
 # torchvision's file name for the ImageNet VGG16 weights; looked up, never fetched
 _VGG_FILE = "vgg16-397923af.pth"
