@@ -263,6 +263,29 @@ def test_hostile_pickle_refused(tmp_path):
     assert not marker.exists()
 
 
+class _Wrapped:
+    """Reduces through the admitted torch.storage._load_from_bytes, with a hostile inner stream."""
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def __reduce__(self):
+        return (torch.storage._load_from_bytes, (self.payload,))
+
+
+def test_hostile_inner_torch_stream_refused(tmp_path):
+    import io as _io
+    marker = tmp_path / "pwned"
+    buf = _io.BytesIO()
+    torch.save(_Evil(marker), buf)
+    f = tmp_path / "inner.pickle"
+    f.write_bytes(pickle.dumps({"H": _Wrapped(buf.getvalue()), "L": 0, "kernel": 0, "sigma": 0.1}))
+    with pytest.raises(ImageReadError, match=r"inner.pickle: .*refused global .(posix|os|nt).system") as e:
+        uio.load_pickle_sample(f)
+    assert "\n" not in str(e.value)
+    assert not marker.exists()
+
+
 def test_other_globals_refused(tmp_path):
     f = tmp_path / "b.pickle"
     f.write_bytes(pickle.dumps({"H": np.zeros(3)}))  # numpy reconstruct globals are not admitted either

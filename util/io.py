@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import tempfile
 import zlib
@@ -286,7 +287,13 @@ def _safe_load_from_bytes(b):
     """torch.storage._load_from_bytes, but its inner torch.save stream is read with weights_only=True."""
     if not isinstance(b, (bytes, bytearray)):
         raise pickle.UnpicklingError(f"storage payload must be bytes, got {type(b).__name__}")
-    return torch.load(io.BytesIO(bytes(b)), weights_only=True, map_location="cpu")
+    try:
+        return torch.load(io.BytesIO(bytes(b)), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, the opposite of what to do with untrusted data
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"refused global '{m.group(1)}'" if m else "non-tensor content"
+        raise pickle.UnpicklingError(f"embedded tensor stream: {what} (only tensor data is allowed)") from None
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -323,8 +330,8 @@ def load_pickle_sample(path: PathLike) -> dict:
     try:
         with open(p, "rb") as f:
             obj = _RestrictedUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        raise _fail(p, f"unsafe or invalid pickle: {e}") from None
+    except pickle.UnpicklingError as e:  # torch's messages span many lines: keep the first
+        raise _fail(p, f"unsafe or invalid pickle: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
     except Exception as e:  # truncated stream, bad opcodes, failing inner torch.load...
         raise _fail(p, f"unreadable pickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(obj, dict):
