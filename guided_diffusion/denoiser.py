@@ -1,0 +1,50 @@
+"""The ε → x̂0 adapter: the only place that knows the UNet works in [-1, 1].
+
+Everything outside sees images in [0, 1] (`to_phys` / `to_model` convert).
+"""
+from __future__ import annotations
+
+import torch
+
+from guided_diffusion.schedule import Schedule
+
+
+def to_phys(x_model: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] model space -> [0, 1] physics space."""
+    return (x_model + 1) / 2
+
+
+def to_model(x_phys: torch.Tensor) -> torch.Tensor:
+    return 2 * x_phys - 1
+
+
+class EpsDenoiser:
+    """Wraps an ε-predictor `model(x_t, t)` (≥3 output channels; the first 3 are ε).
+
+    x0(x_t, i) = (x_t − sqrt(1−ᾱ)·ε) / sqrt(ᾱ), clipped to [-1, 1] when `clip` (DESIGN §1).
+    The model's parameters are frozen: guidance needs gradients w.r.t. the input only.
+    """
+
+    def __init__(self, model, schedule: Schedule, clip: bool = True, autocast_dtype: torch.dtype | None = None):
+        self.model = model
+        self.schedule = schedule
+        self.clip = clip
+        self.autocast_dtype = autocast_dtype
+        if isinstance(model, torch.nn.Module):
+            model.eval().requires_grad_(False)
+
+    def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
+        t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)
+        if self.autocast_dtype is not None:
+            with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
+                out = self.model(x_t, t)
+            out = out.float()
+        else:
+            out = self.model(x_t, t)
+        return out[:, : x_t.shape[1]]
+
+    def x0(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
+        """Tweedie estimate x̂0 in model space [-1, 1]."""
+        ac = float(self.schedule.alphas_cumprod[i])
+        x0 = (x_t - (1 - ac) ** 0.5 * self.eps(x_t, i)) / ac ** 0.5
+        return x0.clamp(-1, 1) if self.clip else x0
