@@ -145,3 +145,21 @@ def test_errors():
         m_step(x, x, dirac_kernel(9), 0.01, MStepConfig(kernel_size=11))
     with pytest.raises(ValueError, match="matching y"):
         m_step(x, torch.rand(1, 3, 20, 21), dirac_kernel(9), 0.01, MStepConfig(kernel_size=9))
+
+
+def test_estimate_kernel_cli(tmp_path, capsys):
+    from diffusion_em.estimate_kernel import main
+    k = _true_kernel(3).float()
+    x = _textured(1, 3, 64, 64, 10, torch.float32)
+    y = conv_circular(x, k)
+    np.save(tmp_path / "sharp.npy", x[0].permute(1, 2, 0).numpy())
+    np.save(tmp_path / "blurry.npy", y[0].permute(1, 2, 0).numpy())
+    out = tmp_path / "est" / "k.npy"
+    rc = main(["--sharp", str(tmp_path / "sharp.npy"), "--blurry", str(tmp_path / "blurry.npy"), "--sigma", "0.001",
+               "--out", str(out), "--denoiser", "none", "--calls", "5"])
+    assert rc == 0 and (tmp_path / "est" / "k.png").is_file()
+    assert kernel_mse(np.load(out), k)[0] <= 1e-7
+    np.save(tmp_path / "small.npy", x[0, :, :60].permute(1, 2, 0).numpy())
+    rc = main(["--sharp", str(tmp_path / "small.npy"), "--blurry", str(tmp_path / "blurry.npy"), "--sigma", "0.01",
+               "--out", str(out), "--denoiser", "none"])
+    assert rc == 2 and "must match" in capsys.readouterr().err
