@@ -149,10 +149,10 @@ def m_step(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg:
     s = cfg.kernel_size
     if k.shape[-2:] != (s, s) or k.numel() != s * s:
         raise ValueError(f"previous kernel must be ({s},{s}) or (1,1,{s},{s}), got {tuple(k.shape)}")
-    st = precompute(y, x, sigma, cfg, r2)
-    K = k.reshape(1, 1, s, s).to(device=y.device, dtype=st.z0.dtype)
     sig_d = cfg.denoiser_sigma
-    with torch.no_grad():
+    with torch.no_grad():  # the kernel update is not differentiated through (x may carry a graph)
+        st = precompute(y.detach(), x.detach(), sigma, cfg, r2)
+        K = k.detach().reshape(1, 1, s, s).to(device=y.device, dtype=st.z0.dtype)
         for _ in range(cfg.J):
             Z = project_simplex(data_step(K[0], st)[None])
             if denoiser is not None:
