@@ -1,0 +1,367 @@
+"""Train an ADM UNet as an ε-predictor on random crops of a folder of images (DESIGN §1 prior).
+
+Same 1000-step linear β schedule as every sampler here, t uniform, loss ‖ε − ε_θ(x_t, t)‖² (the "simple"
+DDPM loss). Crops are drawn at random (with the 8 flips/rotations) from images preloaded as uint8;
+AdamW with linear warmup and grad-norm clipping; EMA weights are what gets exported.
+
+    python -m guided_diffusion.train --data DIR [DIR ...] --model_config configs/model_config_bundled.yaml \
+        --out runs/bundled --crop 64 --batch 16 --lr 2e-4 --ema 0.999 --steps 20000 --max_minutes 60
+    python -m guided_diffusion.train ... --resume            # continue exactly from runs/bundled/checkpoint.pt
+    python -m guided_diffusion.train --out runs/bundled --export_only --export models/bundled_prior.pt
+    torchrun --nproc_per_node 4 -m guided_diffusion.train ... --device cuda --bf16   # DDP, one GPU per rank
+
+Checkpoints (`<out>/checkpoint.pt`, written atomically every --ckpt_minutes, at the end, and on SIGTERM /
+SIGINT) hold model, EMA, optimiser, step, elapsed seconds and every rank's generator state, so a resumed
+run draws exactly the batches an uninterrupted one would. `<out>/loss.csv` logs step, loss, lr, seconds.
+With `learn_sigma: true` configs only the ε channels are trained (the samplers here use fixed variances).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from guided_diffusion.schedule import get_betas
+from guided_diffusion.unet import CheckpointError, create_model
+from util.io import IMAGE_EXTS, read_image
+
+CKPT_NAME = "checkpoint.pt"
+LOG_FIELDS = ("step", "loss", "lr", "seconds")
+
+
+# ============================================================================================== data
+def list_images(dirs) -> list[Path]:
+    exts = tuple(e for e in IMAGE_EXTS if e != ".npy")
+    files = []
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d}: training data folder not found")
+        files += sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in exts and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(exts)}) in {', '.join(map(str, dirs))}")
+    return files
+
+
+def load_images(dirs, min_size: int) -> list[torch.Tensor]:
+    """All images as uint8 3×H×W tensors (RGB; alpha dropped); ones smaller than the crop are refused."""
+    images = []
+    for p in list_images(dirs):
+        a = read_image(p, clip=True)
+        if min(a.shape[:2]) < min_size:
+            raise ValueError(f"{p}: {a.shape[1]}x{a.shape[0]} is smaller than the crop {min_size}")
+        images.append(torch.from_numpy(np.round(a * 255).astype(np.uint8)).permute(2, 0, 1).contiguous())
+    return images
+
+
+def random_crops(images: list[torch.Tensor], n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """n random size×size crops in [-1, 1], each with one of the 8 flips/rot90s, all drawn from `g`."""
+    idx = torch.randint(len(images), (n,), generator=g).tolist()
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    for j, i in enumerate(idx):
+        img = images[i]
+        top = int(torch.randint(img.shape[1] - size + 1, (1,), generator=g))
+        left = int(torch.randint(img.shape[2] - size + 1, (1,), generator=g))
+        c = img[:, top:top + size, left:left + size]
+        d = int(torch.randint(8, (1,), generator=g))
+        if d & 4:
+            c = c.flip(2)
+        out[j] = torch.rot90(c, d & 3, dims=(1, 2))
+    return out.float() / 127.5 - 1
+
+
+# ============================================================================================== model
+def read_model_config(path) -> dict:
+    """The guided-diffusion keys of a model config yaml (the `model_path` entry is not an architecture key)."""
+    import yaml
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a yaml mapping")
+    cfg = dict(cfg)
+    cfg.pop("model_path", None)
+    return cfg
+
+
+class EMA:
+    """Exponential moving average of parameters; the decay ramps up as (1+n)/(10+n) so short runs are not
+    dominated by the random initialisation."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def lr_at(step: int, base_lr: float, warmup: int) -> float:
+    return base_lr * min(1.0, (step + 1) / max(1, warmup))
+
+
+# ============================================================================================== files
+def atomic_torch_save(obj, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped weights must be readable by everyone
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_checkpoint(path) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no training checkpoint to resume from")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "ema", "opt", "step", "rng"):
+        if key not in ck:
+            raise CheckpointError(f"{path}: not a training checkpoint (no '{key}')")
+    return ck
+
+
+def export_ema(checkpoint_path, out_path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write the EMA weights of a training checkpoint as a plain state_dict (loads with unet.load_weights)."""
+    ck = load_checkpoint(checkpoint_path)
+    sd = {k: (v.to(dtype) if v.dtype.is_floating_point else v).contiguous() for k, v in ck["ema"].items()}
+    atomic_torch_save(sd, out_path)
+    return Path(out_path)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past `step` (written after the checkpoint we resume from), so the log has no repeats."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["step"]) <= step]
+    if len(keep) != len(rows):
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(keep)
+
+
+def append_log(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+# ============================================================================================== training
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", nargs="+", help="folders of training images (jpg/png/...)")
+    ap.add_argument("--model_config", default="configs/model_config_bundled.yaml")
+    ap.add_argument("--out", default="runs/bundled", help="folder for checkpoint.pt, loss.csv")
+    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16, help="per-rank batch size")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--warmup", type=int, default=200, help="linear warmup steps")
+    ap.add_argument("--weight_decay", type=float, default=0.0)
+    ap.add_argument("--grad_clip", type=float, default=1.0)
+    ap.add_argument("--ema", type=float, default=0.999)
+    ap.add_argument("--steps", type=int, default=10000, help="total optimiser steps (across resumes)")
+    ap.add_argument("--max_minutes", type=float, default=0.0, help="stop this run (with a checkpoint) after M minutes; 0 = no limit")
+    ap.add_argument("--ckpt_minutes", type=float, default=5.0)
+    ap.add_argument("--log_every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    ap.add_argument("--export", default=None, help="write the EMA state_dict here at the end")
+    ap.add_argument("--export_only", action="store_true", help="only export <out>/checkpoint.pt's EMA to --export")
+    a = ap.parse_args(argv)
+    if a.export_only and not a.export:
+        ap.error("--export_only needs --export PATH")
+    if not a.export_only and not a.data:
+        ap.error("--data is required for training")
+    return a
+
+
+def _setup_distributed(device_arg: str):
+    """(rank, world, device). Under torchrun (WORLD_SIZE>1): nccl on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, torch.device(device_arg)
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device_arg)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def train(a) -> dict:
+    """Run (or continue) training; returns {'step', 'loss', 'seconds'} of this process's last state."""
+    import torch.distributed as dist
+    from tqdm.auto import tqdm
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rank, world, device = _setup_distributed(a.device)
+    out = Path(a.out)
+    ckpt_path, log_path = out / CKPT_NAME, out / "loss.csv"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    cfg = read_model_config(a.model_config)
+    torch.manual_seed(a.seed)  # identical initial weights on every rank
+    model = create_model(**cfg).to(device)
+    if a.crop % model.size_multiple:
+        raise ValueError(f"--crop {a.crop} must be a multiple of {model.size_multiple} for this UNet")
+    ema = EMA(model, a.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    g = torch.Generator().manual_seed(a.seed * 1000 + rank)  # per-rank crops, t and noise
+    step, seconds = 0, 0.0
+
+    if a.resume:
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("world", 1) != world:
+            raise CheckpointError(f"{ckpt_path}: saved with {ck.get('world', 1)} ranks, now {world}; exact resume needs the same")
+        model.load_state_dict(ck["model"])
+        ema.shadow = {k: v.float() for k, v in ck["ema"].items()}
+        opt.load_state_dict(ck["opt"])
+        step, seconds = int(ck["step"]), float(ck.get("seconds", 0.0))
+        g.set_state(ck["rng"][rank])
+        if rank == 0:
+            truncate_log(log_path, step)
+
+    images = load_images(a.data, a.crop)
+    betas = get_betas("linear", 1000)
+    ac = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
+    sqrt_ac, sqrt_1mac = ac.sqrt().to(device), (1 - ac).sqrt().to(device)
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+
+    stop = {"signal": False}
+
+    def on_signal(signum, frame):  # finish the current step, checkpoint, exit cleanly
+        stop["signal"] = True
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def save():
+        states = [g.get_state()]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, g.get_state())
+        if rank == 0:
+            atomic_torch_save({"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
+                               "step": step, "seconds": seconds, "rng": states, "world": world,
+                               "config": cfg, "args": {k: v for k, v in vars(a).items() if not isinstance(v, list)}},
+                              ckpt_path)
+
+    if rank == 0:
+        print(f"[train] {len(images)} images, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+              f"{world} rank(s) on {device}, step {step}/{a.steps}", flush=True)
+    bar = tqdm(total=a.steps, initial=step, desc="prior", disable=rank != 0, mininterval=5 if sys.stderr.isatty() else 60)
+    t_run = time.time()
+    t_last_ckpt = time.time()
+    loss_acc, n_acc, last_loss = 0.0, 0, float("nan")
+    while step < a.steps:
+        t0 = time.time()
+        x0 = random_crops(images, a.batch, a.crop, g).to(device)
+        t = torch.randint(1000, (a.batch,), generator=g).to(device)
+        eps = torch.randn(x0.shape, generator=g).to(device)
+        x_t = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * eps
+        lr = lr_at(step, a.lr, a.warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.bf16):
+            pred = net(x_t, t)
+        loss = F.mse_loss(pred[:, :3].float(), eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        ema.update(model, step)
+        step += 1
+        seconds += time.time() - t0
+        loss_acc += float(loss.detach())
+        n_acc += 1
+        bar.update(1)
+
+        # Rank 0 decides when to log/save/stop; every rank must join the collectives below.
+        flags = torch.tensor([stop["signal"],
+                              a.max_minutes > 0 and time.time() - t_run > 60 * a.max_minutes,
+                              time.time() - t_last_ckpt > 60 * a.ckpt_minutes], dtype=torch.float32)
+        if world > 1:
+            flags = flags.to(device)
+            dist.broadcast(flags, 0)
+            flags = flags.cpu()
+        do_stop = bool(flags[0] or flags[1]) or step >= a.steps
+        if step % a.log_every == 0 or do_stop:
+            mean = torch.tensor([loss_acc / max(n_acc, 1)], device=device)
+            if world > 1:
+                dist.all_reduce(mean)
+                mean /= world
+            last_loss = float(mean)
+            if rank == 0:
+                append_log(log_path, {"step": step, "loss": f"{last_loss:.6f}", "lr": f"{lr:.3g}", "seconds": f"{seconds:.1f}"})
+                bar.set_postfix(loss=f"{last_loss:.4f}")
+            loss_acc, n_acc = 0.0, 0
+        if do_stop or flags[2]:
+            save()
+            t_last_ckpt = time.time()
+        if do_stop:
+            break
+    bar.close()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    if a.export and rank == 0:
+        export_ema(ckpt_path, a.export)
+        print(f"[train] exported EMA weights of step {step} to {a.export}", flush=True)
+    if rank == 0:
+        print(f"[train] stopped at step {step}, loss {last_loss:.4f}, {seconds / 60:.1f} min of training", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return {"step": step, "loss": last_loss, "seconds": seconds}
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.export_only:
+        p = export_ema(Path(a.out) / CKPT_NAME, a.export)
+        print(f"[train] exported EMA weights to {p}")
+        return 0
+    train(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
