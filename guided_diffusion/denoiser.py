@@ -30,10 +30,12 @@ class EpsDenoiser:
         self.schedule = schedule
         self.clip = clip
         self.autocast_dtype = autocast_dtype
+        self.nfe = 0  # UNet evaluations so far (reported per image)
         if isinstance(model, torch.nn.Module):
             model.eval().requires_grad_(False)
 
     def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
+        self.nfe += 1
         t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)
         if self.autocast_dtype is not None:
             with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):

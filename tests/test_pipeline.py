@@ -1,0 +1,194 @@
+"""End-to-end smoke tests of the entry scripts' job with a tiny random UNet (few steps) on every input format."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diffusion_em.run import main
+from guided_diffusion.unet import create_model
+from kernel_denoiser.network import FDnCNN, save_kernel_denoiser
+from tests.conftest import ROOT, TINY_UNET
+
+SIZE = 32
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Tiny weights + configs (few steps, 9×9 kernels) + a 2-image test-set folder."""
+    torch.manual_seed(0)
+    unet = create_model(**TINY_UNET)
+    for p in unet.parameters():  # the zero-initialised output layers would make ε ≡ 0
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**TINY_UNET, "model_path": str(tmp_path / "unet.pt")}))
+    kd = FDnCNN()
+    save_kernel_denoiser(kd, str(tmp_path / "kd.pth"))
+    (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 9, "denoiser_path": str(tmp_path / "kd.pth")}))
+    cfgs = {}
+    for name in ("fastem_pigdm", "fastem_dps", "pigdm", "dps"):
+        d = yaml.safe_load((ROOT / "configs" / f"diffusion_config_{name}.yaml").read_text())
+        d["steps"] = 4
+        d["em_rounds"] = 2
+        d["guard_residual"], d["guard_saturation"] = 1e9, 1.0  # a random UNet's output is garbage: plumbing only
+        p = tmp_path / f"diff_{name}.yaml"
+        p.write_text(yaml.safe_dump(d))
+        cfgs[name] = p
+    data = tmp_path / "set"
+    g = np.random.default_rng(0)
+    for sub in ("blurry", "sharp", "kernel"):
+        (data / sub).mkdir(parents=True)
+    for i in range(2):
+        x = g.random((SIZE, SIZE, 3)).astype(np.float32)
+        Image.fromarray((x * 255).astype(np.uint8)).save(data / "sharp" / f"im{i}.png")
+        k = g.random((5, 5)).astype(np.float32)
+        np.save(data / "kernel" / f"im{i}.npy", k / k.sum())
+        np.save(data / "blurry" / f"im{i}.npy", np.clip(x + 0.02 * g.standard_normal(x.shape), 0, 1).astype(np.float32))
+    (data / "meta.csv").write_text("name,sigma\nim0,0.02\nim1,0.02\n")
+    return tmp_path, cfgs, data
+
+
+def _args(tmp, cfg, data, out, *extra):
+    return ["--img_model_config", str(tmp / "model.yaml"), "--diffusion_config", str(cfg),
+            "--kernel_config", str(tmp / "kernel.yaml"), "--input_dir", str(data), "--save_dir", str(out),
+            "--device", "cpu", "--seed", "1", *extra]
+
+
+def _rows(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name,method", [("fastem_pigdm", "fast_em"), ("fastem_dps", "fast_em"),
+                                         ("pigdm", "diffusion_em"), ("dps", "diffusion_em")])
+def test_all_configs_end_to_end(setup, name, method):
+    tmp, cfgs, data = setup
+    out = tmp / f"out_{name}"
+    assert main(_args(tmp, cfgs[name], data, out), method=method) == 0
+    rows = _rows(out)
+    assert [r["name"] for r in rows] == ["im0", "im1"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["diffusion"]["method"] == method and summary["images"] == 2
+    assert (out / "config.yaml").exists()
+    for r in rows:
+        assert r["status"] == "ok", r["message"]
+        assert (out / "images" / f"{r['name']}.png").exists() and (out / "kernels" / f"{r['name']}.png").exists()
+        assert (out / "montage" / f"{r['name']}.png").exists()
+        k = np.load(out / "kernels" / f"{r['name']}.npy")
+        assert k.shape == (9, 9) and abs(k.sum() - 1) < 1e-4 and k.min() >= 0
+        for f in ("psnr", "ssim", "kernel_mse", "kernel_mse_raw", "reblur_error", "seconds", "psnr_blurry"):
+            assert np.isfinite(float(r[f]))
+        expect_nfe = 4 if method == "fast_em" else 8
+        assert int(r["nfe"]) == expect_nfe
+
+
+def test_seeded_twice_identical_and_resume(setup):
+    tmp, cfgs, data = setup
+    a, b = tmp / "a", tmp / "b"
+    main(_args(tmp, cfgs["fastem_pigdm"], data, a, "--save_npy", "--save_progress"), method="fast_em")
+    main(_args(tmp, cfgs["fastem_pigdm"], data, b, "--save_npy"), method="fast_em")
+    for n in ("im0", "im1"):
+        assert np.array_equal(np.load(a / "npy" / f"{n}.npy"), np.load(b / "npy" / f"{n}.npy"))
+        assert np.array_equal(np.load(a / "kernels" / f"{n}.npy"), np.load(b / "kernels" / f"{n}.npy"))
+    assert (a / "progress" / "im0_kernel.gif").exists() and (a / "progress" / "im0_x0.gif").exists()
+    # rerunning skips finished images; --overwrite redoes them
+    main(_args(tmp, cfgs["fastem_pigdm"], data, a), method="fast_em")
+    assert len(_rows(a)) == 2
+    main(_args(tmp, cfgs["fastem_pigdm"], data, a, "--overwrite", "--max_images", "1"), method="fast_em")
+    assert [r["name"] for r in _rows(a)] == ["im0", "im1", "im0"]
+    assert not list(a.rglob("*.tmp*"))
+
+
+def test_broken_image_does_not_stop_the_run(setup):
+    tmp, cfgs, data = setup
+    (data / "blurry" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 1
+    rows = {r["name"]: r for r in _rows(out)}
+    assert rows["broken"]["status"] == "failed" and "broken.png" in rows["broken"]["message"]
+    assert rows["im0"]["status"] == rows["im1"]["status"] == "ok"
+    assert json.loads((out / "summary.json").read_text())["failed"] == 1
+
+
+def test_photo_folder_estimates_sigma(setup, capsys):
+    tmp, cfgs, data = setup
+    photos = tmp / "photos"
+    photos.mkdir()
+    g = np.random.default_rng(1)
+    Image.fromarray((g.random((30, 36)) * 255).astype(np.uint8)).save(photos / "grey.png")  # odd size, grayscale
+    rgba = (g.random((32, 32, 4)) * 255).astype(np.uint8)
+    Image.fromarray(rgba, "RGBA").save(photos / "rgba.png")
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], photos, out), method="fast_em") == 0
+    rows = _rows(out)
+    assert all(r["status"] == "ok" and r["sigma_source"] == "estimated" and r["psnr"] == "" for r in rows)
+    assert np.asarray(Image.open(out / "images" / "grey.png")).shape == (30, 36, 3)
+    assert "estimated" in capsys.readouterr().err
+
+
+def test_authors_pickles(setup):
+    src = ROOT.parent / "shared" / "data" / "paper_testset"
+    if not src.exists():
+        pytest.skip(f"{src} not present (only in the project's shared folder)")
+    tmp, cfgs, _ = setup
+    pk = tmp / "pickles"
+    pk.mkdir()
+    shutil.copy(sorted(src.glob("*.pickle"))[0], pk)
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], pk, out, "--steps", "2"), method="fast_em") == 0
+    r = _rows(out)[0]
+    assert r["status"] == "ok" and r["sigma_source"] == "given" and float(r["kernel_mse"]) > 0
+
+
+def test_true_kernel_equals_nonblind_sampler(setup):
+    from diffusion_em.config import load_diffusion_config
+    from diffusion_em.nonblind import deblur_nonblind
+    from diffusion_em.run import build_context, build_parser, restore
+    from util import io
+
+    tmp, cfgs, data = setup
+    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
+    ctx = build_context(args, "fast_em")
+    s = io.load_sample(io.list_inputs(data)[0])
+    y = io.image_to_tensor(s.y)
+    k = torch.from_numpy(s.k_true)
+    em = restore(ctx, y, s.sigma, "folder", torch.Generator().manual_seed(7), k_true=k)
+    k9 = torch.nn.functional.pad(k, (2, 2, 2, 2))  # the 5×5 kernel centred in the 9×9 support
+    assert torch.allclose(em.kernel, k9, atol=1e-7)  # fixed kernel: never touched by an M-step
+    nb = deblur_nonblind(ctx.denoiser, y, em.kernel, s.sigma, ctx.guidance, torch.Generator().manual_seed(7))
+    assert torch.equal(em.x, nb)
+    assert load_diffusion_config(cfgs["fastem_pigdm"]).method == "fast_em"
+
+
+def test_config_errors(setup, tmp_path, capsys):
+    tmp, cfgs, data = setup
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"), method="diffusion_em") == 2
+    assert "belongs to test_FastDiffEM.py" in capsys.readouterr().err
+    bad = tmp / "bad.yaml"
+    bad.write_text(cfgs["pigdm"].read_text() + "\nstepz: 3\n")
+    assert main(_args(tmp, bad, data, tmp / "o"), method="diffusion_em") == 2
+    assert "unknown key 'stepz'" in capsys.readouterr().err
+    bad.write_text(cfgs["pigdm"].read_text().replace("steps: 4", "steps: many"))
+    assert main(_args(tmp, bad, data, tmp / "o"), method="diffusion_em") == 2
+    assert "'steps' must be int" in capsys.readouterr().err
+    assert main(_args(tmp, cfgs["pigdm"], data, tmp / "o", "--sigma", "10"), method="diffusion_em") == 2
+
+
+def test_divergence_guard_fails_garbage_with_a_message(setup):
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    d.update(guard_residual=25.0, guard_saturation=0.1, retries=1)
+    strict = tmp / "strict.yaml"
+    strict.write_text(yaml.safe_dump(d))
+    out = tmp / "out"
+    assert main(_args(tmp, strict, data, out, "--max_images", "1"), method="fast_em") == 1
+    r = _rows(out)[0]
+    assert r["status"] == "failed" and "diverged" in r["message"] and "after 2 attempts" in r["message"]
+    assert not (out / "images" / "im0.png").exists()  # never written as a success
+
