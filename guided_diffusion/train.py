@@ -1,7 +1,7 @@
 """Train an ADM UNet as an ε-predictor on random crops of a folder of images (DESIGN §1 prior).
 
-Same 1000-step linear β schedule as every sampler here, t uniform, loss ‖ε − ε_θ(x_t, t)‖² (the "simple"
-DDPM loss). Crops are drawn at random (with the 8 flips/rotations) from images preloaded as uint8;
+Same 1000-step β schedule as the samplers (linear unless the config says `schedule: cosine`), t uniform,
+loss ‖ε − ε_θ(x_t, t)‖² (the "simple" DDPM loss). Crops are drawn at random (with the 8 flips/rotations) from images preloaded as uint8;
 AdamW with linear warmup and grad-norm clipping; EMA weights are what gets exported.
 
     python -m guided_diffusion.train --data DIR [DIR ...] --model_config configs/model_config_bundled.yaml \
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from guided_diffusion.schedule import get_betas
-from guided_diffusion.unet import CheckpointError, create_model
+from guided_diffusion.unet import IGNORED_KEYS, MODEL_KEYS, CheckpointError, create_model
 from util.io import IMAGE_EXTS, read_image
 
 CKPT_NAME = "checkpoint.pt"
@@ -81,16 +81,18 @@ def random_crops(images: list[torch.Tensor], n: int, size: int, g: torch.Generat
 
 
 # ============================================================================================== model
-def read_model_config(path) -> dict:
-    """The guided-diffusion keys of a model config yaml (the `model_path` entry is not an architecture key)."""
+def read_model_config(path) -> tuple[dict, str]:
+    """(create_model kwargs, β schedule kind) from a model config yaml; unknown keys are an error."""
     import yaml
     with open(path) as f:
-        cfg = yaml.safe_load(f)
-    if not isinstance(cfg, dict):
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
         raise ValueError(f"{path}: not a yaml mapping")
-    cfg = dict(cfg)
-    cfg.pop("model_path", None)
-    return cfg
+    unknown = sorted(set(raw) - set(MODEL_KEYS) - set(IGNORED_KEYS) - {"model_path", "schedule"})
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
+    cfg = {k: v for k, v in raw.items() if k in MODEL_KEYS or k in IGNORED_KEYS}
+    return cfg, raw.get("schedule", "linear")
 
 
 class EMA:
@@ -236,7 +238,7 @@ def train(a) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    cfg = read_model_config(a.model_config)
+    cfg, schedule_kind = read_model_config(a.model_config)
     torch.manual_seed(a.seed)  # identical initial weights on every rank
     model = create_model(**cfg).to(device)
     if a.crop % model.size_multiple:
@@ -259,7 +261,7 @@ def train(a) -> dict:
             truncate_log(log_path, step)
 
     images = load_images(a.data, a.crop)
-    betas = get_betas("linear", 1000)
+    betas = get_betas(schedule_kind, 1000)  # the samplers read the same key, so training and sampling agree
     ac = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
     sqrt_ac, sqrt_1mac = ac.sqrt().to(device), (1 - ac).sqrt().to(device)
 
@@ -282,7 +284,7 @@ def train(a) -> dict:
         if rank == 0:
             atomic_torch_save({"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
                                "step": step, "seconds": seconds, "rng": states, "world": world,
-                               "config": cfg, "args": {k: v for k, v in vars(a).items() if not isinstance(v, list)}},
+                               "config": cfg, "schedule": schedule_kind, "args": {k: v for k, v in vars(a).items() if not isinstance(v, list)}},
                               ckpt_path)
 
     if rank == 0:
