@@ -253,7 +253,7 @@ def train(a) -> dict:
         if ck.get("world", 1) != world:
             raise CheckpointError(f"{ckpt_path}: saved with {ck.get('world', 1)} ranks, now {world}; exact resume needs the same")
         model.load_state_dict(ck["model"])
-        ema.shadow = {k: v.float() for k, v in ck["ema"].items()}
+        ema.shadow = {k: v.float().to(device) for k, v in ck["ema"].items()}
         opt.load_state_dict(ck["opt"])
         step, seconds = int(ck["step"]), float(ck.get("seconds", 0.0))
         g.set_state(ck["rng"][rank])
