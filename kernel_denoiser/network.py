@@ -16,6 +16,7 @@ the default architecture.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Optional, Sequence
 
@@ -65,8 +66,10 @@ class FDnCNN(nn.Module):
 
 def save_kernel_denoiser(net: FDnCNN, path: str, meta: Optional[dict] = None) -> None:
     """Write {"arch", "state_dict", "meta"}; atomic (tmp + rename) so a killed job never leaves half a file."""
-    obj = {"arch": dict(net.arch), "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
-           "meta": dict(meta or {})}
+    # meta through JSON: only plain types survive, so the file stays loadable with weights_only=True
+    meta = json.loads(json.dumps(meta or {}, default=str))
+    obj = {"arch": json.loads(json.dumps(net.arch)), "meta": meta,
+           "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
     tmp = path + ".tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)

@@ -192,7 +192,7 @@ def main(argv=None):
     bar.close()
     net.eval()
     meta = {"size": a.size, "steps": step, "batch": a.batch, "seed": a.seed, "sigma_range": [a.sigma_min, a.sigma_max],
-            "wall_time_s": round(elapsed, 1), "threads": a.threads, "torch": torch.__version__,
+            "wall_time_s": round(elapsed, 1), "threads": a.threads, "torch": str(torch.__version__),
             "heldout_psnr": evaluate(net, held)}
     if levin is not None:
         meta["levin_psnr"] = evaluate(net, levin)

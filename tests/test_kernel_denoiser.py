@@ -94,7 +94,7 @@ def test_our_format_roundtrip_with_dilations_and_scale(tmp_path):
     net = FDnCNN(nb=8, dilations=[1, 2, 4, 8, 8, 4, 2, 1], scale=409.6)
     assert net.receptive_field == 61
     p = str(tmp_path / "k64.pth")
-    save_kernel_denoiser(net, p, {"note": "test"})
+    save_kernel_denoiser(net, p, {"note": "test", "torch": torch.__version__})  # TorchVersion must not leak in
     obj = torch.load(p, weights_only=True)
     assert obj["arch"]["dilations"] == [1, 2, 4, 8, 8, 4, 2, 1] and obj["meta"]["note"] == "test"
     net2 = load_kernel_denoiser(p)
