@@ -10,6 +10,15 @@ import torch.nn.functional as F
 from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
 from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, save_kernel_denoiser
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: thread start-up dominates, and the CI machine is shared. Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 MANIFEST = os.path.join(SHARED, "reference", "kernel_denoiser_manifest.json")

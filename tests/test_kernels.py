@@ -9,6 +9,16 @@ import torch
 from kernel_denoiser.kernels import (camera_shake_kernels, center_of_mass, kernel_stats, project_simplex,
                                      recenter)
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: thread start-up dominates, and the CI machine is shared. Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 
 

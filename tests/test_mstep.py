@@ -11,6 +11,15 @@ from util.fft import conv_circular, o2p, p2o
 from util.metrics import kernel_mse
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These problems are tiny: thread start-up dominates, and the CI machine is shared. Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _textured(n, C, H, W, seed, dtype=torch.float64):
     """Random texture with a natural-ish spectrum (white noise + a smoothed copy), in [0, 1]."""
     g = torch.Generator().manual_seed(seed)
