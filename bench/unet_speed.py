@@ -3,7 +3,8 @@
     python bench/unet_speed.py                       # CPU (and CUDA when present), batch 1 and 4
     python bench/unet_speed.py --batch 1 --repeats 3 --devices cpu
 
-Each setting is timed `--repeats` times after one warm-up; we print min and median seconds per call.
+Each setting is timed `--repeats` times after one warm-up, all settings interleaved repeat by repeat (a busy
+machine slows them alike); we print min and median seconds per call and the ratio to `original_style`.
 `impl=ours` is guided_diffusion/unet.py as used by the samplers (parameters frozen, SDPA attention).
 `impl=original_style` emulates the original's costs in the same process for a side-by-side ratio:
 explicit einsum attention wrapped in gradient checkpointing and parameters that require grad.
@@ -64,10 +65,11 @@ def build(impl: str, device, channels_last: bool):
     return m
 
 
-def time_call(fn, repeats: int, device) -> list:
+def time_call(fn, repeats: int, device, warm: bool = True) -> list:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
+    if warm:
+        fn()
+        sync()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -83,45 +85,52 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
-    ap.add_argument("--impls", nargs="+", default=["ours", "original_style"])
-    ap.add_argument("--channels_last", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--modes", nargs="+", default=["forward", "forward+input_grad"])
     args = ap.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    cl_opts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]
     for dev_name in devices:
         device = torch.device(dev_name)
-        dtypes = [None] + ([torch.bfloat16] if device.type == "cuda" else [])
-        for impl in args.impls:
-            for cl in cl_opts:
-                if impl == "original_style" and cl:
-                    continue
-                m = build(impl, device, cl)
-                for B in args.batch:
-                    x = torch.randn(B, 3, args.size, args.size, device=device)
-                    if cl:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    t = torch.full((B,), 500, device=device)
-                    for dt in dtypes:
-                        def ctx():
-                            return torch.autocast(device.type, dtype=dt) if dt else torch.autocast(device.type, enabled=False)
+        # variants are timed interleaved, repeat by repeat, so a busy machine slows them alike
+        variants = [("original_style", False, None), ("ours", False, None), ("ours", True, None)]
+        if device.type == "cuda":
+            variants += [("ours", False, torch.bfloat16), ("ours", True, torch.bfloat16)]
+        models = {(impl, cl): build(impl, device, cl) for impl, cl in {(v[0], v[1]) for v in variants}}
+        for B in args.batch:
+            x0 = torch.randn(B, 3, args.size, args.size, device=device)
+            t = torch.full((B,), 500, device=device)
+            for mode in args.modes:
+                def make(impl, cl, dt):
+                    m = models[(impl, cl)]
+                    x = x0.contiguous(memory_format=torch.channels_last) if cl else x0
 
-                        def fwd():
-                            with torch.no_grad(), ctx():
-                                m(x, t)
+                    def ctx():
+                        return torch.autocast(device.type, dtype=dt) if dt else torch.autocast(device.type, enabled=False)
 
-                        def fwd_grad():
-                            xx = x.detach().requires_grad_(True)
-                            with ctx():
-                                out = m(xx, t)
-                            g, = torch.autograd.grad(out.float().sum(), xx)
-                        for mode, fn in (("forward", fwd), ("forward+input_grad", fwd_grad)):
-                            ts = time_call(fn, args.repeats, device)
-                            print(json.dumps({"impl": impl, "device": dev_name, "dtype": "bf16" if dt else "fp32",
-                                              "channels_last": cl, "batch": B, "size": args.size, "mode": mode,
-                                              "min_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
-                                              "threads": torch.get_num_threads(), "load1": round(os.getloadavg()[0], 2)}),
-                                  flush=True)
-                del m
+                    def fwd():
+                        with torch.no_grad(), ctx():
+                            m(x, t)
+
+                    def fwd_grad():
+                        xx = x.detach().requires_grad_(True)
+                        with ctx():
+                            out = m(xx, t)
+                        torch.autograd.grad(out.float().sum(), xx)
+                    return fwd if mode == "forward" else fwd_grad
+                fns = [make(*v) for v in variants]
+                times = [[] for _ in variants]
+                for fn in fns:  # warm-up
+                    time_call(fn, 0, device)
+                for _ in range(args.repeats):
+                    for j, fn in enumerate(fns):
+                        times[j] += time_call(fn, 1, device, warm=False)
+                base = statistics.median(times[0])
+                for (impl, cl, dt), ts in zip(variants, times):
+                    print(json.dumps({"impl": impl, "device": dev_name, "dtype": "bf16" if dt else "fp32",
+                                      "channels_last": cl, "batch": B, "size": args.size, "mode": mode,
+                                      "min_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
+                                      "vs_original_style": round(statistics.median(ts) / base, 3),
+                                      "threads": torch.get_num_threads(), "load1": round(os.getloadavg()[0], 2)}),
+                          flush=True)
 
 
 if __name__ == "__main__":

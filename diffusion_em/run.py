@@ -123,7 +123,8 @@ def build_context(args: argparse.Namespace, method: str) -> Context:
     unet_cfg = {k: v for k, v in mcfg_raw.items() if k not in ("model_path", "schedule")}
     model = load_weights(create_model(**unet_cfg), model_path).to(device)
     sched = Schedule.create(dcfg.steps, dcfg.schedule)
-    denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dcfg.precision]
+    denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised, autocast_dtype=autocast)
     guidance = PiGDM(zeta=dcfg.zeta) if dcfg.guidance == "pigdm" else DPS(zeta=dcfg.zeta)
     kd = None
     if kcfg.denoiser_path is not None:

@@ -23,13 +23,20 @@ class EpsDenoiser:
 
     x0(x_t, i) = (x_t − sqrt(1−ᾱ)·ε) / sqrt(ᾱ), clipped to [-1, 1] when `clip` (DESIGN §1).
     The model's parameters are frozen: guidance needs gradients w.r.t. the input only.
+    `channels_last` runs the convolutions in NHWC (faster on CPU and GPU; bench/unet_speed.py), converting
+    the model in place. `autocast_dtype` (e.g. torch.bfloat16) runs the UNet under autocast; ε is returned
+    in float32 either way.
     """
 
-    def __init__(self, model, schedule: Schedule, clip: bool = True, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model, schedule: Schedule, clip: bool = True, autocast_dtype: torch.dtype | None = None,
+                 channels_last: bool = True):
         self.model = model
         self.schedule = schedule
         self.clip = clip
         self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last and isinstance(model, torch.nn.Module)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self.nfe = 0  # UNet evaluations so far (reported per image)
         if isinstance(model, torch.nn.Module):
             model.eval().requires_grad_(False)
@@ -37,13 +44,14 @@ class EpsDenoiser:
     def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
         self.nfe += 1
         t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)
+        x_in = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last and x_t.dim() == 4 else x_t
         if self.autocast_dtype is not None:
             with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-                out = self.model(x_t, t)
+                out = self.model(x_in, t)
             out = out.float()
         else:
-            out = self.model(x_t, t)
-        return out[:, : x_t.shape[1]]
+            out = self.model(x_in, t)
+        return out[:, : x_t.shape[1]].contiguous()
 
     def x0(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
         """Tweedie estimate x̂0 in model space [-1, 1]."""
