@@ -123,7 +123,7 @@ def deblur_cases(args, rng: np.random.Generator) -> list:
 def deblur_figures(model, args, rng):
     den = EpsDenoiser(model, Schedule.create(args.steps), clip=True)
     rows = []
-    for name, y, x, k, sigma in deblur_cases(args, rng):
+    for name, y, x, k, sigma in deblur_cases(args, rng)[:args.limit or None]:
         yt, xt = to_t(y), to_t(x)
         g = torch.Generator().manual_seed(args.seed)
         t0 = time.time()
@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--no_deblur", action="store_true")
+    ap.add_argument("--limit", type=int, default=0, help="deblur only the first K cases (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0)
     args = ap.parse_args(argv)
