@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
-from kernel_denoiser.network import FDnCNN, load_state_dict_strict, save_kernel_denoiser
+from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, load_state_dict_strict, save_kernel_denoiser
 
 EVAL_SIGMAS = (1e-3, 3.16e-3, 1e-2)
 
@@ -117,6 +117,7 @@ def main(argv=None):
     ap.add_argument("--scale", type=float, default=None, help="input scale (default size²/10)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ckpt", default=None, help="resume/checkpoint file (default <out>.ckpt)")
+    ap.add_argument("--init", default=None, help="start a fresh run from these weights (same architecture)")
     ap.add_argument("--ckpt_every", type=int, default=200)
     ap.add_argument("--eval_every", type=int, default=1000)
     ap.add_argument("--max_minutes", type=float, default=None, help="stop (and save) after this wall time")
@@ -142,6 +143,12 @@ def main(argv=None):
         opt.load_state_dict(st["opt"])
         step, losses, elapsed = int(st["step"]), list(st["losses"]), float(st.get("elapsed", 0.0))
         print(f"resumed from {ckpt} at step {step}")
+    elif a.init:
+        init = load_kernel_denoiser(a.init)
+        if init.arch != net.arch:
+            raise SystemExit(f"{a.init}: architecture {init.arch} differs from the requested {net.arch}")
+        load_state_dict_strict(net, init.state_dict(), a.init)
+        print(f"initialised from {a.init}")
 
     def save_ckpt():
         obj = {"arch": net.arch, "state_dict": net.state_dict(), "opt": opt.state_dict(), "step": step,
