@@ -1,7 +1,7 @@
 """Train the kernel denoiser on noisy generated camera-shake kernels (MSE), CPU-friendly and resumable.
 
     python -m kernel_denoiser.train --size 33 --out models/kernel_denoiser_33.pth
-    python -m kernel_denoiser.train --size 64 --out models/kernel_denoiser_64.pth --nb 8 --dilations 1,2,4,8,8,4,2,1
+    python -m kernel_denoiser.train --size 64 --out models/kernel_denoiser_64.pth   (commands used: models/README.md)
 
 Data: every step draws a fresh batch of kernels from `camera_shake_kernels` with a generator seeded by
 (seed, step), so a resumed run sees exactly the batches it would have seen. Half the batch uses the
