@@ -19,6 +19,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 MANIFEST = os.path.join(SHARED, "reference", "kernel_denoiser_manifest.json")
