@@ -92,7 +92,10 @@ def main(argv=None) -> int:
     ap.add_argument("--taper", type=int, default=0, help="border taper width in px for non-periodic photos")
     ap.add_argument("--recenter", action="store_true", help="move the kernel's centre of mass to the middle")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads (the M-step's ops are small: 1 is fastest, and much faster on a busy machine)")
     a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, a.threads))
     prog = "estimate_kernel"
     try:
         if not a.sigma >= 0:
