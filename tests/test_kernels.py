@@ -1,6 +1,5 @@
 """Kernel generator, simplex projection and re-centring: the math."""
 import itertools
-import os
 
 import numpy as np
 import pytest
@@ -17,9 +16,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-SHARED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
 
 
 # ------------------------------------------------------------------------------------------ generator
