@@ -26,6 +26,15 @@ TINY_UNET = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test on one thread (restored after): for tiny problems thread start-up dominates."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_unet():
     from guided_diffusion.unet import create_model
     torch.manual_seed(0)

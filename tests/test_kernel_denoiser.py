@@ -11,13 +11,7 @@ from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
 from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, save_kernel_denoiser
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: thread start-up dominates, and the CI machine is shared. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: thread start-up dominates
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,13 +9,7 @@ from kernel_denoiser.kernels import (camera_shake_kernels, center_of_mass, kerne
                                      recenter)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: thread start-up dominates, and the CI machine is shared. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: thread start-up dominates
 
 
 # ------------------------------------------------------------------------------------------ generator

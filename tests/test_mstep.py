@@ -11,13 +11,7 @@ from util.fft import conv_circular, o2p, p2o
 from util.metrics import kernel_mse
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny: thread start-up dominates, and the CI machine is shared. Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: thread start-up dominates
 
 
 def _textured(n, C, H, W, seed, dtype=torch.float64):
