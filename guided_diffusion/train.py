@@ -23,7 +23,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from guided_diffusion.schedule import get_betas
 from guided_diffusion.unet import IGNORED_KEYS, MODEL_KEYS, CheckpointError, create_model
-from util.io import IMAGE_EXTS, read_image
+from util.io import IMAGE_EXTS, _atomic_write, read_image
 
 CKPT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
@@ -119,22 +118,8 @@ def lr_at(step: int, base_lr: float, warmup: int) -> float:
 
 # ============================================================================================== files
 def atomic_torch_save(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped weights must be readable by everyone
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """torch.save through util.io's atomic writer (temp file, fsync, rename)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path) -> dict:
@@ -211,17 +196,17 @@ def parse_args(argv=None):
 
 
 def _setup_distributed(device_arg: str):
-    """(rank, world, device). Under torchrun (WORLD_SIZE>1): nccl on CUDA, gloo on CPU."""
+    """(rank, world, device). Under torchrun (WORLD_SIZE>1): one accelerator per local rank with nccl, gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, torch.device(device_arg)
     import torch.distributed as dist
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(device_arg)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    if dev.type != "cpu":
+        dev = torch.device(dev.type, local)
+        torch.accelerator.set_device_index(local)
+    dist.init_process_group(backend="gloo" if dev.type == "cpu" else "nccl")
     return rank, world, dev
 
 
@@ -267,7 +252,7 @@ def train(a) -> dict:
 
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
     model.train()
 
     stop = {"signal": False}
