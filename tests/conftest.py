@@ -19,8 +19,8 @@ def shared_path(*parts) -> Path:
     return p
 
 
-TINY_UNET = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2", learn_sigma=True,
-                 class_cond=False, attention_resolutions="16", num_heads=2, num_head_channels=-1,
+TINY_UNET = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,1,2,2", learn_sigma=True,
+                 class_cond=False, attention_resolutions="4", num_heads=2, num_head_channels=-1,
                  num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
                  use_fp16=False, use_new_attention_order=False)
 

@@ -65,7 +65,7 @@ def test_any_size_and_batch(tiny_unet):
         both = tiny_unet(x, t)
         one = torch.cat([tiny_unet(x[i:i + 1], t[i:i + 1]) for i in range(2)])
         assert torch.allclose(both, one, atol=1e-5)
-    with pytest.raises(ValueError, match="divisible by 2"):
+    with pytest.raises(ValueError, match="divisible by 8"):
         tiny_unet(torch.randn(1, 3, 33, 32), torch.tensor([1]))
 
 
