@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from guided_diffusion.schedule import get_betas
-from guided_diffusion.unet import IGNORED_KEYS, MODEL_KEYS, CheckpointError, create_model
+from guided_diffusion.unet import IGNORED_KEYS, MODEL_KEYS, CheckpointError, create_model, load_weights
 from util.io import IMAGE_EXTS, _atomic_write, read_image
 
 CKPT_NAME = "checkpoint.pt"
@@ -185,6 +185,9 @@ def parse_args(argv=None):
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    ap.add_argument("--init", default=None,
+                    help="start model and EMA from these weights (e.g. models/bundled_prior.pt): continue training "
+                         "in a later session when the checkpoint folder is gone (the optimiser starts afresh)")
     ap.add_argument("--export", default=None, help="write the EMA state_dict here at the end")
     ap.add_argument("--export_only", action="store_true", help="only export <out>/checkpoint.pt's EMA to --export")
     a = ap.parse_args(argv)
@@ -225,7 +228,10 @@ def train(a) -> dict:
 
     cfg, schedule_kind = read_model_config(a.model_config)
     torch.manual_seed(a.seed)  # identical initial weights on every rank
-    model = create_model(**cfg).to(device)
+    model = create_model(**cfg)
+    if a.init and not a.resume:
+        load_weights(model, a.init)  # strict, weights_only; never a silent random start
+    model = model.to(device)
     if a.crop % model.size_multiple:
         raise ValueError(f"--crop {a.crop} must be a multiple of {model.size_multiple} for this UNet")
     ema = EMA(model, a.ema)

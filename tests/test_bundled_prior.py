@@ -173,3 +173,23 @@ def test_torchrun_two_cpu_ranks(tiny_setup, tmp_path):
     assert not torch.equal(ck["rng"][0], ck["rng"][1])  # ranks draw different crops
     with open(out / "loss.csv") as f:
         assert [int(row["step"]) for row in csv.DictReader(f)] == [1, 2]  # rank 0 logs alone
+
+
+def test_init_starts_from_given_weights(tiny_setup, tmp_path):
+    data, cfg = tiny_setup
+    first = tmp_path / "first"
+    T.train(_args(data, cfg, first, 2))
+    exported = tmp_path / "w.pt"
+    assert T.main(["--out", str(first), "--export_only", "--export", str(exported)]) == 0
+    # --init, then one step at learning rate 0: model and EMA still hold the given weights
+    again = tmp_path / "again"
+    T.train(_args(data, cfg, again, 1, "--init", str(exported), "--lr", "0"))
+    w = torch.load(exported, weights_only=True)
+    ck = _ck(again)
+    for k, v in w.items():
+        assert torch.equal(ck["model"][k].to(v.dtype), v) and torch.allclose(ck["ema"][k].to(v.dtype), v, atol=1e-6), k
+    fresh = tmp_path / "fresh"  # without --init the same run starts elsewhere
+    T.train(_args(data, cfg, fresh, 1, "--lr", "0"))
+    assert not all(torch.equal(_ck(fresh)["model"][k].to(v.dtype), v) for k, v in w.items())
+    with pytest.raises(CheckpointError, match="not found"):
+        T.train(_args(data, cfg, tmp_path / "x", 1, "--init", str(tmp_path / "missing.pt")))
