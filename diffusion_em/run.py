@@ -6,9 +6,6 @@ all outputs written atomically), `run_all` (any list of samples: a shard of a la
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-import math
 import os
 import platform
 import subprocess
@@ -146,7 +143,7 @@ def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
     box0 = (0, 0) + tuple(y.shape[-2:])
     if mode != "circular":
         y, box0 = io.pad_for_boundary(y, pad, mode)
-    y, box1 = io.pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")
+    y, _ = io.pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")  # bottom/right: box0 still crops
     return y, box0
 
 
@@ -158,7 +155,6 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
     yp, box = _prepare(y, mode, s, ctx.denoiser.model.size_multiple)
     if min(yp.shape[-2:]) < s:
         raise ValueError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
-    progress = True
     if d.method == "fast_em":
         fixed = None
         if k_true is not None:
@@ -166,11 +162,11 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
         res = fast_diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, ctx.mcfg, gen, ctx.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=fixed, mstep_r2=d.mstep.pigdm_r2,
                                 recenter=d.recenter, mstep_every=d.mstep_every, guard=ctx.guard,
-                                callback=callback, progress=progress)
+                                callback=callback, progress=True)
     else:
         res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, ctx.mcfg, gen, ctx.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, recenter=d.recenter, guard=ctx.guard,
-                           callback=callback, progress=progress)
+                           callback=callback, progress=True)
     res = EMResult(x=io.crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
     ctx.guard.check_result(res, y, sigma)  # on the cropped result: padding is not data
     return res
@@ -199,14 +195,13 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
     if ctx.args.true_kernel and k_true is None:
         raise ValueError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
     frames, kernels = [], []
-    callback = None
-    if ctx.args.save_progress:
-        every = max(1, ctx.dcfg.steps // 20)
+    every = max(1, ctx.dcfg.steps // 20)
 
-        def callback(i, x_t, x0, op, *rest):
-            if i % every == 0:
-                frames.append(io.tensor_to_image(x0[:1].clamp(0, 1)))
-                kernels.append(op.kernel[0, 0].detach().cpu().numpy())
+    def record(i, x_t, x0, op, *rest):  # ~20 frames of x̂0 (first particle) and the kernel
+        if i % every == 0:
+            frames.append(io.tensor_to_image(x0[:1].clamp(0, 1)))
+            kernels.append(op.kernel[0, 0].detach().cpu().numpy())
+    callback = record if ctx.args.save_progress else None
 
     res, attempts, last_err = None, 0, None
     for attempt in range(ctx.dcfg.retries + 1):

@@ -7,7 +7,6 @@ after x̂0 is predicted and before the guided step (Fast Diffusion EM's M-step p
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
 
 import torch

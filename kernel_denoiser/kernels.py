@@ -29,7 +29,7 @@ small Gaussian optical blur (`optics_sigma`) thickens the line. Kernels sum to 1
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import numpy as np
 import torch
