@@ -86,14 +86,15 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
     ap.add_argument("--modes", nargs="+", default=["forward", "forward+input_grad"])
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast on the CPU (AMX/AVX-512-BF16 CPUs)")
     args = ap.parse_args()
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     for dev_name in devices:
         device = torch.device(dev_name)
         # variants are timed interleaved, repeat by repeat, so a busy machine slows them alike
         variants = [("original_style", False, None), ("ours", False, None), ("ours", True, None)]
-        if device.type == "cuda":
-            variants += [("ours", False, torch.bfloat16), ("ours", True, torch.bfloat16)]
+        if device.type == "cuda" or args.bf16:
+            variants += [("ours", True, torch.bfloat16)]
         models = {(impl, cl): build(impl, device, cl) for impl, cl in {(v[0], v[1]) for v in variants}}
         for B in args.batch:
             x0 = torch.randn(B, 3, args.size, args.size, device=device)
