@@ -111,6 +111,42 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
+VAL_T = (20, 56, 114, 250)  # noise std ≈ 10, 25, 50, 110 /255 in [0,1] units (linear schedule)
+
+
+def load_val_crops(folder, n: int, size: int) -> torch.Tensor:
+    """Centre size×size crops in [-1, 1] of the first n images (sorted) of a held-out folder."""
+    crops = []
+    for p in list_images([folder])[:n]:
+        a = torch.from_numpy(read_image(p, clip=True)).permute(2, 0, 1)
+        h, w = a.shape[1:]
+        if min(h, w) < size:
+            raise ValueError(f"{p}: {w}x{h} is smaller than the validation crop {size}")
+        top, left = (h - size) // 2, (w - size) // 2
+        crops.append(a[:, top:top + size, left:left + size] * 2 - 1)
+    return torch.stack(crops).float()
+
+
+@torch.no_grad()
+def validate(model: torch.nn.Module, crops: torch.Tensor, sqrt_ac, sqrt_1mac, bf16: bool) -> dict:
+    """Mean x̂0 PSNR (dB, [0,1] units, clipped) at each t of VAL_T with fixed noise; 'mean' over the t's."""
+    g = torch.Generator().manual_seed(1234)
+    dev = sqrt_ac.device
+    out = {}
+    for t in VAL_T:
+        x0 = crops.to(dev)
+        eps = torch.randn(x0.shape, generator=g).to(dev)
+        tt = torch.full((x0.shape[0],), t, device=dev, dtype=torch.long)
+        x_t = sqrt_ac[t] * x0 + sqrt_1mac[t] * eps
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            e = model(x_t, tt)[:, :3].float()
+        xh = ((x_t - sqrt_1mac[t] * e) / sqrt_ac[t]).clamp(-1, 1)
+        mse = ((xh - x0) / 2).pow(2).flatten(1).mean(1)
+        out[f"t{t}"] = float((-10 * torch.log10(mse)).mean())
+    out["mean"] = float(np.mean([out[f"t{t}"] for t in VAL_T]))
+    return out
+
+
 def lr_at(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min(1.0, (step + 1) / max(1, warmup))
 
@@ -188,6 +224,12 @@ def parse_args(argv=None):
                     help="start model and EMA from these weights (e.g. models/bundled_prior.pt): continue training "
                          "in a later session when the checkpoint folder is gone (the optimiser starts afresh)")
     ap.add_argument("--export", default=None, help="write the EMA state_dict here at the end")
+    ap.add_argument("--val", default=None,
+                    help="folder of held-out images (e.g. BSDS500 test): every --val_minutes the EMA is scored by the "
+                         "x̂0 denoising PSNR of centre crops at several t, and the best EMA is kept as <out>/best_ema.pt")
+    ap.add_argument("--val_minutes", type=float, default=10.0)
+    ap.add_argument("--val_images", type=int, default=16, help="how many validation images (sorted by name)")
+    ap.add_argument("--val_size", type=int, default=128, help="validation centre-crop size")
     ap.add_argument("--export_only", action="store_true", help="only export <out>/checkpoint.pt's EMA to --export")
     a = ap.parse_args(argv)
     if a.export_only and not a.export:
@@ -255,6 +297,33 @@ def train(a) -> dict:
     ac = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
     sqrt_ac, sqrt_1mac = ac.sqrt().to(device), (1 - ac).sqrt().to(device)
 
+    val_crops = load_val_crops(a.val, a.val_images, a.val_size) if a.val and rank == 0 else None
+    val_model = create_model(**cfg).to(device).eval() if val_crops is not None else None
+    best_path, val_log = out / "best_ema.pt", out / "val.csv"
+    best = {"score": -float("inf")}
+    if val_crops is not None and a.resume and val_log.is_file():
+        with open(val_log) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        if rows and best_path.is_file():
+            best["score"] = max(float(r["mean"]) for r in rows)
+    t_last_val = time.time()
+
+    def run_val():
+        val_model.load_state_dict({k: v.to(device) for k, v in ema.shadow.items()})
+        r = validate(val_model, val_crops, sqrt_ac, sqrt_1mac, a.bf16)
+        is_best = r["mean"] > best["score"]
+        if is_best:
+            best["score"] = r["mean"]
+            sd = {k: v.float().contiguous() for k, v in ema.shadow.items()}
+            atomic_torch_save(sd, best_path)
+        new = not val_log.is_file()
+        with open(val_log, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "seconds", *[f"t{t}" for t in VAL_T], "mean", "best"])
+            w.writerow([step, f"{seconds:.1f}", *[f"{r[f't{t}']:.3f}" for t in VAL_T], f"{r['mean']:.3f}", int(is_best)])
+        print(f"[train] val step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in r.items()) + (" (best)" if is_best else ""), flush=True)
+
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=None if device.type == "cpu" else [device.index])
@@ -280,6 +349,8 @@ def train(a) -> dict:
     if rank == 0:
         print(f"[train] {len(images)} images, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
               f"{world} rank(s) on {device}, step {step}/{a.steps}", flush=True)
+    if val_crops is not None and not val_log.is_file():
+        run_val()  # the starting weights' score, so an --init that is never beaten stays the best
     bar = tqdm(total=a.steps, initial=step, desc="prior", disable=rank != 0, mininterval=5 if sys.stderr.isatty() else 60)
     t_run = time.time()
     t_last_ckpt = time.time()
@@ -329,6 +400,9 @@ def train(a) -> dict:
         if do_stop or flags[2]:
             save()
             t_last_ckpt = time.time()
+        if val_crops is not None and (do_stop or time.time() - t_last_val > 60 * a.val_minutes):
+            run_val()
+            t_last_val = time.time()
         if do_stop:
             break
     bar.close()
