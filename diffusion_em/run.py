@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
+from diffusion_em.config import (BOUNDARIES, ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
 from guided_diffusion.denoiser import EpsDenoiser
@@ -77,6 +77,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--true_kernel", action="store_true",
                    help="oracle: use the ground-truth kernel, M-step off (the non-blind ΠGDM*/DPS* bound)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--boundary", default=None, choices=BOUNDARIES,
+                   help="override the config's boundary: auto (periodic only where meta.csv declares "
+                        "'circular'), circular, taper, reflect, replicate")
     return p
 
 
@@ -133,10 +136,14 @@ def build_context(args: argparse.Namespace, method: str) -> Context:
                    guard=guard)
 
 
-def _boundary(ctx: Context, kind: str) -> str:
-    if ctx.dcfg.boundary != "auto":
-        return ctx.dcfg.boundary
-    return "taper" if kind == "photo" else "circular"  # synthetic sets were blurred circularly
+def _boundary(ctx: Context, kind: str, declared: Optional[str] = None) -> str:
+    """--boundary, else the config's mode, else (auto) what the data declares: periodic only when meta.csv
+    says `circular` (or for the authors' pickles, made circularly); anything undeclared may be a real
+    capture and gets the tapered non-periodic padding."""
+    mode = getattr(ctx.args, "boundary", None) or ctx.dcfg.boundary
+    if mode != "auto":
+        return mode
+    return "circular" if declared == "circular" or kind == "pickle" else "taper"
 
 
 def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
@@ -149,10 +156,10 @@ def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
 
 
 def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.Generator,
-            k_true: Optional[torch.Tensor] = None, callback=None) -> EMResult:
+            k_true: Optional[torch.Tensor] = None, callback=None, boundary: Optional[str] = None) -> EMResult:
     """Deblur one observation (1, C, H, W) in [0, 1]: pad, run the configured EM, crop back."""
     d, s = ctx.dcfg, ctx.kcfg.kernel_size
-    mode = _boundary(ctx, kind)
+    mode = _boundary(ctx, kind, boundary)
     yp, box = _prepare(y, mode, s, ctx.denoiser.model.size_multiple)
     if min(yp.shape[-2:]) < s:
         raise ValueError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
@@ -211,7 +218,8 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1_000_003 + index * 1009 + attempt)
         frames.clear(), kernels.clear()
         try:
-            res = restore(ctx, y, sigma, sample.kind, gen, k_true if ctx.args.true_kernel else None, callback)
+            res = restore(ctx, y, sigma, sample.kind, gen, k_true if ctx.args.true_kernel else None, callback,
+                          boundary=sample.boundary)
             break
         except DivergenceError as e:
             last_err = e

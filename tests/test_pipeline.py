@@ -157,11 +157,33 @@ def test_true_kernel_equals_nonblind_sampler(setup):
     s = io.load_sample(io.list_inputs(data)[0])
     y = io.image_to_tensor(s.y)
     k = torch.from_numpy(s.k_true)
-    em = restore(ctx, y, s.sigma, "folder", torch.Generator().manual_seed(7), k_true=k)
+    em = restore(ctx, y, s.sigma, "folder", torch.Generator().manual_seed(7), k_true=k, boundary="circular")
     k9 = torch.nn.functional.pad(k, (2, 2, 2, 2))  # the 5×5 kernel centred in the 9×9 support
     assert torch.allclose(em.kernel, k9, atol=1e-7)  # fixed kernel: never touched by an M-step
     nb = deblur_nonblind(ctx.denoiser, y, em.kernel, s.sigma, ctx.guidance, torch.Generator().manual_seed(7))
     assert torch.equal(em.x, nb)
+
+
+def test_boundary_auto_needs_a_declared_circular_blur(setup, tmp_path):
+    from diffusion_em.run import _boundary, build_context, build_parser
+    from util import io
+
+    tmp, cfgs, data = setup
+    ctx = build_context(build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o")), "fast_em")
+    assert _boundary(ctx, "folder", "circular") == "circular"
+    assert _boundary(ctx, "folder", None) == "taper"  # undeclared: may be a real capture
+    assert _boundary(ctx, "folder", "valid") == "taper" and _boundary(ctx, "photo", None) == "taper"
+    assert _boundary(ctx, "pickle", None) == "circular"
+    ctx = build_context(build_parser("fast_em").parse_args(
+        _args(tmp, cfgs["fastem_pigdm"], data, tmp / "o", "--boundary", "reflect")), "fast_em")
+    assert _boundary(ctx, "folder", "circular") == "reflect"  # the flag wins
+    d = tmp_path / "declared_set"
+    shutil.copytree(data, d)
+    (d / "meta.csv").write_text("name,sigma,boundary\nim0,0.02,valid\nim1,0.02,circular\n")
+    assert [s.boundary for s in io.list_inputs(d)] == ["valid", "circular"]
+    (d / "meta.csv").write_text("name,sigma,boundary\nim0,0.02,wrapped\n")
+    with pytest.raises(io.ImageReadError, match="wrapped"):
+        io.list_inputs(d)
 
 
 def test_config_errors(setup, tmp_path, capsys):

@@ -372,6 +372,7 @@ class Sample:
     kernel: Optional[Path] = None
     sigma: Optional[float] = None
     kind: str = "folder"  # 'folder' | 'photo' | 'pickle'
+    boundary: Optional[str] = None  # how the blur was made, from meta.csv: 'circular' | 'valid' | None (undeclared)
 
 
 @dataclass(frozen=True)
@@ -424,6 +425,26 @@ def read_meta_csv(path: PathLike) -> dict:
         raise _fail(p, "not a text CSV file") from None
 
 
+META_BOUNDARIES = ("circular", "valid")
+
+
+def read_meta_boundaries(path: PathLike) -> dict:
+    """The optional `boundary` column of meta.csv -> {name: 'circular' | 'valid'} (empty cells omitted)."""
+    p = Path(path)
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        if "boundary" not in (reader.fieldnames or []):
+            return {}
+        out = {}
+        for row in reader:
+            b = (row.get("boundary") or "").strip().lower()
+            if b and b not in META_BOUNDARIES:
+                raise _fail(p, f"line {reader.line_num}: boundary '{b}' is not one of {', '.join(META_BOUNDARIES)}")
+            if b:
+                out[(row.get("name") or "").strip()] = b
+        return out
+
+
 def list_inputs(input_dir: PathLike) -> list:
     """Discover the inputs of a run, sorted by name (DESIGN §4).
 
@@ -447,12 +468,13 @@ def list_inputs(input_dir: PathLike) -> list:
         raise FileNotFoundError(f"{root}: input folder does not exist")
     meta_path = root / "meta.csv"
     meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
+    bnd = read_meta_boundaries(meta_path) if meta_path.is_file() else {}
 
     if (root / "blurry").is_dir():
         blurry = _by_stem(_visible_files(root / "blurry"), IMAGE_EXTS, root / "blurry")
         sharp = _by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp") if (root / "sharp").is_dir() else {}
         kern = _by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel") if (root / "kernel").is_dir() else {}
-        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder") for n, f in blurry.items()]
+        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n)) for n, f in blurry.items()]
     else:
         files = _visible_files(root)
         pickles = _by_stem(files, (PICKLE_EXT,), root)
@@ -461,7 +483,7 @@ def list_inputs(input_dir: PathLike) -> list:
         if clash:
             raise ValueError(f"{root}: names used by both a pickle and an image: {clash}")
         samples = [Sample(n, f, sigma=meta.get(n), kind="pickle") for n, f in pickles.items()]
-        samples += [Sample(n, f, sigma=meta.get(n), kind="photo") for n, f in photos.items()]
+        samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n)) for n, f in photos.items()]
     if not samples:
         raise ValueError(f"{root}: no inputs found (expected blurry/<name>.{{png,jpg,tif,npy}}, "
                          f"image files, or *.pickle)")
