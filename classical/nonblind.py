@@ -21,9 +21,11 @@ import torch
 
 from util.fft import p2o
 
-# fitted by bench/calibrate_lambda.py on 24 BSDS500 train crops (see bench/measured/calibrate_lambda.json)
-TIKHONOV_C = 2.0        # λ = TIKHONOV_C · σ²  / 0.01²   (σ in [0, 1])
-HYPERLAPLACIAN_C = 1.0  # λ = HYPERLAPLACIAN_C / σ² · 0.01² · 1e3
+# λ = C · σ² (Tikhonov) and λ = C / σ² (hyper-Laplacian data weight), σ in [0, 1]; C fitted by
+# bench/calibrate_lambda.py on BSDS500 *train* crops with Levin's kernels (bench/measured/calibrate_lambda.json)
+TIKHONOV_C = 80.0
+HYPERLAPLACIAN_C = 0.4
+SIGMA_FLOOR = 1 / 255  # a noise-free observation still needs some regularisation (8-bit quantisation)
 
 
 def _grad_otfs(shape, dtype, device):
@@ -34,14 +36,14 @@ def _grad_otfs(shape, dtype, device):
     return torch.fft.rfft2(dh), torch.fft.rfft2(dv)
 
 
-def tikhonov_lambda(sigma: float) -> float:
-    """Practical rule: λ ∝ σ² (the Gaussian-prior MAP weight is σ² / gradient variance)."""
-    return TIKHONOV_C * max(sigma, 1e-3) ** 2 / 1e-4
+def tikhonov_lambda(sigma: float, c: float = None) -> float:
+    """Practical rule λ = C σ² (the Gaussian-gradient-prior MAP weight is σ² / gradient variance)."""
+    return (TIKHONOV_C if c is None else c) * max(sigma, SIGMA_FLOOR) ** 2
 
 
-def hyper_laplacian_lambda(sigma: float) -> float:
-    """Practical rule: data weight λ ∝ 1/σ²."""
-    return HYPERLAPLACIAN_C * 1e-1 / max(sigma, 1e-3) ** 2
+def hyper_laplacian_lambda(sigma: float, c: float = None) -> float:
+    """Practical rule: data weight λ = C / σ² (the likelihood's 1/σ² for a fixed prior scale)."""
+    return (HYPERLAPLACIAN_C if c is None else c) / max(sigma, SIGMA_FLOOR) ** 2
 
 
 def tikhonov(y: torch.Tensor, k: torch.Tensor, lam: float) -> torch.Tensor:

@@ -34,7 +34,8 @@ from util.geometry import crop, pad_for_boundary, pad_to_multiple
 from util.images import ImageReadError, image_to_tensor, tensor_to_image
 from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
 from util.outputs import kernel_to_image, make_montage, save_gif, save_json, save_kernel_png, save_npy, save_png, save_text
-from util.metrics import blurry_scores, evaluate, lpips_available, lpips_distance, psnr
+from diffusion_em.evaluate import score_case
+from util.metrics import lpips_available, psnr
 
 FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
           "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
@@ -249,17 +250,12 @@ def process_one(ctx: Context, sample: Sample, index: int) -> dict:
         save_gif(out / "progress" / f"{name}_x0.gif", frames)
         save_gif(out / "progress" / f"{name}_kernel.gif",
                     [kernel_to_image(kk, 6) for kk in kernels])
-    m = evaluate(x_img, loaded.y, k, sigma, loaded.x_true, loaded.k_true)
+    seconds = round(time.time() - t0, 2)  # the method's time, not the scoring's
+    m = score_case(x_img, loaded, k, sigma)
     row = {"name": name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
-           "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
-    if loaded.x_true is not None:
-        ks = max((loaded.k_true if loaded.k_true is not None else k).shape)
-        row.update(blurry_scores(np.clip(loaded.y, 0, 1), loaded.x_true, ks))
-        if res.x.shape[0] > 1:
-            row["psnr_particles"] = ";".join(f"{psnr(tensor_to_image(p), loaded.x_true):.3f}" for p in res.x)
-        ok, _ = lpips_available()
-        if ok:
-            row["lpips"], _ = lpips_distance(x_img, loaded.x_true)
+           "seconds": seconds, "nfe": res.nfe, "attempts": attempts}
+    if loaded.x_true is not None and res.x.shape[0] > 1:
+        row["psnr_particles"] = ";".join(f"{psnr(tensor_to_image(p), loaded.x_true):.3f}" for p in res.x)
     return row
 
 

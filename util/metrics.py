@@ -277,24 +277,26 @@ def _fits_alignment(img: ArrayLike, kernel_size: int) -> bool:
     return min(_image_to_nchw(img, "x").shape[-2:]) - 2 * align_border(kernel_size) >= 11
 
 
-def evaluate(x_est: ArrayLike, y: ArrayLike, k_est: ArrayLike, sigma: float,
+def evaluate(x_est: ArrayLike, y: ArrayLike, k_est: Optional[ArrayLike], sigma: float,
              x_true: Optional[ArrayLike] = None, k_true: Optional[ArrayLike] = None,
-             max_shift: int = 4) -> dict:
-    """Every DESIGN §5 metric of one restored image, keyed by METRIC_FIELDS; None where the ground truth
-    needed is unknown (real photos). The re-blur error needs no ground truth and is always computed.
-    Aligned scores use the true kernel's size (else the estimate's) for border and search range, and are
-    None for images too small for the border crop (under 2·border + 11 px)."""
+             max_shift: int = 4, align_kernel_size: Optional[int] = None) -> dict:
+    """Every DESIGN §5 metric of one restored image, keyed by METRIC_FIELDS; None where what it needs is
+    unknown (ground truth for real photos; k_est for methods that output no kernel). The re-blur error
+    needs no ground truth. Aligned scores use `align_kernel_size`, else the true kernel's size, else the
+    estimate's, and are None for images too small for the border crop (under 2·border + 11 px)."""
     out = dict.fromkeys(METRIC_FIELDS)
     if x_true is not None:
         out["psnr"], out["ssim"] = psnr(x_est, x_true), ssim(x_est, x_true)
-        ks = max((k_true if k_true is not None else k_est).shape[-2:])
-        if _fits_alignment(x_true, ks):
+        k_ref = k_true if k_true is not None else k_est
+        ks = align_kernel_size or (max(k_ref.shape[-2:]) if k_ref is not None else None)
+        if ks is not None and _fits_alignment(x_true, ks):
             a = aligned_scores(x_est, x_true, ks)
             out["psnr_aligned"], out["ssim_aligned"] = a["psnr_aligned"], a["ssim_aligned"]
             out["shift_y"], out["shift_x"] = a["shift"]
-    if k_true is not None:
-        out["kernel_mse"], out["kernel_mse_raw"] = kernel_mse(k_est, k_true, max_shift)
-    out["reblur_error"] = reblur_error(k_est, x_est, y, sigma)
+    if k_est is not None:
+        if k_true is not None:
+            out["kernel_mse"], out["kernel_mse_raw"] = kernel_mse(k_est, k_true, max_shift)
+        out["reblur_error"] = reblur_error(k_est, x_est, y, sigma)
     return out
 
 
