@@ -74,3 +74,19 @@ def test_new_attention_order_differs_but_runs():
     a = create_model(**{**TINY_UNET, "use_new_attention_order": True, "num_head_channels": 16})
     out = a(torch.randn(1, 3, 32, 32), torch.tensor([3]))
     assert torch.isfinite(out).all()
+
+
+def test_conv1x1_gemm_matches_conv2d():
+    from guided_diffusion.unet import Conv1x1
+    torch.manual_seed(0)
+    conv = Conv1x1(6, 4)
+    assert list(conv.state_dict()) == ["weight", "bias"] and conv.weight.shape == (4, 6, 1, 1)
+    x = torch.randn(2, 6, 5, 7)
+    ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx = x.contiguous(memory_format=fmt).requires_grad_(True)
+        out = conv(xx)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+        g, = torch.autograd.grad((out * ref).sum(), xx)
+        g_ref = torch.nn.functional.conv_transpose2d(ref, conv.weight)  # adjoint of the 1x1 map
+        assert torch.allclose(g, g_ref, atol=1e-4)
