@@ -28,12 +28,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffusion_em.config import load_model_config  # noqa: E402
 from diffusion_em.em import Guard, fast_diffusion_em  # noqa: E402
 from diffusion_em.mstep import MStepConfig  # noqa: E402
 from guided_diffusion.denoiser import EpsDenoiser  # noqa: E402
 from guided_diffusion.guidance import PiGDM  # noqa: E402
 from guided_diffusion.schedule import Schedule  # noqa: E402
+from guided_diffusion.model_config import load_model_config  # noqa: E402
 from guided_diffusion.unet import create_model, load_weights  # noqa: E402
 from kernel_denoiser.network import FDnCNN, load_kernel_denoiser  # noqa: E402
 
@@ -111,8 +111,8 @@ def run_em(denoiser, y, k, sigma, mcfg, kd, blind: bool, device, seed=0):
     gen = torch.Generator(device=device).manual_seed(seed)
     B = y.shape[0]
     # until the batched driver exists, batch B is B particles of one image: the same UNet batch, one M-step
-    res = fast_diffusion_em(denoiser, y[:1], sigma, PiGDM(), mcfg, gen, kernel_denoiser=kd, n_particles=B,
-                            fixed_kernel=None if blind else k, guard=NO_GUARD)
+    res = fast_diffusion_em(denoiser, y[:1], sigma, PiGDM(), mcfg, k.shape[-1], gen, kernel_denoiser=kd,
+                            n_particles=B, fixed_kernel=None if blind else k, guard=NO_GUARD)
     return res.x
 
 
@@ -180,7 +180,7 @@ class Suite:
                 est += a.compile_estimate_s
             if not self.fits("speed", name, est):
                 continue
-            y, k = problem(B, S, S, mcfg.kernel_size, self.device)
+            y, k = problem(B, S, S, a.kernel_size, self.device)
             compile_s = None
             if compiled:  # compilation happens on the first calls (forward and backward): time it on a short run
                 d_warm = self.denoiser(model, 2, precision, True)
@@ -217,7 +217,7 @@ class Suite:
                 est = (ref / a.steps * a.large_steps * (H * W) / a.size ** 2 * 1.5) if ref else 60.0
                 if not self.fits("large", name, est):
                     continue
-                y, k = problem(1, H, W, mcfg.kernel_size, self.device)
+                y, k = problem(1, H, W, a.kernel_size, self.device)
                 d = self.denoiser(model, a.large_steps, precision, False)
                 try:
                     dt, peak = self.timed_run(d, y, k, a.sigma, mcfg, kd, True)
@@ -244,8 +244,7 @@ class Suite:
             cfg, weights = TINY, None
         else:
             raw = load_model_config(a.quality_model_config)
-            cfg = {k: v for k, v in raw.items() if k != "model_path"}
-            weights = a.quality_weights or str(ROOT / raw["model_path"])
+            cfg, weights = raw.unet_kwargs(), a.quality_weights or str(ROOT / raw.model_path)
         model = build_unet(cfg, self.device, weights)
         samples = [s for s in io.list_inputs(qdir)][: a.quality_images]
         for j, sample in enumerate(samples):
@@ -264,7 +263,8 @@ class Suite:
             for precision in ("fp32", "bf16"):
                 d = self.denoiser(model, a.quality_steps, precision, False)
                 gen = torch.Generator(device=self.device).manual_seed(j)
-                res = fast_diffusion_em(d, y, sigma, PiGDM(), mcfg, gen, kernel_denoiser=kd, guard=NO_GUARD)
+                res = fast_diffusion_em(d, y, sigma, PiGDM(), mcfg, a.kernel_size, gen, kernel_denoiser=kd,
+                                        guard=NO_GUARD)
                 rec[f"psnr_{precision}"] = round(psnr(io.tensor_to_image(res.x_mean[0].clamp(0, 1)), s.x_true), 3)
             rec["bf16_minus_fp32_db"] = round(rec["psnr_bf16"] - rec["psnr_fp32"], 3)
             self.cost["quality"] = time.perf_counter() - t0
@@ -312,9 +312,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     suite = Suite(a)
     suite.env()
-    cfg = TINY if a.reduced else {k: v for k, v in load_model_config(a.model_config).items() if k != "model_path"}
+    cfg = TINY if a.reduced else load_model_config(a.model_config).unet_kwargs()
     model = build_unet(cfg, suite.device)
-    mcfg = MStepConfig(kernel_size=a.kernel_size)
+    mcfg = MStepConfig()
     kd = FDnCNN().to(suite.device).eval() if a.reduced else load_kernel_denoiser(
         str(ROOT / "models" / "kernel_denoiser_33.pth"), device=suite.device)
     suite.speed(model, mcfg, kd)
