@@ -233,7 +233,8 @@ class Suite:
 
     def quality(self, mcfg, kd):
         """bf16 vs fp32 PSNR with a trained prior on a test-set folder (the bundled prior unless given)."""
-        from util import io
+        from util.images import image_to_tensor, tensor_to_image
+        from util.inputs import list_inputs, load_sample
         from util.metrics import psnr
         a = self.args
         qdir = a.quality_dir
@@ -246,12 +247,12 @@ class Suite:
             raw = load_model_config(a.quality_model_config)
             cfg, weights = raw.unet_kwargs(), a.quality_weights or str(ROOT / raw.model_path)
         model = build_unet(cfg, self.device, weights)
-        samples = [s for s in io.list_inputs(qdir)][: a.quality_images]
+        samples = [s for s in list_inputs(qdir)][: a.quality_images]
         for j, sample in enumerate(samples):
             if not self.fits("quality", sample.name, 2 * self.cost.get("quality", 5.0)):
                 break
-            s = io.load_sample(sample)
-            y = io.image_to_tensor(s.y, self.device)
+            s = load_sample(sample)
+            y = image_to_tensor(s.y, self.device)
             m = y.shape[-1] % model.size_multiple or y.shape[-2] % model.size_multiple
             if m or s.x_true is None:
                 self.emit({"section": "quality", "case": sample.name, "skipped": "needs ground truth and a size "
@@ -265,7 +266,7 @@ class Suite:
                 gen = torch.Generator(device=self.device).manual_seed(j)
                 res = fast_diffusion_em(d, y, sigma, PiGDM(), mcfg, a.kernel_size, gen, kernel_denoiser=kd,
                                         guard=NO_GUARD)
-                rec[f"psnr_{precision}"] = round(psnr(io.tensor_to_image(res.x_mean[0].clamp(0, 1)), s.x_true), 3)
+                rec[f"psnr_{precision}"] = round(psnr(tensor_to_image(res.x_mean[0].clamp(0, 1)), s.x_true), 3)
             rec["bf16_minus_fp32_db"] = round(rec["psnr_bf16"] - rec["psnr_fp32"], 3)
             self.cost["quality"] = time.perf_counter() - t0
             self.emit(rec)

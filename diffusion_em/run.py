@@ -29,7 +29,11 @@ from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import CheckpointError, load_weights
 from util.config import as_dict
 from kernel_denoiser.network import load_kernel_denoiser
-from util import io
+from util.csvlog import append_csv_row, read_done_names
+from util.geometry import crop, pad_for_boundary, pad_to_multiple
+from util.images import ImageReadError, image_to_tensor, tensor_to_image
+from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
+from util.outputs import kernel_to_image, make_montage, save_gif, save_json, save_kernel_png, save_npy, save_png, save_text
 from util.metrics import blurry_scores, evaluate, lpips_available, lpips_distance, psnr
 
 FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
@@ -143,8 +147,8 @@ def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
     """Pad for the boundary model and for the UNet; return the padded y and the crop box back."""
     box0 = (0, 0) + tuple(y.shape[-2:])
     if mode != "circular":
-        y, box0 = io.pad_for_boundary(y, pad, mode)
-    y, _ = io.pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")  # bottom/right: box0 still crops
+        y, box0 = pad_for_boundary(y, pad, mode)
+    y, _ = pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")  # bottom/right: box0 still crops
     return y, box0
 
 
@@ -167,7 +171,7 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
         res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=ctx.guard,
                            callback=callback, progress=True)
-    res = EMResult(x=io.crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
+    res = EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
     ctx.guard.check_result(res, y, sigma)  # on the cropped result: padding is not data
     return res
 
@@ -185,14 +189,14 @@ def _fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
     return out / out.sum()
 
 
-def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
+def process_one(ctx: Context, sample: Sample, index: int) -> dict:
     """Deblur one sample and write its outputs; returns its metrics row (status ok)."""
     t0 = time.time()
-    loaded = io.load_sample(sample)
-    sigma, source = io.resolve_sigma(loaded, ctx.args.sigma)
+    loaded = load_sample(sample)
+    sigma, source = resolve_sigma(loaded, ctx.args.sigma)
     if source == "estimated":
         print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image", file=sys.stderr)
-    y = io.image_to_tensor(loaded.y, ctx.device)
+    y = image_to_tensor(loaded.y, ctx.device)
     k_true = torch.from_numpy(loaded.k_true) if loaded.k_true is not None else None
     if ctx.args.true_kernel and k_true is None:
         raise ValueError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
@@ -201,7 +205,7 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
 
     def record(info):  # ~20 frames of x̂0 (first particle) and the kernel
         if info["i"] % every == 0:
-            frames.append(io.tensor_to_image(info["x0"][:1].clamp(0, 1)))
+            frames.append(tensor_to_image(info["x0"][:1].clamp(0, 1)))
             kernels.append(info["kernel"][0, 0].detach().cpu().numpy())
     callback = record if ctx.args.save_progress else None
 
@@ -220,23 +224,23 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
         raise DivergenceError(f"{last_err} (after {attempts} attempts)")
     x = res.x_mean[0]
     k = res.kernel.detach().cpu().numpy()
-    x_img = io.tensor_to_image(x.clamp(0, 1))
+    x_img = tensor_to_image(x.clamp(0, 1))
     out = ctx.save_dir
     name = sample.name
-    io.save_png(out / "images" / f"{name}.png", x_img)
+    save_png(out / "images" / f"{name}.png", x_img)
     if res.x.shape[0] > 1:
         for j in range(res.x.shape[0]):
-            io.save_png(out / "images" / f"{name}_p{j}.png", io.tensor_to_image(res.x[j]))
+            save_png(out / "images" / f"{name}_p{j}.png", tensor_to_image(res.x[j]))
     if ctx.args.save_npy:
-        io.save_npy(out / "npy" / f"{name}.npy", x_img)
-    io.save_npy(out / "kernels" / f"{name}.npy", k.astype(np.float32))
-    io.save_kernel_png(out / "kernels" / f"{name}.png", k)
-    io.save_png(out / "montage" / f"{name}.png",
-                io.make_montage(np.clip(loaded.y, 0, 1), x_img, loaded.x_true, k, loaded.k_true))
+        save_npy(out / "npy" / f"{name}.npy", x_img)
+    save_npy(out / "kernels" / f"{name}.npy", k.astype(np.float32))
+    save_kernel_png(out / "kernels" / f"{name}.png", k)
+    save_png(out / "montage" / f"{name}.png",
+                make_montage(np.clip(loaded.y, 0, 1), x_img, loaded.x_true, k, loaded.k_true))
     if frames:
-        io.save_gif(out / "progress" / f"{name}_x0.gif", frames)
-        io.save_gif(out / "progress" / f"{name}_kernel.gif",
-                    [io.kernel_to_image(kk, 6) for kk in kernels])
+        save_gif(out / "progress" / f"{name}_x0.gif", frames)
+        save_gif(out / "progress" / f"{name}_kernel.gif",
+                    [kernel_to_image(kk, 6) for kk in kernels])
     m = evaluate(x_img, loaded.y, k, sigma, loaded.x_true, loaded.k_true)
     row = {"name": name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
            "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
@@ -244,7 +248,7 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
         ks = max((loaded.k_true if loaded.k_true is not None else k).shape)
         row.update(blurry_scores(np.clip(loaded.y, 0, 1), loaded.x_true, ks))
         if res.x.shape[0] > 1:
-            row["psnr_particles"] = ";".join(f"{psnr(io.tensor_to_image(p), loaded.x_true):.3f}" for p in res.x)
+            row["psnr_particles"] = ";".join(f"{psnr(tensor_to_image(p), loaded.x_true):.3f}" for p in res.x)
         ok, _ = lpips_available()
         if ok:
             row["lpips"], _ = lpips_distance(x_img, loaded.x_true)
@@ -265,7 +269,7 @@ def run_all(ctx: Context, samples: list) -> list:
     """Process samples, skipping finished ones; a failed image gets a row and the run goes on."""
     from tqdm.auto import tqdm
     metrics = ctx.save_dir / "metrics.csv"
-    done = set() if ctx.args.overwrite else io.read_done_names(metrics) if metrics.exists() else set()
+    done = set() if ctx.args.overwrite else read_done_names(metrics) if metrics.exists() else set()
     rows = []
     for index, sample in enumerate(tqdm(samples, desc="images")):
         if sample.name in done:
@@ -273,11 +277,11 @@ def run_all(ctx: Context, samples: list) -> list:
             continue
         try:
             row = process_one(ctx, sample, index)
-        except (io.ImageReadError, DivergenceError, ValueError, OSError) as e:
+        except (ImageReadError, DivergenceError, ValueError, OSError) as e:
             msg = " ".join(str(e).split())
             print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
             row = {"name": sample.name, "status": "failed", "message": msg}
-        io.append_csv_row(metrics, FIELDS, row)
+        append_csv_row(metrics, FIELDS, row)
         rows.append(row)
     return rows
 
@@ -315,21 +319,21 @@ def main(argv=None, method: str = "fast_em") -> int:
         torch.set_num_threads(args.threads)
     try:
         ctx = build_context(args, method)
-        samples = io.list_inputs(args.input_dir)
+        samples = list_inputs(args.input_dir)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.max_images is not None:
         samples = samples[: args.max_images]
     ctx.save_dir.mkdir(parents=True, exist_ok=True)
-    io.save_text(ctx.save_dir / "config.yaml", yaml.safe_dump(_resolved_config(ctx), sort_keys=False))
+    save_text(ctx.save_dir / "config.yaml", yaml.safe_dump(_resolved_config(ctx), sort_keys=False))
     rows = run_all(ctx, samples)
     metrics = ctx.save_dir / "metrics.csv"
     if not metrics.exists():
         print("nothing to do", file=sys.stderr)
         return 0
     summary = summarise(ctx, metrics)
-    io.save_json(ctx.save_dir / "summary.json", summary)
+    save_json(ctx.save_dir / "summary.json", summary)
     m = summary["means"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     print(f"{summary['ok']}/{summary['images']} images ok; mean PSNR {fmt(m['psnr'], '.2f')} dB "
