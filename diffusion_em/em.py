@@ -18,6 +18,7 @@ from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import sample
 from kernel_denoiser.kernels import recenter as recenter_kernel
+from util.io import crop
 
 
 class DivergenceError(RuntimeError):
@@ -55,11 +56,19 @@ class Guard:
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
             raise DivergenceError(f"invalid kernel at step {i} (t={t}): sum {float(kernel.sum()):.4g}")
 
-    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float) -> None:
-        """Raise DivergenceError naming the first step where the trajectory went bad."""
+    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
+        """Raise DivergenceError naming the step where the trajectory went bad for good.
+
+        res.x and y on the (padded) domain the EM ran on; `box` = (top, left, h, w) of the data inside it.
+        Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
+        would wrap a non-periodic photo's borders into each other (a misfit of the check, not of the result).
+        """
         op = BlurOperator.from_kernel(res.kernel, tuple(y.shape[-2:]), sigma)
-        resid = float(((op.A(res.x) - y) ** 2).mean())
-        sat_excess = saturation(res.x) - saturation(y.clamp(0, 1))
+        r, x = op.A(res.x) - y, res.x
+        if box is not None:
+            r, x, y = crop(r, box), crop(x, box), crop(y, box)
+        resid = float((r ** 2).mean())
+        sat_excess = saturation(x) - saturation(y.clamp(0, 1))
         bad = []
         if not math.isfinite(resid) or resid > self.max_residual * sigma ** 2 + self.floor:
             bad.append(f"re-blur residual {resid:.3g} vs σ² {sigma ** 2:.3g}")
@@ -67,8 +76,13 @@ class Guard:
             bad.append(f"{100 * sat_excess:.0f}% more saturated pixels than the input")
         if bad:
             y_sat = saturation(y.clamp(0, 1))
-            first = next((s for s in res.trace if s["saturation"] - y_sat > self.max_saturation_excess), None)
-            where = f"; x̂0 first saturated at step {first['step']} (t={first['t']})" if first else ""
+            # x̂0 of the first, pure-noise steps is always clipped: name the start of the final saturated streak
+            first = None
+            for s in reversed(res.trace):
+                if s["saturation"] - y_sat <= self.max_saturation_excess:
+                    break
+                first = s
+            where = f"; x̂0 saturated from step {first['step']} (t={first['t']}) on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
 
 
