@@ -30,10 +30,11 @@ from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import CheckpointError, create_model, load_weights
 from kernel_denoiser.network import load_kernel_denoiser
 from util import io
-from util.metrics import evaluate, lpips_available, lpips_distance, psnr
+from util.metrics import blurry_scores, evaluate, lpips_available, lpips_distance, psnr
 
-FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "lpips", "kernel_mse",
-          "kernel_mse_raw", "reblur_error", "psnr_blurry", "psnr_particles", "seconds", "nfe", "attempts")
+FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
+          "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
+          "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts")
 DEFAULT_CONFIGS = {"fast_em": "configs/diffusion_config_fastem_pigdm.yaml",
                    "diffusion_em": "configs/diffusion_config_pigdm.yaml"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,7 +249,8 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
     row = {"name": name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
            "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
     if x_true is not None:
-        row["psnr_blurry"] = psnr(np.clip(y_obs, 0, 1), x_true)
+        ks = max((loaded.k_true if loaded.k_true is not None else k).shape)
+        row.update(blurry_scores(np.clip(y_obs, 0, 1), x_true, ks))
         if res.x.shape[0] > 1:
             parts = [io.tensor_to_image(p) for p in res.x]
             row["psnr_particles"] = ";".join(f"{psnr(grayscale.to_gray(p) if gray else p, x_true):.3f}" for p in parts)
@@ -295,7 +297,8 @@ def summarise(ctx: Context, metrics_csv: Path) -> dict:
         last = {r["name"]: r for r in csv.DictReader(f)}
     ok = [r for r in last.values() if r["status"] == "ok"]
     means = {}
-    for k in ("psnr", "ssim", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "seconds", "nfe"):
+    for k in ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
+              "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe"):
         vals = [float(r[k]) for r in ok if r.get(k) not in (None, "", "None")]
         means[k] = float(np.mean(vals)) if vals else None
     lp_ok, lp_reason = lpips_available()

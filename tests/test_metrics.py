@@ -144,5 +144,72 @@ def test_evaluate_fields():
     assert set(full) == set(M.METRIC_FIELDS)
     assert full["psnr"] == math.inf and full["ssim"] == pytest.approx(1.0) and full["kernel_mse"] == 0.0
     assert full["reblur_error"] == pytest.approx(-1e-4)
+    assert full["psnr_aligned"] is None  # 24 px: too small for the 15-px border crop
     photo = M.evaluate(x, x, k, 0.01)
     assert photo["psnr"] is None and photo["kernel_mse"] is None and photo["reblur_error"] is not None
+    big = _img(64, 64)
+    shifted = np.roll(big, (1, -2), (0, 1))
+    full = M.evaluate(shifted, shifted, k, 0.0, x_true=big, k_true=k)
+    assert full["psnr_aligned"] == math.inf and (full["shift_y"], full["shift_x"]) == (1.0, -2.0)
+    b = M.blurry_scores(shifted, big, kernel_size=5)
+    assert set(b) == set(M.BLURRY_FIELDS) and b["psnr_blurry_aligned"] == math.inf > b["psnr_blurry"]
+
+
+# ------------------------------------------------------------------------------------------ aligned metrics
+def _smooth_scene(h, w, oy=0.0, ox=0.0):
+    """A band-limited test scene sampled at (i + oy, j + ox): sub-pixel shifts of it are exact."""
+    i, j = np.meshgrid(np.arange(h) + oy, np.arange(w) + ox, indexing="ij")
+    chans = [0.5 + 0.2 * np.sin(2 * np.pi * (i / 17.0 + c * 0.1)) * np.cos(2 * np.pi * (j / 23.0 - c * 0.2))
+             + 0.1 * np.sin(2 * np.pi * (0.7 * i + 1.3 * j) / 31.0) for c in range(3)]
+    return np.stack(chans, -1)
+
+
+def test_aligned_recovers_integer_shift():
+    x = _img(96, 96, seed=3)
+    est = np.roll(x, (3, -5), axis=(0, 1))  # est(i, j) = x(i − 3, j + 5)
+    r = M.aligned_scores(est, x, kernel_size=17)
+    assert r["shift"] == (3.0, -5.0)
+    assert r["psnr_aligned"] == math.inf and r["ssim_aligned"] == pytest.approx(1.0, abs=1e-9)
+    assert M.psnr(est, x) < 15  # plain PSNR punishes the shift
+
+
+def test_aligned_recovers_subpixel_shift():
+    x = _smooth_scene(80, 80)
+    est = _smooth_scene(80, 80, oy=-1.25, ox=0.5)  # est(i, j) = x(i − 1.25, j + 0.5)
+    r = M.aligned_scores(est, x, kernel_size=9)
+    assert r["shift"] == (1.25, -0.5)
+    assert r["psnr_aligned"] > 45 and r["psnr_aligned"] > M.psnr(est, x) + 15
+    # a shift beyond ±kernel radius is not searched: aligned PSNR stays low
+    far = np.roll(x, 12, axis=0)
+    assert M.aligned_scores(far, x, kernel_size=9)["shift"][0] <= 4.75
+
+
+def test_integer_mse_table_matches_loop():
+    rng = np.random.default_rng(5)
+    a, r = torch.from_numpy(rng.random((1, 3, 50, 47))), torch.from_numpy(rng.random((1, 3, 50, 47)))
+    b, m = 15, 6
+    table = M._integer_mse(a, M._crop(r, 0, 0, b), b, m)
+    for dy in (-6, -1, 0, 4, 6):
+        for dx in (-6, 0, 3, 6):
+            ref = torch.mean((M._crop(a, dy, dx, b) - M._crop(r, 0, 0, b)) ** 2).item()
+            assert table[dy + m, dx + m].item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_aligned_border_and_errors():
+    assert M.align_border(9) == 15 and M.align_border(33) == 16 and M.align_border(64) == 32
+    with pytest.raises(ValueError, match="too small"):
+        M.aligned_scores(_img(40, 40), _img(40, 40), kernel_size=33)
+
+
+def test_error_ratio_known_values():
+    x = _smooth_scene(64, 64)
+    rng = np.random.default_rng(0)
+    e = rng.choice([-1.0, 1.0], x.shape)  # same |error| everywhere: SSE ratios exact up to the sign pattern
+    est, orc = x + 0.04 * e, x + 0.02 * e
+    ratio = M.error_ratio(est, orc, x, kernel_size=5)
+    assert ratio == pytest.approx(4.0, rel=1e-2)  # twice the error amplitude = 4x the SSE
+    # the ratio is invariant to a shift of the estimate (within the search)
+    noisy = x + 0.02 * e
+    assert M.error_ratio(np.roll(noisy, (2, 1), (0, 1)), noisy, x, kernel_size=9) == pytest.approx(1.0, rel=0.05)
+    assert M.error_ratio(x, x, x, kernel_size=9) == 1.0
+    assert M.success_rates([1.0, 2.0, 2.5, 4.0, None]) == {"success_le2": 0.5, "success_le3": 0.75}

@@ -10,6 +10,17 @@ not depend on the device or dtype the algorithm ran in.
   integer shift within ±max_shift px minimising the error; sum of squared differences divided by the
   number of taps of the ESTIMATED kernel. The unaligned (zero-shift) value is returned alongside.
 - Re-blur error: mean((k̂ ⊛ x̂ − y)²) − σ², circular convolution (util.fft.conv_circular).
+- Aligned PSNR / SSIM (Levin et al. 2009; Köhler et al. 2012): blind deconvolution cannot fix the image's
+  position, so the estimate is compared after the best shift. Both images clipped to [0, 1]; a border of
+  max(15, kernel radius) px is cropped; the shift minimising the MSE on the crop is searched over integers
+  within ±min(kernel radius, border − 1) px, then refined in 0.25-px steps within ±0.75 px of the best integer.
+  Sub-pixel shifts are Fourier phase ramps of the mirrored estimate, not Levin's bilinear interpolation:
+  bilinear averaging removes up to half of a noisy estimate's error energy at half-pixel shifts and so
+  would favour noisy results (tests/test_metrics.py measures it). PSNR and SSIM
+  are then computed on the crop at that shift (SSIM at the MSE-optimal shift, not optimised on its own).
+- Error ratio (Levin et al. 2009): aligned SSE of the estimate over the aligned SSE of the same non-blind
+  solver run with the true kernel (the oracle); success = ratio ≤ 2 (or ≤ 3). SSE is the squared L2 norm
+  (Levin's SSD), so a ratio of 2 is 3 dB of aligned PSNR.
 - LPIPS (VGG): only when the `lpips` package and the user's VGG16 backbone weights are present; never
   downloads anything, and returns (None, reason) otherwise.
 """
@@ -149,21 +160,159 @@ def reblur_error(k_est: ArrayLike, x_est: ArrayLike, y: ArrayLike, sigma: float)
     return float(torch.mean(r ** 2).item() - float(sigma) ** 2)
 
 
+# ----------------------------------------------------------------------------------------------- aligned
+ALIGN_MIN_BORDER = 15  # px, Levin et al. 2009
+SUBPIXEL_STEP = 0.25  # px
+
+
+def align_border(kernel_size: int) -> int:
+    """Border cropped before comparing: 15 px or the kernel radius, whichever is larger."""
+    return max(ALIGN_MIN_BORDER, int(kernel_size) // 2)
+
+
+def _crop(x: torch.Tensor, iy: int, ix: int, b: int) -> torch.Tensor:
+    """x[i + iy, j + ix] for i, j on the crop [b, H−b) × [b, W−b) (needs |iy|, |ix| ≤ b)."""
+    H, W = x.shape[-2:]
+    return x[..., b + iy: H - b + iy, b + ix: W - b + ix]
+
+
+def _fractional_shifter(x: torch.Tensor, pad: int):
+    """f(fy, fx) -> x(i + fy, j + fx) on the whole grid, by a Fourier phase ramp on the mirror-padded image.
+
+    A Fourier shift is all-pass: unlike bilinear interpolation it does not average away the estimate's
+    noise (which would reward noisy results by up to 3 dB at half-pixel shifts). Mirror padding keeps the
+    image continuous at its border and puts the periodic seam `pad` px further out, away from the crop.
+    """
+    H, W = x.shape[-2:]
+    ext = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="reflect")
+    Hp, Wp = ext.shape[-2:]
+    X = torch.fft.rfft2(ext)
+    ky = torch.fft.fftfreq(Hp, dtype=x.dtype)[:, None]
+    kx = torch.fft.rfftfreq(Wp, dtype=x.dtype)[None, :]
+
+    def shift(fy: float, fx: float) -> torch.Tensor:
+        if fy == 0 and fx == 0:
+            return x
+        ramp = torch.exp(2j * math.pi * (fy * ky + fx * kx))
+        return torch.fft.irfft2(X * ramp, s=(Hp, Wp))[..., pad:pad + H, pad:pad + W]
+    return shift
+
+
+def _integer_mse(a: torch.Tensor, ref_c: torch.Tensor, b: int, m: int) -> torch.Tensor:
+    """MSE between _crop(a, dy, dx, b) and ref_c for all |dy|, |dx| ≤ m, as a (2m+1)² table (dy, dx).
+
+    Σ(a_w − r)² = Σa_w² − 2Σa_w·r + Σr²: the cross term is one FFT correlation, Σa_w² an integral image.
+    """
+    H, W = a.shape[-2:]
+    h, w = ref_c.shape[-2:]
+    A = a.reshape(-1, H, W)
+    R = ref_c.reshape(-1, h, w)
+    corr = torch.fft.irfft2(torch.fft.rfft2(A) * torch.fft.rfft2(R, s=(H, W)).conj(), s=(H, W)).sum(0)
+    sq = torch.nn.functional.pad((A ** 2).sum(0).cumsum(0).cumsum(1), (1, 0, 1, 0))
+    d = torch.arange(-m, m + 1)
+    r0, c0 = (b + d)[:, None], (b + d)[None, :]
+    energy = sq[r0 + h, c0 + w] - sq[r0, c0 + w] - sq[r0 + h, c0] + sq[r0, c0]
+    cross = corr[r0, c0]  # corr[p, q] = Σ A[i + p, j + q] R[i, j]: no wrap since p + h ≤ H
+    return (energy - 2 * cross + (R ** 2).sum()) / R.numel()
+
+
+def _search(a: torch.Tensor, ref: torch.Tensor, kernel_size: int):
+    """Best (MSE) integer then 0.25-px shift; returns (ty, tx), the shifted crop of a, and the crop of ref."""
+    b = align_border(kernel_size)
+    if min(a.shape[-2:]) - 2 * b < 11:
+        raise ValueError(f"image {tuple(a.shape[-2:])} too small for a {b}-px border crop")
+    ref_c = _crop(ref, 0, 0, b)
+    m = min(int(kernel_size) // 2, b - 1)  # b − 1: the sub-pixel step may still move one more pixel
+    table = _integer_mse(a, ref_c, b, m)
+    idx = int(torch.argmin(table))
+    iy, ix = idx // (2 * m + 1) - m, idx % (2 * m + 1) - m
+    shifter = _fractional_shifter(a, b)
+    best = None
+    steps = [k * SUBPIXEL_STEP for k in range(-3, 4)]
+    for fy in steps:
+        for fx in steps:
+            est = _crop(shifter(fy, fx), iy, ix, b)
+            e = torch.mean((est - ref_c) ** 2).item()
+            if best is None or e < best[0]:
+                best = (e, iy + fy, ix + fx, est)
+    return (best[1], best[2]), best[3], ref_c
+
+
+def best_shift(x_est: ArrayLike, x_true: ArrayLike, kernel_size: int) -> tuple[float, float]:
+    """(ty, tx) such that x_est(i + ty, j + tx) best matches x_true(i, j) on the cropped interior (min MSE).
+
+    Integer search within ±min(kernel radius, border − 1), then 0.25-px refinement within ±0.75 px.
+    """
+    a, ref = _pair(x_est, x_true)
+    return _search(a.clamp(0, 1), ref.clamp(0, 1), kernel_size)[0]
+
+
+def aligned_scores(x_est: ArrayLike, x_true: ArrayLike, kernel_size: int) -> dict:
+    """PSNR, SSIM and SSE of x_est against x_true after border crop and the best (sub-pixel) shift.
+
+    Returns dict(psnr_aligned, ssim_aligned, sse_aligned, shift=(ty, tx)); see the module docstring.
+    """
+    a, ref = _pair(x_est, x_true)
+    (ty, tx), est, ref_c = _search(a.clamp(0, 1), ref.clamp(0, 1), kernel_size)
+    est = est.clamp(0, 1)  # the Fourier shift may overshoot [0, 1] slightly at edges
+    sse = torch.sum((est - ref_c) ** 2).item()
+    return {"psnr_aligned": psnr(est, ref_c), "ssim_aligned": ssim(est, ref_c), "sse_aligned": sse,
+            "shift": (ty, tx)}
+
+
+def error_ratio(x_est: ArrayLike, x_oracle: ArrayLike, x_true: ArrayLike, kernel_size: int) -> float:
+    """Levin's error ratio: aligned SSE of x_est over aligned SSE of the true-kernel (oracle) result."""
+    num = aligned_scores(x_est, x_true, kernel_size)["sse_aligned"]
+    den = aligned_scores(x_oracle, x_true, kernel_size)["sse_aligned"]
+    if den == 0:
+        return 1.0 if num == 0 else math.inf
+    return num / den
+
+
+def success_rates(ratios, thresholds=(2.0, 3.0)) -> dict:
+    """Fraction of cases with error ratio ≤ each threshold (Levin's cumulative histogram at 2 and 3)."""
+    r = [float(v) for v in ratios if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return {f"success_le{t:g}": (sum(v <= t for v in r) / len(r) if r else None) for t in thresholds}
+
+
 # ----------------------------------------------------------------------------------------------- all
-METRIC_FIELDS = ("psnr", "ssim", "kernel_mse", "kernel_mse_raw", "reblur_error")
+METRIC_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "shift_y", "shift_x", "kernel_mse",
+                 "kernel_mse_raw", "reblur_error")
+BLURRY_FIELDS = ("psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned")
+
+
+def _fits_alignment(img: ArrayLike, kernel_size: int) -> bool:
+    return min(_image_to_nchw(img, "x").shape[-2:]) - 2 * align_border(kernel_size) >= 11
 
 
 def evaluate(x_est: ArrayLike, y: ArrayLike, k_est: ArrayLike, sigma: float,
              x_true: Optional[ArrayLike] = None, k_true: Optional[ArrayLike] = None,
              max_shift: int = 4) -> dict:
     """Every DESIGN §5 metric of one restored image, keyed by METRIC_FIELDS; None where the ground truth
-    needed is unknown (real photos). The re-blur error needs no ground truth and is always computed."""
+    needed is unknown (real photos). The re-blur error needs no ground truth and is always computed.
+    Aligned scores use the true kernel's size (else the estimate's) for border and search range, and are
+    None for images too small for the border crop (under 2·border + 11 px)."""
     out = dict.fromkeys(METRIC_FIELDS)
     if x_true is not None:
         out["psnr"], out["ssim"] = psnr(x_est, x_true), ssim(x_est, x_true)
+        ks = max((k_true if k_true is not None else k_est).shape[-2:])
+        if _fits_alignment(x_true, ks):
+            a = aligned_scores(x_est, x_true, ks)
+            out["psnr_aligned"], out["ssim_aligned"] = a["psnr_aligned"], a["ssim_aligned"]
+            out["shift_y"], out["shift_x"] = a["shift"]
     if k_true is not None:
         out["kernel_mse"], out["kernel_mse_raw"] = kernel_mse(k_est, k_true, max_shift)
     out["reblur_error"] = reblur_error(k_est, x_est, y, sigma)
+    return out
+
+
+def blurry_scores(y: ArrayLike, x_true: ArrayLike, kernel_size: int) -> dict:
+    """The blurry input's plain and aligned PSNR/SSIM (keys BLURRY_FIELDS): the baseline every method must beat."""
+    out = {"psnr_blurry": psnr(y, x_true), "ssim_blurry": ssim(y, x_true),
+           "psnr_blurry_aligned": None, "ssim_blurry_aligned": None}
+    if _fits_alignment(x_true, kernel_size):
+        a = aligned_scores(y, x_true, kernel_size)
+        out["psnr_blurry_aligned"], out["ssim_blurry_aligned"] = a["psnr_aligned"], a["ssim_aligned"]
     return out
 
 
