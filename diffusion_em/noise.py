@@ -10,14 +10,14 @@ Rule, in order (`resolve` in diffusion_em.run; `--sigma` and meta.csv override a
    which is continuous in the noise level.
 2. Quantisation floor: rounding adds a uniform error of variance Δ²/12, so σ ≥ Δ/√12 (0.29/255 for 8 bits,
    0 for float input). A flat image therefore gets Δ/√12, never 0.
-3. Model floor σ_model (the default rule; `floor_levels` sets it, in quantisation levels): a real
-   capture departs from `y = k ⊛ x + n` (sensor non-linearity, slightly non-uniform blur, JPEG, demosaicing),
-   and the best true blur fits the 24 Levin captures only to 1.5–7.8 levels RMS (`bench/real_captures.py`
-   measures it), far above σ_pix. The data term must not be asked to explain that misfit as signal, so σ
-   is at least `floor_levels`·Δ for quantised input (σ_model = 0 for float input, where nothing is known).
+3. Model floor σ_model = `FLOOR` (2/255, 0.8 % of the range, whatever the bit depth): a real capture departs
+   from `y = k ⊛ x + n` (sensor non-linearity, slightly non-uniform blur, demosaicing, compression), and the
+   best true blur fits the 24 Levin captures only to 1.5–7.8/255 RMS (`bench/real_captures.py` measures
+   it), far above their σ_pix of 0.6–0.8/255. The data term must not be asked to explain that misfit as
+   signal, so an estimated σ is never below FLOOR. A given σ (meta.csv, `--sigma`) is used as it is.
 
-σ = max(σ_pix, Δ/√12, σ_model). The quantisation step Δ is read from the values (all multiples of 1/255:
-8 bits; of 1/65535: 16 bits; otherwise 0).
+σ = max(σ_pix, Δ/√12, FLOOR). The quantisation step Δ is read from the values (all multiples of 1/255:
+8 bits; of 1/65535: 16 bits; otherwise 0, float input).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 MAD_TO_STD = 0.6745           # median(|N(0,1)|)
-FLOOR_LEVELS = 2.0            # σ_model in quantisation levels (see module doc, rule 3)
+FLOOR = 2.0 / 255             # σ_model, rule 3 of the module doc
 
 
 def _as_hwc(y: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
@@ -83,11 +83,11 @@ def pixel_sigma(y: Union[np.ndarray, torch.Tensor], q: float | None = None) -> f
     return float(np.mean([_grouped_median(np.abs(hh[..., c]).ravel(), q / 2) for c in chans])) / MAD_TO_STD
 
 
-def estimate(y: Union[np.ndarray, torch.Tensor], floor_levels: float = FLOOR_LEVELS) -> float:
-    """σ = max(σ_pix, Δ/√12, floor_levels·Δ) (module doc). Always finite and > 0 for quantised input."""
+def estimate(y: Union[np.ndarray, torch.Tensor], floor: float = FLOOR) -> float:
+    """σ = max(σ_pix, Δ/√12, floor) (module doc): finite and > 0 for any finite image (flat ones too)."""
     a = _as_hwc(y)
     q = quantisation_step(a)
-    s = max(pixel_sigma(a, q), q / math.sqrt(12.0), floor_levels * q)
+    s = max(pixel_sigma(a, q), q / math.sqrt(12.0), floor)
     if not math.isfinite(s):
         raise ValueError("noise estimate is not finite (does the image contain NaN or inf?)")
     return s

@@ -30,7 +30,7 @@ def test_quantised_noise_free_gives_the_rounding_error_not_zero():
     y = _quantise(_smooth())
     # rounding error is uniform of std Δ/√12; the plain median of |HH| would give 0 here
     assert noise.pixel_sigma(y) == pytest.approx(1 / 255 / math.sqrt(12), rel=0.25)
-    assert noise.estimate(y) == pytest.approx(noise.FLOOR_LEVELS / 255)
+    assert noise.estimate(y) == pytest.approx(noise.FLOOR)
 
 
 @pytest.mark.parametrize("sigma255", [0.5, 1.0, 1.5, 3.0, 10.0])
@@ -41,7 +41,7 @@ def test_known_noise_through_8bit_quantisation(sigma255):
     y = _quantise(np.repeat(_smooth(256)[..., None], 3, 2) + rng.normal(0, sigma255 / 255, (256, 256, 3)))
     expect = math.sqrt(sigma255 ** 2 + 1 / 12) / 255
     assert noise.pixel_sigma(y) == pytest.approx(expect, rel=0.1)
-    assert noise.estimate(y) == pytest.approx(max(expect, noise.FLOOR_LEVELS / 255), rel=0.1)
+    assert noise.estimate(y) == pytest.approx(max(expect, noise.FLOOR), rel=0.1)
 
 
 def test_float_input_known_noise_and_tensor_layout():
@@ -67,3 +67,12 @@ def test_bad_input():
         noise.estimate(np.zeros((1, 5)))
     with pytest.raises(ValueError, match="finite"):
         noise.estimate(np.full((4, 4), np.nan))
+
+
+def test_resolve_order_override_given_estimated():
+    y = _quantise(_smooth())
+    assert noise.resolve(y, 0.02, 0.05) == (0.05, "override")
+    assert noise.resolve(y, 0.02) == (0.02, "given")
+    assert noise.resolve(y) == (noise.estimate(y), "estimated")
+    with pytest.raises(ValueError, match="outside"):
+        noise.resolve(y, None, 10)
