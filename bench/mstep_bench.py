@@ -59,7 +59,7 @@ def load_kernels(s: int, n_generated: int, seed: int) -> list[tuple[str, np.ndar
 def naive_m_step(y, x, k, sigma, cfg, denoiser=None):
     """Reference: the data step at full image size in every HQS iteration (authors' structure, joint colour)."""
     H, W = y.shape[-2:]
-    s = cfg.kernel_size
+    s = k.shape[-1]
     Y, X = torch.fft.rfft2(y), torch.fft.rfft2(x)
     num = (Y * X.conj()).mean(0).sum(0)
     den = (X.abs() ** 2).mean(0).sum(0) + cfg.beta * sigma ** 2
@@ -81,7 +81,7 @@ def timing(den, reps: int, s: int) -> list[dict]:
     variants = [("ours", "joint", None), ("ours", "joint", den), ("ours", "per_channel_mean", den),
                 ("naive_full_size", "joint", None), ("naive_full_size", "joint", den)]
     for impl, colour, d in variants:
-        cfg = MStepConfig(kernel_size=s, colour=colour)
+        cfg = MStepConfig(colour=colour)
         fn = (lambda: m_step(y, x, dirac_kernel(s), 0.02, cfg, d)) if impl == "ours" else \
              (lambda: naive_m_step(y, x, dirac_kernel(s), 0.02, cfg, d))
         with torch.no_grad():
@@ -131,7 +131,7 @@ def main(argv=None):
     faces = sorted(glob.glob(os.path.join(SHARED, "data", "ffhq", "*.png")))[:a.images]
     kernels = load_kernels(s, a.n_generated, a.seed)
     sigmas = [float(v) / 255 for v in a.sigmas.split(",")]
-    cfg = MStepConfig(kernel_size=s)
+    cfg = MStepConfig()
     results = {True: [], False: []}
     t_start = time.time()
     for fi, f in enumerate(faces):

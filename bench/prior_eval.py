@@ -34,8 +34,8 @@ from diffusion_em.nonblind import deblur_nonblind  # noqa: E402
 from guided_diffusion.denoiser import EpsDenoiser, to_model, to_phys  # noqa: E402
 from guided_diffusion.guidance import PiGDM  # noqa: E402
 from guided_diffusion.schedule import Schedule  # noqa: E402
-from guided_diffusion.train import read_model_config  # noqa: E402
-from guided_diffusion.unet import create_model, load_weights  # noqa: E402
+from guided_diffusion.model_config import build_unet, load_model_config  # noqa: E402
+from guided_diffusion.unet import load_weights  # noqa: E402
 from util.io import list_inputs, load_sample, read_image, read_kernel  # noqa: E402
 from util.metrics import psnr  # noqa: E402
 
@@ -170,12 +170,11 @@ def main(argv=None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg, schedule_kind = read_model_config(args.model_config)
-    if schedule_kind != "linear":
-        raise SystemExit(f"{args.model_config}: prior_eval assumes the linear schedule, got {schedule_kind!r}")
-    import yaml
-    weights = args.weights or str(ROOT / yaml.safe_load(Path(args.model_config).read_text())["model_path"])
-    model = load_weights(create_model(**cfg), weights).eval()
+    cfg = load_model_config(args.model_config)
+    if cfg.schedule != "linear":
+        raise SystemExit(f"{args.model_config}: prior_eval assumes the linear schedule, got {cfg.schedule!r}")
+    weights = args.weights or str(ROOT / cfg.model_path)
+    model = load_weights(build_unet(cfg), weights).eval()
     emit({"kind": "model", "config": str(Path(args.model_config).resolve().relative_to(ROOT)) if
           Path(args.model_config).resolve().is_relative_to(ROOT) else args.model_config,
           "weights": weights, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),

@@ -24,7 +24,7 @@ import torch.utils.checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guided_diffusion import unet as U  # noqa: E402
-from diffusion_em.config import load_model_config  # noqa: E402
+from guided_diffusion.model_config import load_model_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def _attn_original(self, x):
 
 
 def build(impl: str, device, channels_last: bool):
-    cfg = {k: v for k, v in load_model_config(ROOT / "configs" / "model_config.yaml").items() if k != "model_path"}
+    cfg = load_model_config(ROOT / "configs" / "model_config.yaml").unet_kwargs()
     torch.manual_seed(0)
     m = U.create_model(**cfg).to(device).eval()
     for p in m.parameters():  # random non-zero weights: speed does not depend on values

@@ -14,9 +14,10 @@ from typing import Callable, Optional
 import torch
 
 from diffusion_em.blur import BlurOperator
+from diffusion_em.boundary import data_mask, fill_padding
 from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
 from guided_diffusion.denoiser import EpsDenoiser
-from guided_diffusion.sampler import sample
+from guided_diffusion.sampler import ddpm_step, ddpm_update, final_image, needs_grad, predict_x0, step_indices
 from kernel_denoiser.kernels import recenter as recenter_kernel
 from util.io import crop
 
@@ -30,7 +31,7 @@ class EMResult:
     x: torch.Tensor                 # (n, C, H, W) particles in [0, 1]
     kernel: torch.Tensor            # (s, s), sums to 1
     nfe: int                        # UNet evaluations
-    trace: list = field(default_factory=list)   # per-step dicts: step, t, saturation of x̂0, kernel max
+    trace: list = field(default_factory=list)   # per-step dicts: where, i, t, saturation of x̂0, kernel max
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -50,11 +51,12 @@ class Guard:
     floor: float = 1e-3
     max_saturation_excess: float = 0.1
 
-    def check_step(self, i: int, t: int, x0: torch.Tensor, kernel: torch.Tensor) -> None:
+    def check_step(self, where: str, x0: torch.Tensor, kernel: torch.Tensor) -> None:
+        """Raise DivergenceError when x̂0 or the kernel stopped being valid at `where` (e.g. 'step 3/100 (t=979)')."""
         if not torch.isfinite(x0).all():
-            raise DivergenceError(f"non-finite image estimate at step {i} (t={t})")
+            raise DivergenceError(f"non-finite image estimate at {where}")
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
-            raise DivergenceError(f"invalid kernel at step {i} (t={t}): sum {float(kernel.sum()):.4g}")
+            raise DivergenceError(f"invalid kernel at {where}: sum {float(kernel.sum()):.4g}")
 
     def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
         """Raise DivergenceError naming the step where the trajectory went bad for good.
@@ -82,77 +84,100 @@ class Guard:
                 if s["saturation"] - y_sat <= self.max_saturation_excess:
                     break
                 first = s
-            where = f"; x̂0 saturated from step {first['step']} (t={first['t']}) on" if first else ""
+            where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
 
 
-def _kernel_prior(kernel_denoiser) -> Optional[Callable]:
-    if kernel_denoiser is None:
-        return None
-    return lambda k, s: kernel_denoiser(k, s)
+def _where(n: int, N: int, t: int, round_: Optional[int] = None, rounds: Optional[int] = None) -> str:
+    """Human step label, counted forwards: 'step 3/100 (t=979)', or 'round 2/10, step 3/100 (t=979)'."""
+    step = f"step {n}/{N} (t={t})"
+    return step if round_ is None else f"round {round_ + 1}/{rounds}, {step}"
 
 
-def _trace_entry(i, t, x0, op):
+def _record(where: str, i: int, t: int, x0: torch.Tensor, kernel: torch.Tensor) -> dict:
     """What the guard needs to name the step where a run went bad (no extra FFTs in the loop)."""
-    return {"step": i, "t": t, "saturation": saturation(x0), "kernel_max": float(op.kernel.max())}
+    return {"where": where, "i": i, "t": t, "saturation": saturation(x0), "kernel_max": float(kernel.max())}
+
+
+def _initial_kernel(s: int, y: torch.Tensor, k: Optional[torch.Tensor]) -> torch.Tensor:
+    return dirac_kernel(s, y.device, y.dtype) if k is None else k.to(y).reshape(1, 1, s, s)
 
 
 def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
-                      generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
+                      kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
-                      mstep_r2: bool = False, recenter: bool = True, mstep_every: int = 1,
-                      guard: Optional[Guard] = Guard(), callback: Optional[Callable] = None,
-                      progress: bool = False) -> EMResult:
+                      guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
+                      progress: bool = False, data_box: Optional[tuple] = None) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
-    `mstep_r2` adds ΠGDM's r_t² to the M-step (paper App. D).
+    `mcfg.pigdm_r2` adds ΠGDM's r_t² of the step to the M-step (paper App. D). `callback(info)` after each
+    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `data_box` (top, left, h, w): y is observed there
+    only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
     """
-    s = mcfg.kernel_size
+    if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
+        raise ValueError("mstep.pigdm_r2 needs ΠGDM guidance (it adds ΠGDM's r_t² to the M-step)")
     k0 = fixed_kernel if fixed_kernel is not None else k_init
-    k0 = dirac_kernel(s, y.device, y.dtype) if k0 is None else k0.to(y).reshape(1, 1, *k0.shape[-2:])
-    op = BlurOperator.from_kernel(k0, tuple(y.shape[-2:]), sigma)
-    prior = _kernel_prior(kernel_denoiser)
+    op = BlurOperator.from_kernel(_initial_kernel(kernel_size, y, k0), tuple(y.shape[-2:]), sigma)
     sched = denoiser.schedule
     N = len(sched)
-    trace: list = []
-    nfe0 = denoiser.nfe
-
-    def update(i, x0, op_):
+    trace, nfe = [], 0
+    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
+    x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+    for n, i in enumerate(step_indices(N, progress)):
+        pred = predict_x0(denoiser, x, i, needs_grad(guidance))
+        nfe += 1
+        x0 = pred.x0.detach()
+        if fixed_kernel is None and n % mcfg.every == 0:  # the M-step, on this step's x̂0
+            r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
+            y_m = y if mask is None else fill_padding(y, mask, op.A(x0))
+            k = m_step(y_m, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
+            op = op.with_kernel(recenter_kernel(k) if mcfg.recenter else k)
         t = int(sched.timesteps[i])
-        if fixed_kernel is None and (N - 1 - i) % mstep_every == 0:
-            r2 = guidance.r2(sched, i) if (mstep_r2 and hasattr(guidance, "r2")) else None
-            k = m_step(y, x0, op_.kernel, sigma, mcfg, prior, r2=r2)
-            op_ = op_.with_kernel(recenter_kernel(k) if recenter else k)
+        trace.append(_record(_where(n + 1, N, t), i, t, x0, op.kernel))
         if guard is not None:
-            guard.check_step(i, t, x0, op_.kernel)
-        trace.append(_trace_entry(i, t, x0, op_))
-        return op_
-
-    x, op = sample(denoiser, (n_particles,) + tuple(y.shape[1:]), generator, y.device, guidance=guidance,
-                   op=op, y=y, update_operator=update, callback=callback, progress=progress)
-    return EMResult(x=x, kernel=op.kernel[0, 0], nfe=denoiser.nfe - nfe0, trace=trace)
+            guard.check_step(trace[-1]["where"], x0, op.kernel)
+        y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
+        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y_g)  # guided by the new kernel
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
+    return EMResult(x=final_image(denoiser, x), kernel=op.kernel[0, 0], nfe=nfe, trace=trace)
 
 
 def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
-                 generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1, rounds: int = 10,
-                 k_init: Optional[torch.Tensor] = None, recenter: bool = True, guard: Optional[Guard] = Guard(),
-                 callback: Optional[Callable] = None, progress: bool = False) -> EMResult:
-    """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}."""
-    s = mcfg.kernel_size
-    k = dirac_kernel(s, y.device, y.dtype) if k_init is None else k_init.to(y).reshape(1, 1, s, s)
-    prior = _kernel_prior(kernel_denoiser)
-    trace: list = []
-    nfe0 = denoiser.nfe
+                 kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
+                 rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
+                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False,
+                 data_box: Optional[tuple] = None) -> EMResult:
+    """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
+
+    `callback(info)` gets the Fast-EM keys plus "round" (0-based). `data_box` as in Fast EM; the guidance
+    fills the padding with the previous step's prediction (each step returns its x̂0 after the update).
+    """
+    if mcfg.pigdm_r2:
+        raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
+    k = _initial_kernel(kernel_size, y, k_init)
+    sched = denoiser.schedule
+    N = len(sched)
+    trace, nfe = [], 0
     x = None
+    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
-        x, _ = sample(denoiser, (n_particles,) + tuple(y.shape[1:]), generator, y.device, guidance=guidance,
-                      op=op, y=y, callback=None if callback is None else (lambda i, xt, x0, o, l=l: callback(i, xt, x0, o, l)),
-                      progress=progress)
-        if guard is not None:
-            guard.check_step(0, l, x, op.kernel)
-        trace.append({**_trace_entry(l, 0, x, op), "round": l})
-        k = m_step(y, x, k, sigma, mcfg, prior)
-        k = recenter_kernel(k) if recenter else k
-    return EMResult(x=x, kernel=k[0, 0], nfe=denoiser.nfe - nfe0, trace=trace)
+        x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+        y_g = y
+        for n, i in enumerate(step_indices(N, progress)):
+            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g)
+            y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
+            nfe += 1
+            t = int(sched.timesteps[i])
+            trace.append(_record(_where(n + 1, N, t, l, rounds), i, t, x0, op.kernel))
+            if guard is not None:
+                guard.check_step(trace[-1]["where"], x0, op.kernel)
+            if callback is not None:
+                callback({"round": l, "i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
+        x = final_image(denoiser, x)
+        y_m = y if mask is None else fill_padding(y, mask, op.A(x))
+        k = m_step(y_m, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
+        k = recenter_kernel(k) if mcfg.recenter else k
+    return EMResult(x=x, kernel=k[0, 0], nfe=nfe, trace=trace)

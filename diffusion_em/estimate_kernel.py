@@ -58,18 +58,18 @@ def resolve_denoiser(spec: str, size: int, device):
     return load_kernel_denoiser(path, device=device), path
 
 
-def estimate(sharp: np.ndarray, blurry: np.ndarray, sigma: float, cfg: MStepConfig, calls: int,
+def estimate(sharp: np.ndarray, blurry: np.ndarray, sigma: float, cfg: MStepConfig, kernel_size: int, calls: int,
              denoiser=None, device="cpu") -> torch.Tensor:
     """Kernel (s, s) explaining blurry ≈ k ⊛ sharp; arrays H×W×3 in [0,1]."""
     if sharp.shape != blurry.shape:
         raise UsageError(f"--sharp is {sharp.shape[1]}x{sharp.shape[0]} but --blurry is "
                          f"{blurry.shape[1]}x{blurry.shape[0]} (width x height): they must match")
     H, W = sharp.shape[:2]
-    if cfg.kernel_size > min(H, W):
-        raise UsageError(f"--kernel_size {cfg.kernel_size} is larger than the image ({W}x{H})")
+    if kernel_size > min(H, W):
+        raise UsageError(f"--kernel_size {kernel_size} is larger than the image ({W}x{H})")
     x = torch.from_numpy(np.ascontiguousarray(sharp.transpose(2, 0, 1)))[None].to(device)
     y = torch.from_numpy(np.ascontiguousarray(blurry.transpose(2, 0, 1)))[None].to(device)
-    k = dirac_kernel(cfg.kernel_size, device=device)
+    k = dirac_kernel(kernel_size, device=device)
     for _ in range(calls):
         k = m_step(y, x, k, sigma, cfg, denoiser)
     return k[0, 0]
@@ -106,10 +106,10 @@ def main(argv=None) -> int:
             raise UsageError("--kernel_size and --calls must be >= 1")
         sharp = read_image(a.sharp)
         blurry = read_image(a.blurry)
-        cfg = MStepConfig(lam=a.lam, beta=a.beta, J=a.J, kernel_size=a.kernel_size, colour=a.colour)
+        cfg = MStepConfig(lam=a.lam, beta=a.beta, J=a.J, colour=a.colour)
         device = torch.device(a.device)
         den, den_name = resolve_denoiser(a.denoiser, a.kernel_size, device)
-        k = estimate(taper(sharp, a.taper), taper(blurry, a.taper), a.sigma, cfg, a.calls, den, device)
+        k = estimate(taper(sharp, a.taper), taper(blurry, a.taper), a.sigma, cfg, a.kernel_size, a.calls, den, device)
         if a.recenter:
             k = recenter(k)
         k = (k / k.sum()).cpu().numpy().astype(np.float32)

@@ -5,7 +5,8 @@
 
 One case per image (images sorted by name; `DIR:N` takes N of a folder's images, chosen by the seed). Each
 case gets the next kernel of the pool (generated camera-shake kernels and/or the given files, shuffled by
-the seed, used round-robin) and the next σ of `--sigmas` (in /255 units, round-robin).
+the seed, used round-robin) and a σ of `--sigmas` (in /255 units), round-robin along the cases sorted by
+kernel size so that each kernel size meets every σ.
 
 Boundary (`--boundary`):
 - `circular`: y = k ⊛ x + n with circular convolution on the size×size crop (the model the FFT methods
@@ -210,9 +211,12 @@ def main(argv=None) -> int:
     for sub in ("blurry", "sharp", "kernel"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rows, table, failed = [], [], 0
+    kernels = [pool[i % len(pool)] for i in range(len(images))]
+    # σ round-robin along the cases sorted by kernel size, so every size sees every σ (no confounding)
+    by_size = sorted(range(len(images)), key=lambda i: (kernels[i].k.shape[0], i))
+    sigma_of = {i: sigmas[r % len(sigmas)] for r, i in enumerate(by_size)}
     for i, path in enumerate(images):
-        kern = pool[i % len(pool)]
-        s255 = sigmas[i % len(sigmas)]
+        kern, s255 = kernels[i], sigma_of[i]
         name = f"{i:03d}_{path.stem}"
         try:
             x = read_image(path, clip=True)

@@ -14,8 +14,8 @@ step and average the three Z before the crop.
 
 ΠGDM variant (paper App. D; off by default, as in the authors' code). With x0 ~ N(x̂0, r² I) (ΠGDM's
 posterior, r² in [0,1]-image units), E‖y − k⊛x0‖² = ‖y − k⊛x̂0‖² + r²·H·W·‖k‖²: in unnormalised-DFT units
-this adds H·W·r² per channel to (1/n)Σ|F x_i|². `cfg.pigdm_r2` sets r²; `m_step(..., r2=...)` overrides
-it per call (the driver passes r_t² at each diffusion step).
+this adds H·W·r² per channel to (1/n)Σ|F x_i|². `m_step(..., r2=...)` takes r² per call; the Fast EM
+driver passes ΠGDM's r_t² of the current step when `cfg.pigdm_r2` is on.
 
 Speed. Only the s×s crop of Z is used and K lives on s×s, so the data step is split exactly as
 Z = F⁻¹[N/(D+ρ)] + F⁻¹[ρ/(D+ρ)]⊛K (ρ = βσ²): the first term and the filter g = F⁻¹[ρ/(D+ρ)] are computed
@@ -25,7 +25,6 @@ Everything stays on the input's device; no Python loop over pixels, channels or 
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -41,28 +40,22 @@ COLOUR_MODES = ("joint", "per_channel_mean")
 
 @dataclass(frozen=True)
 class MStepConfig:
+    """The M-step section (`mstep:`) of the diffusion config; the kernel size comes from the kernel config."""
     lam: float = 1.0            # λ: prior weight; the denoiser sees noise level sqrt(λ/β)
     beta: float = 1e5           # β: HQS splitting weight (prox weight βσ² in the data step)
     J: int = 10                 # HQS iterations per M-step call
-    kernel_size: int = 33       # s
-    colour: str = "joint"       # 'joint' | 'per_channel_mean'
-    pigdm_r2: Optional[float] = None  # None: authors' M-step; float: r² added per App. D
+    colour: str = "joint"       # 'joint' | 'per_channel_mean' (authors')
+    pigdm_r2: bool = False      # Fast EM + ΠGDM: add the step's r_t² to the denominator (paper App. D)
+    recenter: bool = True       # re-centre the kernel's centre of mass after each M-step
+    every: int = 1              # Fast EM: run the M-step every k diffusion steps
 
     def __post_init__(self):
         if self.colour not in COLOUR_MODES:
-            raise ValueError(f"colour must be one of {COLOUR_MODES}, got {self.colour!r}")
-        if self.J < 1 or self.kernel_size < 1 or self.beta <= 0 or self.lam < 0:
-            raise ValueError(f"invalid M-step config {self}")
-        if self.pigdm_r2 is not None and self.pigdm_r2 < 0:
-            raise ValueError("pigdm_r2 must be >= 0")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MStepConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k in d:
-            if k not in names:
-                raise ValueError(f"unknown M-step config key {k!r} (known: {sorted(names)})")
-        return cls(**d)
+            raise ValueError(f"key 'colour' must be one of {COLOUR_MODES}, got {self.colour!r}")
+        for name, ok, rule in (("J", self.J >= 1, ">= 1"), ("every", self.every >= 1, ">= 1"),
+                               ("beta", self.beta > 0, "> 0"), ("lam", self.lam >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"key '{name}' must be {rule}, got {getattr(self, name)}")
 
     @property
     def denoiser_sigma(self) -> float:
@@ -95,14 +88,16 @@ class MStepState:
     M: int
 
 
-def precompute(y: torch.Tensor, x: torch.Tensor, sigma: float, cfg: MStepConfig,
+def precompute(y: torch.Tensor, x: torch.Tensor, sigma: float, cfg: MStepConfig, s: int,
                r2: Optional[float] = None) -> MStepState:
-    """Everything of the data step that does not depend on K (FFTs of y and x_i, done once per call)."""
+    """Everything of the data step that does not depend on K (FFTs of y and x_i, done once per call).
+
+    s: kernel size; r2: ΠGDM's r_t² added to the denominator (paper App. D), None for the authors' M-step.
+    """
     if y.dim() != 4 or y.shape[0] != 1:
         raise ValueError(f"y must be (1,C,H,W), got {tuple(y.shape)}")
     if x.dim() != 4 or x.shape[1:] != y.shape[1:]:
         raise ValueError(f"x must be (n,C,H,W) matching y {tuple(y.shape)}, got {tuple(x.shape)}")
-    s = cfg.kernel_size
     H, W = y.shape[-2:]
     if s > H or s > W:
         raise ValueError(f"kernel {s}x{s} is larger than the image {H}x{W}")
@@ -111,7 +106,6 @@ def precompute(y: torch.Tensor, x: torch.Tensor, sigma: float, cfg: MStepConfig,
     X = torch.fft.rfft2(x.to(real))
     N = (X.conj() * Y).mean(0)                 # (C,H,Wr): (1/n)Σ conj(F x_i)·F y
     D = (X.real ** 2 + X.imag ** 2).mean(0)    # (C,H,Wr): (1/n)Σ|F x_i|²
-    r2 = cfg.pigdm_r2 if r2 is None else r2
     if r2 is not None:
         D = D + float(r2) * H * W               # App. D: E|F x0|² = |F x̂0|² + HW r²
     rho = cfg.beta * float(sigma) ** 2
@@ -143,15 +137,16 @@ def m_step(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg:
            denoiser: Optional[Callable] = None, r2: Optional[float] = None) -> torch.Tensor:
     """One M-step call (J HQS iterations) from the previous kernel k; returns the new kernel, same layout as k.
 
-    y (1,C,H,W), x (n,C,H,W) in [0,1]; k (s,s) or (1,1,s,s); sigma = noise std of y in [0,1] units;
-    denoiser(k (1,1,s,s), σ_d) -> (1,1,s,s) or None for no prior. All on y's device; k's dtype is kept.
+    y (1,C,H,W), x (n,C,H,W) in [0,1]; k (s,s) or (1,1,s,s) sets the kernel size s; sigma = noise std of y
+    in [0,1] units; denoiser(k (1,1,s,s), σ_d) -> (1,1,s,s) or None for no prior; r2: ΠGDM's r_t² for the
+    App. D variant (None: authors' M-step). All on y's device; k's dtype is kept.
     """
-    s = cfg.kernel_size
-    if k.shape[-2:] != (s, s) or k.numel() != s * s:
-        raise ValueError(f"previous kernel must be ({s},{s}) or (1,1,{s},{s}), got {tuple(k.shape)}")
+    s = k.shape[-1]
+    if k.shape[-2] != s or k.numel() != s * s:
+        raise ValueError(f"previous kernel must be (s,s) or (1,1,s,s), got {tuple(k.shape)}")
     sig_d = cfg.denoiser_sigma
     with torch.no_grad():  # the kernel update is not differentiated through (x may carry a graph)
-        st = precompute(y.detach(), x.detach(), sigma, cfg, r2)
+        st = precompute(y.detach(), x.detach(), sigma, cfg, s, r2)
         K = k.detach().reshape(1, 1, s, s).to(device=y.device, dtype=st.z0.dtype)
         for _ in range(cfg.J):
             Z = project_simplex(data_step(K[0], st)[None])

@@ -20,6 +20,5 @@ def deblur_nonblind(denoiser: EpsDenoiser, y: torch.Tensor, kernel: torch.Tensor
     if y.dim() != 4 or y.shape[0] != 1:
         raise ValueError(f"y must be (1, C, H, W), got {tuple(y.shape)}")
     op = BlurOperator.from_kernel(kernel.to(y), tuple(y.shape[-2:]), sigma)
-    x, _ = sample(denoiser, (n_particles,) + tuple(y.shape[1:]), generator, y.device,
+    return sample(denoiser, (n_particles,) + tuple(y.shape[1:]), generator, y.device,
                   guidance=guidance, op=op, y=y, callback=callback, progress=progress)
-    return x

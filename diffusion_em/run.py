@@ -19,15 +19,16 @@ import numpy as np
 import torch
 import yaml
 
-from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, as_dict, load_diffusion_config,
-                                 load_kernel_config, load_model_config, mstep_config)
+from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
+                                 load_diffusion_config, load_kernel_config)
 from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
 from diffusion_em import grayscale, noise
-from diffusion_em.mstep import MStepConfig
 from guided_diffusion.denoiser import EpsDenoiser
-from guided_diffusion.guidance import DPS, PiGDM
+from guided_diffusion.guidance import make_guidance
+from guided_diffusion.model_config import ModelConfig, build_unet, load_model_config
 from guided_diffusion.schedule import Schedule
-from guided_diffusion.unet import CheckpointError, create_model, load_weights
+from guided_diffusion.unet import CheckpointError, load_weights
+from util.config import as_dict
 from kernel_denoiser.network import load_kernel_denoiser
 from util import io
 from util.metrics import blurry_scores, evaluate, lpips_available, lpips_distance, psnr
@@ -94,7 +95,7 @@ class Context:
     guidance: object
     dcfg: DiffusionConfig
     kcfg: KernelConfig
-    mcfg: MStepConfig
+    model_cfg: ModelConfig
     kernel_denoiser: Optional[torch.nn.Module]
     device: torch.device
     seed: int
@@ -114,22 +115,21 @@ def build_context(args: argparse.Namespace, method: str) -> Context:
         other = "test_FastDiffEM.py" if dcfg.method == "fast_em" else "test_DiffEM.py"
         raise ConfigError(f"{args.diffusion_config}: method '{dcfg.method}' belongs to {other}, not this script")
     kcfg = load_kernel_config(_repo_path(args.kernel_config))
-    mcfg_raw = load_model_config(_repo_path(args.img_model_config))
+    model_cfg = load_model_config(_repo_path(args.img_model_config))
     device = resolve_device(args.device, args.gpu)
-    model_path = _repo_path(mcfg_raw.get("model_path"))
+    model_path = _repo_path(model_cfg.model_path)
     if not model_path:
         raise ConfigError(f"{args.img_model_config}: missing key 'model_path'")
-    unet_cfg = {k: v for k, v in mcfg_raw.items() if k not in ("model_path", "schedule")}
-    model = load_weights(create_model(**unet_cfg), model_path).to(device)
-    sched = Schedule.create(dcfg.steps, dcfg.schedule)
+    model = load_weights(build_unet(model_cfg), model_path).to(device)
+    sched = Schedule.create(dcfg.steps, model_cfg.schedule)  # the schedule the weights were trained with
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dcfg.precision]
     denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised, autocast_dtype=autocast)
-    guidance = PiGDM(zeta=dcfg.zeta) if dcfg.guidance == "pigdm" else DPS(zeta=dcfg.zeta)
+    guidance = make_guidance(dcfg.guidance, zeta=dcfg.zeta)
     kd = None
     if kcfg.denoiser_path is not None:
         kd = load_kernel_denoiser(_repo_path(kcfg.denoiser_path), device=device)
     guard = Guard(max_residual=dcfg.guard_residual, max_saturation_excess=dcfg.guard_saturation)
-    return Context(denoiser=denoiser, guidance=guidance, dcfg=dcfg, kcfg=kcfg, mcfg=mstep_config(dcfg, kcfg),
+    return Context(denoiser=denoiser, guidance=guidance, dcfg=dcfg, kcfg=kcfg, model_cfg=model_cfg,
                    kernel_denoiser=kd, device=device, seed=args.seed, save_dir=Path(args.save_dir), args=args,
                    guard=guard)
 
@@ -161,27 +161,28 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
         fixed = None
         if k_true is not None:
             fixed = _fit_kernel(k_true.to(yp), s)
-        res = fast_diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, ctx.mcfg, gen, ctx.kernel_denoiser,
-                                n_particles=d.n_particles, fixed_kernel=fixed, mstep_r2=d.mstep.pigdm_r2,
-                                recenter=d.recenter, mstep_every=d.mstep_every, guard=ctx.guard,
-                                callback=callback, progress=True)
+        res = fast_diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
+                                n_particles=d.n_particles, fixed_kernel=fixed, guard=ctx.guard,
+                                callback=callback, progress=True, data_box=box)
     else:
-        res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, ctx.mcfg, gen, ctx.kernel_denoiser,
-                           n_particles=d.n_particles, rounds=d.em_rounds, recenter=d.recenter, guard=ctx.guard,
-                           callback=callback, progress=True)
+        res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
+                           n_particles=d.n_particles, rounds=d.em_rounds, guard=ctx.guard,
+                           callback=callback, progress=True, data_box=box)
     ctx.guard.check_result(res, yp, sigma, box)  # on the data region only
     res = EMResult(x=io.crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
     return res
 
 
 def _fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
-    """Zero-pad (centred) or centre-crop a kernel to s×s and renormalise."""
-    a, b = k.shape[-2:]
+    """Zero-pad or crop a kernel to s×s keeping its centre tap (a//2, b//2) at (s//2, s//2); renormalise."""
     out = k.new_zeros(s, s)
-    ca, cb, cs = a // 2, b // 2, s // 2
-    i0, j0 = max(0, ca - cs), max(0, cb - cs)
-    i1, j1 = min(a, ca + cs + 1), min(b, cb + cs + 1)
-    out[cs - (ca - i0): cs + (i1 - ca), cs - (cb - j0): cs + (j1 - cb)] = k[i0:i1, j0:j1]
+    src, dst = [], []
+    for a in k.shape[-2:]:
+        off = s // 2 - a // 2
+        lo, hi = max(0, off), min(s, off + a)
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - off, hi - off))
+    out[dst[0], dst[1]] = k[src[0], src[1]]
     return out / out.sum()
 
 
@@ -202,10 +203,10 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
     frames, kernels = [], []
     every = max(1, ctx.dcfg.steps // 20)
 
-    def record(i, x_t, x0, op, *rest):  # ~20 frames of x̂0 (first particle) and the kernel
-        if i % every == 0:
-            frames.append(io.tensor_to_image(x0[:1].clamp(0, 1)))
-            kernels.append(op.kernel[0, 0].detach().cpu().numpy())
+    def record(info):  # ~20 frames of x̂0 (first particle) and the kernel
+        if info["i"] % every == 0:
+            frames.append(io.tensor_to_image(info["x0"][:1].clamp(0, 1)))
+            kernels.append(info["kernel"][0, 0].detach().cpu().numpy())
     callback = record if ctx.args.save_progress else None
 
     res, attempts, last_err = None, 0, None
@@ -305,9 +306,13 @@ def summarise(ctx: Context, metrics_csv: Path) -> dict:
     return {"images": len(last), "ok": len(ok), "failed": len(last) - len(ok), "means": means,
             "lpips": "computed" if lp_ok else f"skipped: {lp_reason}",
             "device": str(ctx.device), "seed": ctx.seed, "versions": _versions(),
-            "config": {"diffusion": as_dict(ctx.dcfg), "kernel": as_dict(ctx.kcfg),
-                       "model": load_model_config(_repo_path(ctx.args.img_model_config)),
-                       "args": vars(ctx.args)}}
+            "config": _resolved_config(ctx)}
+
+
+def _resolved_config(ctx: Context) -> dict:
+    """All three configs as used, plus the command-line arguments (saved as config.yaml and in summary.json)."""
+    return {"diffusion": diffusion_config_dict(ctx.dcfg), "kernel": as_dict(ctx.kcfg),
+            "model": as_dict(ctx.model_cfg), "args": vars(ctx.args)}
 
 
 def main(argv=None, method: str = "fast_em") -> int:
@@ -327,9 +332,7 @@ def main(argv=None, method: str = "fast_em") -> int:
     if args.max_images is not None:
         samples = samples[: args.max_images]
     ctx.save_dir.mkdir(parents=True, exist_ok=True)
-    io.save_text(ctx.save_dir / "config.yaml", yaml.safe_dump(
-        {"diffusion": as_dict(ctx.dcfg), "kernel": as_dict(ctx.kcfg),
-         "model": load_model_config(_repo_path(args.img_model_config)), "args": vars(args)}, sort_keys=False))
+    io.save_text(ctx.save_dir / "config.yaml", yaml.safe_dump(_resolved_config(ctx), sort_keys=False))
     rows = run_all(ctx, samples)
     metrics = ctx.save_dir / "metrics.csv"
     if not metrics.exists():

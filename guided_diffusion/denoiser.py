@@ -37,12 +37,10 @@ class EpsDenoiser:
         self.channels_last = channels_last and isinstance(model, torch.nn.Module)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        self.nfe = 0  # UNet evaluations so far (reported per image)
         if isinstance(model, torch.nn.Module):
             model.eval().requires_grad_(False)
 
     def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
-        self.nfe += 1
         t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)
         x_in = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last and x_t.dim() == 4 else x_t
         if self.autocast_dtype is not None:

@@ -1,49 +1,86 @@
-"""DDPM ancestral sampling ('fixed small' variance) with optional posterior guidance.
+"""DDPM ancestral sampling ('fixed small' variance) with optional posterior guidance, one step at a time.
 
-The sampler receives the denoiser, the operator, the measurement and the noise source; it never loads
-files or writes images. Two hooks keep it ignorant of EM: `update_operator(i, x0_phys, op) -> op` runs
-after x̂0 is predicted and before the guided step (Fast Diffusion EM's M-step plugs in here), and
-`callback(i, x_t, x0_phys, op)` reports progress.
+A step is two halves so that a driver can act between them (Fast Diffusion EM updates the kernel there):
+`predict_x0` evaluates the UNet at x_t, and `ddpm_update` draws x_{t-1} from the posterior mean, adding
+the guidance correction against the operator it is given. `ddpm_step` is both halves; `sample` is the
+plain loop. Nothing here loads files, writes images or knows about EM.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from guided_diffusion.denoiser import EpsDenoiser, to_phys
 
 
-def sample(denoiser: EpsDenoiser, shape: tuple, generator: torch.Generator, device: torch.device,
-           guidance=None, op=None, y: Optional[torch.Tensor] = None, x_T: Optional[torch.Tensor] = None,
-           update_operator: Optional[Callable] = None, callback: Optional[Callable] = None,
-           progress: bool = False):
-    """Run the reverse chain from x_T ~ N(0, I) (drawn from `generator` unless given).
+class Prediction(NamedTuple):
+    """x̂0 at one step: `x_t` tracks gradients when guidance needs them, `x0_model` ([-1, 1]) and `x0`
+    ([0, 1]) carry the graph back to it."""
+    x_t: torch.Tensor
+    x0_model: torch.Tensor
+    x0: torch.Tensor
 
-    Returns (x0 in [0, 1], final operator). With `guidance`, each step adds guidance.correction(...).
-    """
+
+def needs_grad(guidance) -> bool:
+    return guidance is not None and getattr(guidance, "needs_grad", True)
+
+
+def predict_x0(denoiser: EpsDenoiser, x: torch.Tensor, i: int, track_grad: bool) -> Prediction:
+    """One UNet evaluation at step i (x in model space)."""
+    x = x.detach().requires_grad_(track_grad)
+    with torch.set_grad_enabled(track_grad):
+        x0_model = denoiser.x0(x, i)
+        return Prediction(x, x0_model, to_phys(x0_model))
+
+
+def ddpm_update(denoiser: EpsDenoiser, pred: Prediction, i: int, generator: torch.Generator,
+                guidance=None, op=None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x_{t-1} = posterior mean of q(x_{t-1} | x_t, x̂0) + noise (i > 0) + guidance correction (model space)."""
     sched = denoiser.schedule
-    coef1, coef2 = sched.posterior_mean_coef1, sched.posterior_mean_coef2
-    std = torch.as_tensor(sched.posterior_variance).sqrt()
-    x = x_T if x_T is not None else torch.randn(shape, generator=generator, device=device)
-    steps = range(len(sched) - 1, -1, -1)
+    x = pred.x_t.detach()
+    mean = float(sched.posterior_mean_coef1[i]) * pred.x0_model.detach() + float(sched.posterior_mean_coef2[i]) * x
+    if i > 0:
+        std = math.sqrt(float(sched.posterior_variance[i]))
+        mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+    if guidance is not None:
+        mean = mean + guidance.correction(pred.x_t, pred.x0, sched, i, op, y)
+    return mean
+
+
+def ddpm_step(denoiser: EpsDenoiser, x: torch.Tensor, i: int, generator: torch.Generator, guidance=None,
+              op=None, y: Optional[torch.Tensor] = None) -> tuple:
+    """One guided reverse step from x_t (model space): returns (x_{t-1}, x̂0 in [0, 1], detached)."""
+    pred = predict_x0(denoiser, x, i, needs_grad(guidance))
+    return ddpm_update(denoiser, pred, i, generator, guidance, op, y), pred.x0.detach()
+
+
+def step_indices(n: int, progress: bool = False):
+    """Step indices n−1 … 0 (most to least noisy), with a progress bar when asked."""
+    steps = range(n - 1, -1, -1)
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="diffusion", leave=False)
-    needs_grad = guidance is not None and getattr(guidance, "needs_grad", True)
-    for i in steps:
-        x = x.detach().requires_grad_(needs_grad)
-        with torch.set_grad_enabled(needs_grad):
-            x0 = denoiser.x0(x, i)
-            x0_phys = to_phys(x0)
-        if update_operator is not None:
-            op = update_operator(i, x0_phys.detach(), op)
-        mean = float(coef1[i]) * x0.detach() + float(coef2[i]) * x.detach()
-        if i > 0:
-            mean = mean + float(std[i]) * torch.randn(mean.shape, generator=generator, device=device)
-        if guidance is not None:
-            mean = mean + guidance.correction(x, x0_phys, sched, i, op, y)
+        return tqdm(steps, desc="diffusion", leave=False)
+    return steps
+
+
+def final_image(denoiser: EpsDenoiser, x: torch.Tensor) -> torch.Tensor:
+    """The chain's last state in [0, 1] (clamped when the denoiser clips x̂0)."""
+    x = to_phys(x.detach())
+    return x.clamp(0, 1) if denoiser.clip else x
+
+
+def sample(denoiser: EpsDenoiser, shape: tuple, generator: torch.Generator, device: torch.device,
+           guidance=None, op=None, y: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None, progress: bool = False) -> torch.Tensor:
+    """Run the reverse chain from x_T ~ N(0, I) drawn from `generator`; returns x in [0, 1].
+
+    `callback(info)` after each step gets {"i", "t", "x" (x_{t-1}, model space), "x0" ([0, 1]), "kernel"}.
+    """
+    x = torch.randn(shape, generator=generator, device=device)
+    for i in step_indices(len(denoiser.schedule), progress):
+        x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y)
         if callback is not None:
-            callback(i, mean, x0_phys.detach(), op)
-        x = mean
-    return to_phys(x.detach()).clamp(0, 1) if denoiser.clip else to_phys(x.detach()), op
+            callback({"i": i, "t": int(denoiser.schedule.timesteps[i]), "x": x, "x0": x0,
+                      "kernel": None if op is None else op.kernel})
+    return final_image(denoiser, x)

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 
+SCHEDULES = ("linear", "cosine")
+
+
 def get_betas(kind: str = "linear", T: int = 1000) -> np.ndarray:
     """β_1..β_T: 'linear' (1e-4 → 0.02, scaled for T ≠ 1000, as ADM) or 'cosine' (Nichol & Dhariwal)."""
     if kind == "linear":

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from guided_diffusion.schedule import get_betas
-from guided_diffusion.unet import IGNORED_KEYS, MODEL_KEYS, CheckpointError, create_model, load_weights
+from guided_diffusion.model_config import build_unet, load_model_config
+from guided_diffusion.unet import CheckpointError, load_weights
+from util.config import as_dict
 from util.io import IMAGE_EXTS, _atomic_write, read_image
 
 CKPT_NAME = "checkpoint.pt"
@@ -79,20 +81,6 @@ def random_crops(images: list[torch.Tensor], n: int, size: int, g: torch.Generat
 
 
 # ============================================================================================== model
-def read_model_config(path) -> tuple[dict, str]:
-    """(create_model kwargs, β schedule kind) from a model config yaml; unknown keys are an error."""
-    import yaml
-    with open(path) as f:
-        raw = yaml.safe_load(f)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: not a yaml mapping")
-    unknown = sorted(set(raw) - set(MODEL_KEYS) - set(IGNORED_KEYS) - {"model_path", "schedule"})
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}")
-    cfg = {k: v for k, v in raw.items() if k in MODEL_KEYS or k in IGNORED_KEYS}
-    return cfg, raw.get("schedule", "linear")
-
-
 class EMA:
     """Exponential moving average of parameters; the decay ramps up as (1+n)/(10+n) so short runs are not
     dominated by the random initialisation."""
@@ -267,9 +255,9 @@ def train(a) -> dict:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    cfg, schedule_kind = read_model_config(a.model_config)
+    cfg = load_model_config(a.model_config)
     torch.manual_seed(a.seed)  # identical initial weights on every rank
-    model = create_model(**cfg)
+    model = build_unet(cfg)
     if a.init and not a.resume:
         load_weights(model, a.init)  # strict, weights_only; never a silent random start
     model = model.to(device)
@@ -284,6 +272,9 @@ def train(a) -> dict:
         ck = load_checkpoint(ckpt_path)
         if ck.get("world", 1) != world:
             raise CheckpointError(f"{ckpt_path}: saved with {ck.get('world', 1)} ranks, now {world}; exact resume needs the same")
+        if ck.get("schedule", "linear") != cfg.schedule:
+            raise CheckpointError(f"{ckpt_path}: trained with the '{ck.get('schedule')}' schedule, but "
+                                  f"{a.model_config} says '{cfg.schedule}'")
         model.load_state_dict(ck["model"])
         ema.shadow = {k: v.float().to(device) for k, v in ck["ema"].items()}
         opt.load_state_dict(ck["opt"])
@@ -293,12 +284,12 @@ def train(a) -> dict:
             truncate_log(log_path, step)
 
     images = load_images(a.data, a.crop)
-    betas = get_betas(schedule_kind, 1000)  # the samplers read the same key, so training and sampling agree
+    betas = get_betas(cfg.schedule, 1000)  # the samplers read the same key, so training and sampling agree
     ac = torch.tensor(np.cumprod(1.0 - betas), dtype=torch.float32)
     sqrt_ac, sqrt_1mac = ac.sqrt().to(device), (1 - ac).sqrt().to(device)
 
     val_crops = load_val_crops(a.val, a.val_images, a.val_size) if a.val and rank == 0 else None
-    val_model = create_model(**cfg).to(device).eval() if val_crops is not None else None
+    val_model = build_unet(cfg).to(device).eval() if val_crops is not None else None
     best_path, val_log = out / "best_ema.pt", out / "val.csv"
     best = {"score": -float("inf")}
     if val_crops is not None and a.resume and val_log.is_file():
@@ -343,7 +334,7 @@ def train(a) -> dict:
         if rank == 0:
             atomic_torch_save({"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
                                "step": step, "seconds": seconds, "rng": states, "world": world,
-                               "config": cfg, "schedule": schedule_kind, "args": {k: v for k, v in vars(a).items() if not isinstance(v, list)}},
+                               "config": as_dict(cfg), "schedule": cfg.schedule, "args": {k: v for k, v in vars(a).items() if not isinstance(v, list)}},
                               ckpt_path)
 
     if rank == 0:

@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -8,7 +7,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # tiny problems on a shared 2-core box: a second thread mostly waits
 
 
 def shared_path(*parts) -> Path:
@@ -23,6 +22,12 @@ TINY_UNET = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=
                  class_cond=False, attention_resolutions="4", num_heads=2, num_head_channels=-1,
                  num_heads_upsample=-1, use_scale_shift_norm=True, dropout=0.0, resblock_updown=True,
                  use_fp16=False, use_new_attention_order=False)
+
+
+@pytest.fixture
+def tiny_unet_config() -> dict:
+    """Model-config keys of a tiny UNet (32 channels, attention at the deepest level only)."""
+    return dict(TINY_UNET)
 
 
 @pytest.fixture

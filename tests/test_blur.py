@@ -49,8 +49,10 @@ def test_pigdm_solve_matches_dense():
 
 def test_operator_is_immutable():
     op = BlurOperator.from_kernel(torch.ones(3, 3) / 9, (8, 8), 0.1)
+    K_before = op.K.clone()
     op2 = op.with_kernel(torch.eye(3) / 3)
-    assert op2 is not op and torch.allclose(op.kernel.sum(), torch.tensor(1.0))
+    assert torch.equal(op.kernel, torch.ones(1, 1, 3, 3) / 9) and torch.equal(op.K, K_before)  # old one intact
+    assert torch.equal(op2.kernel, (torch.eye(3) / 3)[None, None]) and not torch.allclose(op2.K, op.K)
     try:
         op.sigma = 0.2
         raise AssertionError("operator was mutated")

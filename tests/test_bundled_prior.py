@@ -14,6 +14,7 @@ from tests.conftest import ROOT
 
 from guided_diffusion import train as T
 from guided_diffusion.denoiser import EpsDenoiser, to_model, to_phys
+from guided_diffusion.model_config import build_unet, load_model_config
 from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import CheckpointError, create_model, load_weights
 from util.io import read_image
@@ -22,11 +23,8 @@ BUNDLED_CONFIG = ROOT / "configs" / "model_config_bundled.yaml"
 
 
 def _bundled_model():
-    import yaml
-    cfg = yaml.safe_load(BUNDLED_CONFIG.read_text())
-    weights = ROOT / cfg.pop("model_path")
-    model = create_model(**cfg)
-    return load_weights(model, weights)  # a missing file is a CheckpointError: the weights must ship
+    cfg = load_model_config(BUNDLED_CONFIG)
+    return load_weights(build_unet(cfg), ROOT / cfg.model_path)  # a missing file is a CheckpointError: the weights must ship
 
 
 def test_shipped_prior_denoises_better_than_identity():

@@ -1,4 +1,4 @@
-"""Smoke tests of both guidance rules with a tiny random UNet, and the pull of guidance towards y."""
+"""Smoke tests of both guidance rules with a tiny random UNet, the pull of guidance towards y, and the step API."""
 import pytest
 import torch
 
@@ -6,8 +6,10 @@ from diffusion_em.blur import BlurOperator
 from diffusion_em.nonblind import deblur_nonblind
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import DPS, PiGDM, make_guidance
-from guided_diffusion.sampler import sample
+from guided_diffusion.sampler import ddpm_step, ddpm_update, predict_x0, sample
 from guided_diffusion.schedule import Schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: thread start-up dominates
 
 
 @pytest.mark.parametrize("rule", [PiGDM(), PiGDM(rule="exact", r2_fn=lambda i: 0.1), DPS(zeta=1.0)])
@@ -17,9 +19,10 @@ def test_guided_sampling_runs_and_is_seeded(tiny_unet, rule):
     y = torch.rand(1, 3, 32, 32)
     a = deblur_nonblind(den, y, k, 0.05, rule, torch.Generator().manual_seed(3), n_particles=2)
     b = deblur_nonblind(den, y, k, 0.05, rule, torch.Generator().manual_seed(3), n_particles=2)
+    c = deblur_nonblind(den, y, k, 0.05, rule, torch.Generator().manual_seed(4), n_particles=2)
     assert a.shape == (2, 3, 32, 32) and torch.isfinite(a).all()
-    assert a.min() >= 0 and a.max() <= 1
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and not torch.allclose(a, c)  # the seed, and only the seed, decides
+    assert not torch.allclose(a[0], a[1])  # particles draw their own noise
 
 
 def test_guidance_reduces_data_misfit(tiny_unet):
@@ -29,25 +32,30 @@ def test_guidance_reduces_data_misfit(tiny_unet):
     op = BlurOperator.from_kernel(k, (32, 32), 0.02)
     y = op.A(torch.rand(1, 3, 32, 32).clamp(0.2, 0.8))
     gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
-    free, _ = sample(den, (2, 3, 32, 32), gen(), torch.device("cpu"))
+    free = sample(den, (2, 3, 32, 32), gen(), torch.device("cpu"))
     for rule in (PiGDM(), DPS(zeta=10.0)):  # a random UNet: a strong DPS step to see the pull in 20 steps
-        guided, _ = sample(den, (2, 3, 32, 32), gen(), torch.device("cpu"), guidance=rule, op=op, y=y)
+        guided = sample(den, (2, 3, 32, 32), gen(), torch.device("cpu"), guidance=rule, op=op, y=y)
         assert ((op.A(guided) - y) ** 2).mean() < 0.6 * ((op.A(free) - y) ** 2).mean()
 
 
-def test_update_operator_hook_called_every_step(tiny_unet):
+def test_step_halves_compose_and_callback_gets_a_dict(tiny_unet):
+    """ddpm_step = predict_x0 + ddpm_update; sample() is the plain loop over it and reports each step."""
     den = EpsDenoiser(tiny_unet, Schedule.create(4))
     op = BlurOperator.from_kernel(torch.ones(3, 3) / 9, (32, 32), 0.05)
+    y = torch.rand(1, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    whole, x0 = ddpm_step(den, x, 2, torch.Generator().manual_seed(2), PiGDM(), op, y)
+    pred = predict_x0(den, x, 2, track_grad=True)
+    halves = ddpm_update(den, pred, 2, torch.Generator().manual_seed(2), PiGDM(), op, y)
+    assert torch.equal(whole, halves) and torch.equal(x0, pred.x0.detach()) and not x0.requires_grad
+    assert not torch.equal(whole, ddpm_update(den, pred, 2, torch.Generator().manual_seed(2)))  # guidance acts
     seen = []
-
-    def hook(i, x0, op_):
-        seen.append(i)
-        assert x0.shape == (1, 3, 32, 32) and not x0.requires_grad
-        return op_.with_kernel(op_.kernel)
-
-    _, op_out = sample(den, (1, 3, 32, 32), torch.Generator().manual_seed(0), torch.device("cpu"),
-                       guidance=PiGDM(), op=op, y=torch.rand(1, 3, 32, 32), update_operator=hook)
-    assert seen == [3, 2, 1, 0] and op_out is not op
+    out = sample(den, (1, 3, 32, 32), torch.Generator().manual_seed(0), torch.device("cpu"), guidance=PiGDM(),
+                 op=op, y=y, callback=seen.append)
+    assert [d["i"] for d in seen] == [3, 2, 1, 0]
+    assert [d["t"] for d in seen] == [int(t) for t in den.schedule.timesteps[::-1]]
+    assert all(set(d) == {"i", "t", "x", "x0", "kernel"} and d["kernel"] is op.kernel for d in seen)
+    assert torch.equal(out, ((seen[-1]["x"] + 1) / 2).clamp(0, 1))  # the last reported state is the result
 
 
 def test_make_guidance():

@@ -71,6 +71,14 @@ def test_any_size_and_batch(tiny_unet):
 
 def test_new_attention_order_differs_but_runs():
     torch.manual_seed(0)
-    a = create_model(**{**TINY_UNET, "use_new_attention_order": True, "num_head_channels": 16})
-    out = a(torch.randn(1, 3, 32, 32), torch.tensor([3]))
-    assert torch.isfinite(out).all()
+    cfg = {**TINY_UNET, "num_head_channels": 16}
+    new = create_model(**{**cfg, "use_new_attention_order": True})
+    for p in new.parameters():  # zero-initialised output layers would make both outputs 0
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    legacy = create_model(**{**cfg, "use_new_attention_order": False})
+    legacy.load_state_dict(new.state_dict())  # same tensors, read in another head/qkv order
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([3])
+    with torch.no_grad():
+        a, b = new(x, t), legacy(x, t)
+    assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-4

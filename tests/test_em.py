@@ -1,0 +1,65 @@
+"""The EM drivers as loops: where the M-step runs, what callbacks see, and how the guard names a step."""
+import pytest
+import torch
+
+from diffusion_em.em import DivergenceError, Guard, diffusion_em, fast_diffusion_em
+from diffusion_em.mstep import MStepConfig
+from guided_diffusion.denoiser import EpsDenoiser
+from guided_diffusion.guidance import DPS, PiGDM
+from guided_diffusion.schedule import Schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class WhiteOut(torch.nn.Module):
+    """ε so negative that x̂0 clips to white at every step: a run that saturates from its first step."""
+
+    def forward(self, x, t):
+        return -100 * torch.ones_like(x) + 0 * x
+
+
+def _y(seed=0, size=24):
+    return 0.3 + 0.4 * torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_divergence_message_counts_steps_forwards():
+    """Messages used to count backwards ('first saturated at step 4 (t=999)' out of 5)."""
+    den = EpsDenoiser(WhiteOut(), Schedule.create(5))
+    y = _y()
+    res = fast_diffusion_em(den, y, 0.02, PiGDM(), MStepConfig(J=1), 5, torch.Generator().manual_seed(0),
+                            guard=None)
+    with pytest.raises(DivergenceError, match=r"first saturated at step 1/5 \(t=999\)"):
+        Guard().check_result(res, y, 0.02)
+
+
+def test_diffusion_em_divergence_names_round_and_step():
+    """Diffusion EM passed the round as the time argument, so its messages mislabelled the step."""
+    den = EpsDenoiser(WhiteOut(), Schedule.create(4))
+    y = _y()
+    res = diffusion_em(den, y, 0.02, PiGDM(), MStepConfig(J=1), 5, torch.Generator().manual_seed(0), rounds=2,
+                       guard=None)
+    assert res.nfe == 8 and [e["where"] for e in res.trace[:2]] == ["round 1/2, step 1/4 (t=999)",
+                                                                    "round 1/2, step 2/4 (t=666)"]
+    with pytest.raises(DivergenceError, match=r"round 1/2, step 1/4 \(t=999\)"):
+        Guard().check_result(res, y, 0.02)
+
+
+def test_mstep_runs_every_k_steps_and_callbacks_see_the_kernel(tiny_unet):
+    den = EpsDenoiser(tiny_unet, Schedule.create(6))
+    seen = []
+    res = fast_diffusion_em(den, _y(1, 32), 0.05, PiGDM(), MStepConfig(J=1, every=3), 5,
+                            torch.Generator().manual_seed(0), guard=None, callback=seen.append)
+    ks = [d["kernel"] for d in seen]
+    assert [d["i"] for d in seen] == [5, 4, 3, 2, 1, 0] and res.nfe == 6
+    changed = [not torch.equal(ks[j], ks[j - 1]) for j in range(1, 6)]
+    assert changed == [False, False, True, False, False]  # new kernels at steps 1 and 4 only
+    assert torch.equal(res.kernel, ks[-1][0, 0])
+
+
+def test_pigdm_r2_changes_the_fast_em_kernel(tiny_unet):
+    den = EpsDenoiser(tiny_unet, Schedule.create(3))
+    run = lambda r2: fast_diffusion_em(den, _y(2, 32), 0.05, PiGDM(), MStepConfig(J=2, pigdm_r2=r2), 5,  # noqa: E731
+                                       torch.Generator().manual_seed(0), guard=None).kernel
+    assert (run(True) - run(False)).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="needs ΠGDM"):
+        fast_diffusion_em(den, _y(), 0.05, DPS(), MStepConfig(pigdm_r2=True), 5, torch.Generator())
