@@ -37,3 +37,8 @@ def fill_padding(y: torch.Tensor, mask: Optional[torch.Tensor], prediction: torc
     if mask is None:
         return y
     return mask * y + (1 - mask) * prediction.mean(0, keepdim=True)
+
+
+def frame_mean(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean of y over the frame (1, C, 1, 1): a fill that knows nothing of the padding."""
+    return (y * mask).sum((-2, -1), keepdim=True) / mask.sum()

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from diffusion_em.blur import BlurOperator
-from diffusion_em.boundary import data_mask, fill_padding
+from diffusion_em.boundary import data_mask, fill_padding, frame_mean
 from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import ddpm_step, ddpm_update, final_image, needs_grad, predict_x0, step_indices
@@ -165,7 +165,7 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
         x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
-        y_g = y
+        y_g = y if mask is None else fill_padding(y, mask, frame_mean(y, mask))  # no x̂0 yet
         for n, i in enumerate(step_indices(N, progress)):
             x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g)
             y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
