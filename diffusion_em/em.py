@@ -15,11 +15,11 @@ import torch
 
 from diffusion_em.blur import BlurOperator
 from diffusion_em.boundary import data_mask, fill_padding, frame_mean
-from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
+from diffusion_em.mstep import MStepConfig, m_step
+from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import ddpm_step, ddpm_update, final_image, needs_grad, predict_x0, step_indices
-from kernel_denoiser.kernels import recenter as recenter_kernel
-from util.io import crop
+from util.geometry import recenter as recenter_kernel
 
 
 class DivergenceError(RuntimeError):
@@ -100,7 +100,7 @@ def _record(where: str, i: int, t: int, x0: torch.Tensor, kernel: torch.Tensor) 
 
 
 def _initial_kernel(s: int, y: torch.Tensor, k: Optional[torch.Tensor]) -> torch.Tensor:
-    return dirac_kernel(s, y.device, y.dtype) if k is None else k.to(y).reshape(1, 1, s, s)
+    return dirac(s, y.device, y.dtype) if k is None else k.to(y).reshape(1, 1, s, s)
 
 
 def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,

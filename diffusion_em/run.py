@@ -22,7 +22,7 @@ import yaml
 from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
-from diffusion_em import grayscale, noise
+from diffusion_em import grayscale
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import make_guidance
 from guided_diffusion.model_config import ModelConfig, build_unet, load_model_config
@@ -30,7 +30,11 @@ from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import CheckpointError, load_weights
 from util.config import as_dict
 from kernel_denoiser.network import load_kernel_denoiser
-from util import io
+from util.csvlog import append_csv_row, read_done_names
+from util.geometry import crop, pad_for_boundary, pad_to_multiple
+from util.images import ImageReadError, image_to_tensor, tensor_to_image
+from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
+from util.outputs import kernel_to_image, make_montage, save_gif, save_json, save_kernel_png, save_npy, save_png, save_text
 from util.metrics import blurry_scores, evaluate, lpips_available, lpips_distance, psnr
 
 FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
@@ -144,8 +148,8 @@ def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
     """Pad for the boundary model and for the UNet; return the padded y and the crop box back."""
     box0 = (0, 0) + tuple(y.shape[-2:])
     if mode != "circular":
-        y, box0 = io.pad_for_boundary(y, pad, mode)
-    y, _ = io.pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")  # bottom/right: box0 still crops
+        y, box0 = pad_for_boundary(y, pad, mode)
+    y, _ = pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")  # bottom/right: box0 still crops
     return y, box0
 
 
@@ -169,7 +173,7 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=ctx.guard,
                            callback=callback, progress=True, data_box=box)
     ctx.guard.check_result(res, yp, sigma, box)  # on the data region only
-    res = EMResult(x=io.crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
+    res = EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
     return res
 
 
@@ -186,17 +190,17 @@ def _fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
     return out / out.sum()
 
 
-def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
+def process_one(ctx: Context, sample: Sample, index: int) -> dict:
     """Deblur one sample and write its outputs; returns its metrics row (status ok)."""
     t0 = time.time()
-    loaded = io.load_sample(sample)
-    sigma, source = noise.resolve(loaded.y, loaded.sigma, ctx.args.sigma)
+    loaded = load_sample(sample)
+    sigma, source = resolve_sigma(loaded, ctx.args.sigma)
     if source == "estimated":
         print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image "
-              f"(diffusion_em/noise.py)", file=sys.stderr)
+              f"(rule: util/noise.py)", file=sys.stderr)
     gray = grayscale.is_grayscale(loaded.y)
     sigma_run = grayscale.replicated_sigma(sigma, loaded.y.shape[2]) if gray else sigma
-    y = io.image_to_tensor(loaded.y, ctx.device)
+    y = image_to_tensor(loaded.y, ctx.device)
     k_true = torch.from_numpy(loaded.k_true) if loaded.k_true is not None else None
     if ctx.args.true_kernel and k_true is None:
         raise ValueError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
@@ -205,7 +209,7 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
 
     def record(info):  # ~20 frames of x̂0 (first particle) and the kernel
         if info["i"] % every == 0:
-            frames.append(io.tensor_to_image(info["x0"][:1].clamp(0, 1)))
+            frames.append(tensor_to_image(info["x0"][:1].clamp(0, 1)))
             kernels.append(info["kernel"][0, 0].detach().cpu().numpy())
     callback = record if ctx.args.save_progress else None
 
@@ -224,28 +228,26 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
         raise DivergenceError(f"{last_err} (after {attempts} attempts)")
     x = res.x_mean[0]
     k = res.kernel.detach().cpu().numpy()
-    x_img = io.tensor_to_image(x.clamp(0, 1))
+    x_img = tensor_to_image(x.clamp(0, 1))
     y_obs, x_true = loaded.y, loaded.x_true
     if gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
         x_img, y_obs = grayscale.to_gray(x_img), y_obs[..., :1]
         x_true = None if x_true is None else grayscale.to_gray(x_true)
     out = ctx.save_dir
     name = sample.name
-    io.save_png(out / "images" / f"{name}.png", x_img)
+    save_png(out / "images" / f"{name}.png", x_img)
     if res.x.shape[0] > 1:
         for j in range(res.x.shape[0]):
-            xj = io.tensor_to_image(res.x[j])
-            io.save_png(out / "images" / f"{name}_p{j}.png", grayscale.to_gray(xj) if gray else xj)
+            xj = tensor_to_image(res.x[j])
+            save_png(out / "images" / f"{name}_p{j}.png", grayscale.to_gray(xj) if gray else xj)
     if ctx.args.save_npy:
-        io.save_npy(out / "npy" / f"{name}.npy", x_img)
-    io.save_npy(out / "kernels" / f"{name}.npy", k.astype(np.float32))
-    io.save_kernel_png(out / "kernels" / f"{name}.png", k)
-    io.save_png(out / "montage" / f"{name}.png",
-                io.make_montage(np.clip(y_obs, 0, 1), x_img, x_true, k, loaded.k_true))
+        save_npy(out / "npy" / f"{name}.npy", x_img)
+    save_npy(out / "kernels" / f"{name}.npy", k.astype(np.float32))
+    save_kernel_png(out / "kernels" / f"{name}.png", k)
+    save_png(out / "montage" / f"{name}.png", make_montage(np.clip(y_obs, 0, 1), x_img, x_true, k, loaded.k_true))
     if frames:
-        io.save_gif(out / "progress" / f"{name}_x0.gif", frames)
-        io.save_gif(out / "progress" / f"{name}_kernel.gif",
-                    [io.kernel_to_image(kk, 6) for kk in kernels])
+        save_gif(out / "progress" / f"{name}_x0.gif", frames)
+        save_gif(out / "progress" / f"{name}_kernel.gif", [kernel_to_image(kk, 6) for kk in kernels])
     m = evaluate(x_img, y_obs, k, sigma, x_true, loaded.k_true)
     row = {"name": name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
            "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
@@ -253,7 +255,7 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
         ks = max((loaded.k_true if loaded.k_true is not None else k).shape)
         row.update(blurry_scores(np.clip(y_obs, 0, 1), x_true, ks))
         if res.x.shape[0] > 1:
-            parts = [io.tensor_to_image(p) for p in res.x]
+            parts = [tensor_to_image(p) for p in res.x]
             row["psnr_particles"] = ";".join(f"{psnr(grayscale.to_gray(p) if gray else p, x_true):.3f}" for p in parts)
         ok, _ = lpips_available()
         if ok:  # LPIPS wants RGB
@@ -275,7 +277,7 @@ def run_all(ctx: Context, samples: list) -> list:
     """Process samples, skipping finished ones; a failed image gets a row and the run goes on."""
     from tqdm.auto import tqdm
     metrics = ctx.save_dir / "metrics.csv"
-    done = set() if ctx.args.overwrite else io.read_done_names(metrics) if metrics.exists() else set()
+    done = set() if ctx.args.overwrite else read_done_names(metrics) if metrics.exists() else set()
     rows = []
     for index, sample in enumerate(tqdm(samples, desc="images")):
         if sample.name in done:
@@ -283,11 +285,11 @@ def run_all(ctx: Context, samples: list) -> list:
             continue
         try:
             row = process_one(ctx, sample, index)
-        except (io.ImageReadError, DivergenceError, ValueError, OSError) as e:
+        except (ImageReadError, DivergenceError, ValueError, OSError) as e:
             msg = " ".join(str(e).split())
             print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
             row = {"name": sample.name, "status": "failed", "message": msg}
-        io.append_csv_row(metrics, FIELDS, row)
+        append_csv_row(metrics, FIELDS, row)
         rows.append(row)
     return rows
 
@@ -325,21 +327,21 @@ def main(argv=None, method: str = "fast_em") -> int:
         torch.set_num_threads(args.threads)
     try:
         ctx = build_context(args, method)
-        samples = io.list_inputs(args.input_dir)
+        samples = list_inputs(args.input_dir)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.max_images is not None:
         samples = samples[: args.max_images]
     ctx.save_dir.mkdir(parents=True, exist_ok=True)
-    io.save_text(ctx.save_dir / "config.yaml", yaml.safe_dump(_resolved_config(ctx), sort_keys=False))
+    save_text(ctx.save_dir / "config.yaml", yaml.safe_dump(_resolved_config(ctx), sort_keys=False))
     rows = run_all(ctx, samples)
     metrics = ctx.save_dir / "metrics.csv"
     if not metrics.exists():
         print("nothing to do", file=sys.stderr)
         return 0
     summary = summarise(ctx, metrics)
-    io.save_json(ctx.save_dir / "summary.json", summary)
+    save_json(ctx.save_dir / "summary.json", summary)
     m = summary["means"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     print(f"{summary['ok']}/{summary['images']} images ok; mean PSNR {fmt(m['psnr'], '.2f')} dB "

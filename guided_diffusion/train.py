@@ -33,7 +33,8 @@ from guided_diffusion.schedule import get_betas
 from guided_diffusion.model_config import build_unet, load_model_config
 from guided_diffusion.unet import CheckpointError, load_weights
 from util.config import as_dict
-from util.io import IMAGE_EXTS, _atomic_write, read_image
+from util.images import IMAGE_EXTS, read_image
+from util.outputs import atomic_write
 
 CKPT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
@@ -142,7 +143,7 @@ def lr_at(step: int, base_lr: float, warmup: int) -> float:
 # ============================================================================================== files
 def atomic_torch_save(obj, path) -> None:
     """torch.save through util.io's atomic writer (temp file, fsync, rename)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path) -> dict:

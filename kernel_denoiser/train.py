@@ -28,7 +28,8 @@ import time
 import numpy as np
 import torch
 
-from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
+from kernel_denoiser.kernels import camera_shake_kernels
+from util.geometry import project_simplex
 from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, load_state_dict_strict, save_kernel_denoiser
 
 EVAL_SIGMAS = (1e-3, 3.16e-3, 1e-2)

@@ -6,9 +6,9 @@ import torch
 
 from diffusion_em.boundary import data_mask, fill_padding
 from diffusion_em.mstep import MStepConfig, m_step
-from kernel_denoiser.kernels import dirac
+from util.geometry import dirac
 from util.fft import conv_circular
-from util.io import pad_for_boundary
+from util.geometry import pad_for_boundary
 
 
 def _case(seed=0, n=24, s=5, pad=5):

@@ -17,7 +17,7 @@ from guided_diffusion.denoiser import EpsDenoiser, to_model, to_phys
 from guided_diffusion.model_config import build_unet, load_model_config
 from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import CheckpointError, create_model, load_weights
-from util.io import read_image
+from util.images import read_image
 
 BUNDLED_CONFIG = ROOT / "configs" / "model_config_bundled.yaml"
 

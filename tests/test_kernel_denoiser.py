@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
+from kernel_denoiser.kernels import camera_shake_kernels
+from util.geometry import project_simplex
 from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, save_kernel_denoiser
 
 

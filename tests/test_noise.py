@@ -1,4 +1,4 @@
-"""The σ rule of diffusion_em/noise.py: quantised noise-free input, known noise, flat images."""
+"""The σ rule of util/noise.py: quantised noise-free input, known noise, flat images."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_em import noise
+from util import noise
 
 
 def _smooth(n=128):
@@ -30,7 +30,7 @@ def test_quantised_noise_free_gives_the_rounding_error_not_zero():
     y = _quantise(_smooth())
     # rounding error is uniform of std Δ/√12; the plain median of |HH| would give 0 here
     assert noise.pixel_sigma(y) == pytest.approx(1 / 255 / math.sqrt(12), rel=0.25)
-    assert noise.estimate(y) == pytest.approx(noise.FLOOR)
+    assert noise.estimate_noise_sigma(y) == pytest.approx(noise.FLOOR)
 
 
 @pytest.mark.parametrize("sigma255", [0.5, 1.0, 1.5, 3.0, 10.0])
@@ -41,14 +41,14 @@ def test_known_noise_through_8bit_quantisation(sigma255):
     y = _quantise(np.repeat(_smooth(256)[..., None], 3, 2) + rng.normal(0, sigma255 / 255, (256, 256, 3)))
     expect = math.sqrt(sigma255 ** 2 + 1 / 12) / 255
     assert noise.pixel_sigma(y) == pytest.approx(expect, rel=0.1)
-    assert noise.estimate(y) == pytest.approx(max(expect, noise.FLOOR), rel=0.1)
+    assert noise.estimate_noise_sigma(y) == pytest.approx(max(expect, noise.FLOOR), rel=0.1)
 
 
 def test_float_input_known_noise_and_tensor_layout():
     y = _smooth(256) + np.random.default_rng(1).normal(0, 8 / 255, (256, 256))
-    est = noise.estimate(y)
+    est = noise.estimate_noise_sigma(y)
     assert est == pytest.approx(8 / 255, rel=0.1)
-    assert noise.estimate(torch.from_numpy(y)[None, None]) == pytest.approx(est)
+    assert noise.estimate_noise_sigma(torch.from_numpy(y)[None, None]) == pytest.approx(est)
 
 
 def test_grayscale_stored_as_rgb_counts_once():
@@ -58,21 +58,13 @@ def test_grayscale_stored_as_rgb_counts_once():
 
 @pytest.mark.parametrize("value", [0.0, 0.5, 128 / 255, 1.0])
 def test_flat_image_is_positive_and_finite(value):
-    s = noise.estimate(np.full((16, 16, 3), value))
+    s = noise.estimate_noise_sigma(np.full((16, 16, 3), value))
     assert math.isfinite(s) and s > 0
 
 
 def test_bad_input():
     with pytest.raises(ValueError, match="2×2"):
-        noise.estimate(np.zeros((1, 5)))
+        noise.estimate_noise_sigma(np.zeros((1, 5)))
     with pytest.raises(ValueError, match="finite"):
-        noise.estimate(np.full((4, 4), np.nan))
+        noise.estimate_noise_sigma(np.full((4, 4), np.nan))
 
-
-def test_resolve_order_override_given_estimated():
-    y = _quantise(_smooth())
-    assert noise.resolve(y, 0.02, 0.05) == (0.05, "override")
-    assert noise.resolve(y, 0.02) == (0.02, "given")
-    assert noise.resolve(y) == (noise.estimate(y), "estimated")
-    with pytest.raises(ValueError, match="outside"):
-        noise.resolve(y, None, 10)

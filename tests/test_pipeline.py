@@ -150,13 +150,14 @@ def test_authors_pickles(setup):
 def test_true_kernel_equals_nonblind_sampler(setup):
     from diffusion_em.nonblind import deblur_nonblind
     from diffusion_em.run import build_context, build_parser, restore
-    from util import io
+    from util.images import image_to_tensor
+    from util.inputs import list_inputs, load_sample
 
     tmp, cfgs, data = setup
     args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
     ctx = build_context(args, "fast_em")
-    s = io.load_sample(io.list_inputs(data)[0])
-    y = io.image_to_tensor(s.y)
+    s = load_sample(list_inputs(data)[0])
+    y = image_to_tensor(s.y)
     k = torch.from_numpy(s.k_true)
     em = restore(ctx, y, s.sigma, "folder", torch.Generator().manual_seed(7), k_true=k)
     k9 = torch.nn.functional.pad(k, (2, 2, 2, 2))  # the 5×5 kernel centred in the 9×9 support

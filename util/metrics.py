@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .fft import conv_circular
+from .geometry import pad_centred
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -88,15 +89,6 @@ def _drop_unit_dims(a):
     return a
 
 
-def _pad_centred(k: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Zero-pad so the centre tap (s//2) lands on the centre of the new size (S//2), as DESIGN §2 centres."""
-    out = np.zeros(shape, dtype=k.dtype)
-    t0 = shape[0] // 2 - k.shape[0] // 2
-    t1 = shape[1] // 2 - k.shape[1] // 2
-    out[t0:t0 + k.shape[0], t1:t1 + k.shape[1]] = k
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- images
 def psnr(x: ArrayLike, y: ArrayLike) -> float:
     """PSNR in dB of images in [0, 1] (both clipped), data range 1; +inf when identical after clipping."""
@@ -131,7 +123,7 @@ def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple
     kt = _kernel_to_np(k_true, "k_true")
     n_taps = ke.size
     shape = (max(ke.shape[0], kt.shape[0]), max(ke.shape[1], kt.shape[1]))
-    ke, kt = _pad_centred(ke, shape), _pad_centred(kt, shape)
+    ke, kt = pad_centred(ke, shape), pad_centred(kt, shape)
     m = max_shift
     # compare on a frame enlarged by m so no mass of the shifted kernel falls off the edge
     ke_big = np.pad(ke, m)

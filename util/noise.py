@@ -1,6 +1,7 @@
 """The noise level σ of an observation when none is given (issue 13), in [0, 1] units.
 
-Rule, in order (`resolve` in diffusion_em.run; `--sigma` and meta.csv override all of it):
+Rule (`estimate_noise_sigma`; util.inputs.resolve_sigma uses it only when neither `--sigma` nor meta.csv /
+the pickle gives σ):
 
 1. Pixel noise σ_pix: Donoho's robust estimator median(|HH|)/0.6745 on the finest diagonal Haar
    coefficients HH = (a − b − c + d)/2 of each 2×2 block. On a quantised image HH only takes multiples of
@@ -9,7 +10,7 @@ Rule, in order (`resolve` in diffusion_em.run; `--sigma` and meta.csv override a
    the grouped data instead (linear interpolation inside the median's bin, the textbook grouped median),
    which is continuous in the noise level.
 2. Quantisation floor: rounding adds a uniform error of variance Δ²/12, so σ ≥ Δ/√12 (0.29/255 for 8 bits,
-   0 for float input). A flat image therefore gets Δ/√12, never 0.
+   0 for float input). With floor=0 a flat 8-bit image still gets Δ/√12, never 0.
 3. Model floor σ_model = `FLOOR` (2/255, 0.8 % of the range, whatever the bit depth): a real capture departs
    from `y = k ⊛ x + n` (sensor non-linearity, slightly non-uniform blur, demosaicing, compression), and the
    best true blur fits the 24 Levin captures only to 1.5–7.8/255 RMS (`bench/real_captures.py` measures
@@ -83,7 +84,7 @@ def pixel_sigma(y: Union[np.ndarray, torch.Tensor], q: float | None = None) -> f
     return float(np.mean([_grouped_median(np.abs(hh[..., c]).ravel(), q / 2) for c in chans])) / MAD_TO_STD
 
 
-def estimate(y: Union[np.ndarray, torch.Tensor], floor: float = FLOOR) -> float:
+def estimate_noise_sigma(y: Union[np.ndarray, torch.Tensor], floor: float = FLOOR) -> float:
     """σ = max(σ_pix, Δ/√12, floor) (module doc): finite and > 0 for any finite image (flat ones too)."""
     a = _as_hwc(y)
     q = quantisation_step(a)
@@ -92,14 +93,3 @@ def estimate(y: Union[np.ndarray, torch.Tensor], floor: float = FLOOR) -> float:
         raise ValueError("noise estimate is not finite (does the image contain NaN or inf?)")
     return s
 
-
-def resolve(y, given: float | None = None, override: float | None = None) -> tuple:
-    """σ of an observation and where it came from: 'override' (--sigma), 'given' (meta.csv, pickle), else
-    'estimated' by `estimate` (the caller should report it: it is a guess)."""
-    if override is not None:
-        if not (math.isfinite(override) and 0 <= override < 1):
-            raise ValueError(f"sigma override {override} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
-        return float(override), "override"
-    if given is not None:
-        return float(given), "given"
-    return estimate(y), "estimated"
