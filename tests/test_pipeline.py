@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,21 +13,22 @@ from PIL import Image
 from diffusion_em.run import main
 from guided_diffusion.unet import create_model
 from kernel_denoiser.network import FDnCNN, save_kernel_denoiser
-from tests.conftest import ROOT, TINY_UNET
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE = 32
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, tiny_unet_config):
     """Tiny weights + configs (few steps, 9×9 kernels) + a 2-image test-set folder."""
     torch.manual_seed(0)
-    unet = create_model(**TINY_UNET)
+    unet = create_model(**tiny_unet_config)
     for p in unet.parameters():  # the zero-initialised output layers would make ε ≡ 0
         if p.dim() > 1 and p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
     torch.save(unet.state_dict(), tmp_path / "unet.pt")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**TINY_UNET, "model_path": str(tmp_path / "unet.pt")}))
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**tiny_unet_config, "model_path": str(tmp_path / "unet.pt")}))
     kd = FDnCNN()
     save_kernel_denoiser(kd, str(tmp_path / "kd.pth"))
     (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 9, "denoiser_path": str(tmp_path / "kd.pth")}))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -75,3 +76,31 @@ def read_done_names(metrics_csv: PathLike, status_field: str = "status") -> set:
             if name:
                 last[name] = (row.get(status_field) or "").strip().lower() if has_status else "ok"
     return {n for n, s in last.items() if s in DONE_STATUSES}
+
+
+def read_csv_rows(path: PathLike) -> list:
+    """All rows of a CSV log as dicts (missing file: no rows)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    with open(p, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def truncate_csv(path: PathLike, keep) -> None:
+    """Rewrite a CSV log atomically with only the rows where keep(row) holds (e.g. rows up to a resumed step)."""
+    from util.outputs import atomic_write
+    p = Path(path)
+    if not p.is_file():
+        return
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    kept = [r for r in rows if keep(r)]
+    if len(kept) == len(rows) or fields is None:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    w.writeheader()
+    w.writerows(kept)
+    atomic_write(p, lambda f: f.write(buf.getvalue().encode()))
