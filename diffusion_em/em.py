@@ -14,8 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from diffusion_em.blur import BlurOperator
+from diffusion_em.boundary import data_mask, fill_padding, frame_mean
 from diffusion_em.mstep import MStepConfig, m_step
-from util.geometry import dirac
+from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import (ddpm_step, ddpm_update, final_image, gaussian, needs_grad,
                                       predict_x0, step_indices)
@@ -58,11 +59,19 @@ class Guard:
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
             raise DivergenceError(f"invalid kernel at {where}: sum {float(kernel.sum()):.4g}")
 
-    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float) -> None:
-        """Raise DivergenceError naming the first step where the trajectory went bad."""
+    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
+        """Raise DivergenceError naming the step where the trajectory went bad for good.
+
+        res.x and y on the (padded) domain the EM ran on; `box` = (top, left, h, w) of the data inside it.
+        Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
+        would wrap a non-periodic photo's borders into each other (a misfit of the check, not of the result).
+        """
         op = BlurOperator.from_kernel(res.kernel, tuple(y.shape[-2:]), sigma)
-        resid = float(((op.A(res.x) - y) ** 2).mean())
-        sat_excess = saturation(res.x) - saturation(y.clamp(0, 1))
+        r, x = op.A(res.x) - y, res.x
+        if box is not None:
+            r, x, y = crop(r, box), crop(x, box), crop(y, box)
+        resid = float((r ** 2).mean())
+        sat_excess = saturation(x) - saturation(y.clamp(0, 1))
         bad = []
         if not math.isfinite(resid) or resid > self.max_residual * sigma ** 2 + self.floor:
             bad.append(f"re-blur residual {resid:.3g} vs σ² {sigma ** 2:.3g}")
@@ -70,8 +79,13 @@ class Guard:
             bad.append(f"{100 * sat_excess:.0f}% more saturated pixels than the input")
         if bad:
             y_sat = saturation(y.clamp(0, 1))
-            first = next((s for s in res.trace if s["saturation"] - y_sat > self.max_saturation_excess), None)
-            where = f"; x̂0 first saturated at {first['where']}" if first else ""
+            # x̂0 of the first, pure-noise steps is always clipped: name the start of the final saturated streak
+            first = None
+            for s in reversed(res.trace):
+                if s["saturation"] - y_sat <= self.max_saturation_excess:
+                    break
+                first = s
+            where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
 
 
@@ -118,15 +132,17 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
                       guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
-                      progress: bool = False) -> EMResult:
+                      progress: bool = False, data_box: Optional[tuple] = None) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
     `mcfg.pigdm_r2` adds ΠGDM's r_t² of the step to the M-step (paper App. D). `callback(info)` after each
-    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. Raises DivergenceError when the guard fails.
+    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `data_box` (top, left, h, w): y is observed there
+    only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
+    Raises DivergenceError when the guard fails.
     """
     res = fast_diffusion_em_batch(denoiser, [y], [sigma], guidance, mcfg, kernel_size, [generator], kernel_denoiser,
-                                  n_particles, [k_init], [fixed_kernel], guard, [callback], progress)[0]
+                                  n_particles, [k_init], [fixed_kernel], guard, [callback], progress, [data_box])[0]
     if isinstance(res, DivergenceError):
         raise res
     return res
@@ -136,11 +152,12 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
                             kernel_size: int, generators: list, kernel_denoiser=None, n_particles: int = 1,
                             k_inits: Optional[list] = None, fixed_kernels: Optional[list] = None,
                             guard: Optional[Guard] = Guard(), callbacks: Optional[list] = None,
-                            progress: bool = False) -> list:
+                            progress: bool = False, data_boxes: Optional[list] = None) -> list:
     """Fast EM on B images of one size in one UNet batch, each with its own kernel, σ, M-step and generator.
 
     Equals B separate `fast_diffusion_em` runs (same generators): only the UNet evaluation is shared.
-    ys: B tensors (1, C, H, W); k_inits / fixed_kernels / callbacks: None or B entries (each may be None).
+    ys: B tensors (1, C, H, W); k_inits / fixed_kernels / callbacks / data_boxes: None or B entries (each may
+    be None).
     Returns B entries: an EMResult, or the DivergenceError that stopped that image (the others go on).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
@@ -151,6 +168,7 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
     k_inits, fixed_kernels = k_inits or [None] * B, fixed_kernels or [None] * B
     callbacks = callbacks or [None] * B
     shape = tuple(ys[0].shape[-2:])
+    masks = [data_mask(shape, box, ys[0].device, ys[0].dtype) for box in (data_boxes or [None] * B)]
     ops = [BlurOperator.from_kernel(_initial_kernel(kernel_size, y, f if f is not None else k0), shape, s)
            for y, s, k0, f in zip(ys, sigmas, k_inits, fixed_kernels)]
     sched = denoiser.schedule
@@ -158,21 +176,24 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
     traces, out = [[] for _ in range(B)], [None] * B
     live = list(range(B))  # images still running; a diverged one leaves the batch
     x = gaussian((B * n_particles,) + tuple(ys[0].shape[1:]), generators, ys[0].device)
+    def observed(b, x0_b):  # y on the frame, k ⊛ x̂0 on the padding around it (none for circular data)
+        return ys[b] if masks[b] is None else fill_padding(ys[b], masks[b], ops[b].A(x0_b))
+
     for n, i in enumerate(step_indices(N, progress)):
         pred = predict_x0(denoiser, x, i, needs_grad(guidance))
         x0 = pred.x0.detach()
         t = int(sched.timesteps[i])
+        rows = [slice(j * n_particles, (j + 1) * n_particles) for j in range(len(live))]
         keep = []
         for j, b in enumerate(live):
-            rows = slice(j * n_particles, (j + 1) * n_particles)
             if fixed_kernels[b] is None and n % mcfg.every == 0:  # the M-step, on this image's x̂0
                 r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
-                k = m_step(ys[b], x0[rows], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)
+                k = m_step(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)
                 ops[b] = ops[b].with_kernel(recenter_kernel(k) if mcfg.recenter else k)
-            traces[b].append(_record(_where(n + 1, N, t), i, t, x0[rows], ops[b].kernel))
+            traces[b].append(_record(_where(n + 1, N, t), i, t, x0[rows[j]], ops[b].kernel))
             try:
                 if guard is not None:
-                    guard.check_step(traces[b][-1]["where"], x0[rows], ops[b].kernel)
+                    guard.check_step(traces[b][-1]["where"], x0[rows[j]], ops[b].kernel)
                 keep.append(j)
             except DivergenceError as e:
                 out[b] = e
@@ -180,9 +201,8 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
             live = []
             break
         op = StackedOperator(tuple(ops[b] for b in live), n_particles)
-        y_rows = torch.cat([ys[b] for b in live]).repeat_interleave(n_particles, 0)
+        y_rows = torch.cat([observed(b, x0[rows[j]]) for j, b in enumerate(live)]).repeat_interleave(n_particles, 0)
         x = ddpm_update(denoiser, pred, i, [generators[b] for b in live], guidance, op, y_rows)
-        rows = [slice(j * n_particles, (j + 1) * n_particles) for j in range(len(live))]
         for j in keep:
             if callbacks[live[j]] is not None:
                 callbacks[live[j]]({"i": i, "t": t, "x": x[rows[j]], "x0": x0[rows[j]], "kernel": ops[live[j]].kernel})
@@ -200,10 +220,12 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
 def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                  kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                  rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
-                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False) -> EMResult:
+                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False,
+                 data_box: Optional[tuple] = None) -> EMResult:
     """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
 
-    `callback(info)` gets the Fast-EM keys plus "round" (0-based).
+    `callback(info)` gets the Fast-EM keys plus "round" (0-based). `data_box` as in Fast EM; the guidance
+    fills the padding with the previous step's prediction (each step returns its x̂0 after the update).
     """
     if mcfg.pigdm_r2:
         raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
@@ -212,11 +234,14 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
     N = len(sched)
     trace, nfe = [], 0
     x = None
+    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
         x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+        y_g = y if mask is None else fill_padding(y, mask, frame_mean(y, mask))  # no x̂0 yet
         for n, i in enumerate(step_indices(N, progress)):
-            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y)
+            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g)
+            y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
             nfe += 1
             t = int(sched.timesteps[i])
             trace.append(_record(_where(n + 1, N, t, l, rounds), i, t, x0, op.kernel))
@@ -225,6 +250,7 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
             if callback is not None:
                 callback({"round": l, "i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
         x = final_image(denoiser, x)
-        k = m_step(y, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
+        y_m = y if mask is None else fill_padding(y, mask, op.A(x))
+        k = m_step(y_m, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
         k = recenter_kernel(k) if mcfg.recenter else k
     return EMResult(x=x, kernel=k[0, 0], nfe=nfe, trace=trace)

@@ -22,6 +22,7 @@ import yaml
 from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
+from diffusion_em import grayscale
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import make_guidance
 from guided_diffusion.model_config import ModelConfig, build_unet, load_model_config
@@ -166,13 +167,13 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
             fixed = _fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=fixed, guard=ctx.guard,
-                                callback=callback, progress=True)
+                                callback=callback, progress=True, data_box=box)
     else:
         res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=ctx.guard,
-                           callback=callback, progress=True)
+                           callback=callback, progress=True, data_box=box)
+    ctx.guard.check_result(res, yp, sigma, box)  # on the data region only
     res = EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
-    ctx.guard.check_result(res, y, sigma)  # on the cropped result: padding is not data
     return res
 
 
@@ -195,7 +196,10 @@ def process_one(ctx: Context, sample: Sample, index: int) -> dict:
     loaded = load_sample(sample)
     sigma, source = resolve_sigma(loaded, ctx.args.sigma)
     if source == "estimated":
-        print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image", file=sys.stderr)
+        print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image "
+              f"(rule: util/noise.py)", file=sys.stderr)
+    gray = grayscale.is_grayscale(loaded.y)
+    sigma_run = grayscale.replicated_sigma(sigma, loaded.y.shape[2]) if gray else sigma
     y = image_to_tensor(loaded.y, ctx.device)
     k_true = torch.from_numpy(loaded.k_true) if loaded.k_true is not None else None
     if ctx.args.true_kernel and k_true is None:
@@ -215,7 +219,7 @@ def process_one(ctx: Context, sample: Sample, index: int) -> dict:
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1_000_003 + index * 1009 + attempt)
         frames.clear(), kernels.clear()
         try:
-            res = restore(ctx, y, sigma, sample.kind, gen, k_true if ctx.args.true_kernel else None, callback)
+            res = restore(ctx, y, sigma_run, sample.kind, gen, k_true if ctx.args.true_kernel else None, callback)
             break
         except DivergenceError as e:
             last_err = e
@@ -225,33 +229,37 @@ def process_one(ctx: Context, sample: Sample, index: int) -> dict:
     x = res.x_mean[0]
     k = res.kernel.detach().cpu().numpy()
     x_img = tensor_to_image(x.clamp(0, 1))
+    y_obs, x_true = loaded.y, loaded.x_true
+    if gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
+        x_img, y_obs = grayscale.to_gray(x_img), y_obs[..., :1]
+        x_true = None if x_true is None else grayscale.to_gray(x_true)
     out = ctx.save_dir
     name = sample.name
     save_png(out / "images" / f"{name}.png", x_img)
     if res.x.shape[0] > 1:
         for j in range(res.x.shape[0]):
-            save_png(out / "images" / f"{name}_p{j}.png", tensor_to_image(res.x[j]))
+            xj = tensor_to_image(res.x[j])
+            save_png(out / "images" / f"{name}_p{j}.png", grayscale.to_gray(xj) if gray else xj)
     if ctx.args.save_npy:
         save_npy(out / "npy" / f"{name}.npy", x_img)
     save_npy(out / "kernels" / f"{name}.npy", k.astype(np.float32))
     save_kernel_png(out / "kernels" / f"{name}.png", k)
-    save_png(out / "montage" / f"{name}.png",
-                make_montage(np.clip(loaded.y, 0, 1), x_img, loaded.x_true, k, loaded.k_true))
+    save_png(out / "montage" / f"{name}.png", make_montage(np.clip(y_obs, 0, 1), x_img, x_true, k, loaded.k_true))
     if frames:
         save_gif(out / "progress" / f"{name}_x0.gif", frames)
-        save_gif(out / "progress" / f"{name}_kernel.gif",
-                    [kernel_to_image(kk, 6) for kk in kernels])
-    m = evaluate(x_img, loaded.y, k, sigma, loaded.x_true, loaded.k_true)
+        save_gif(out / "progress" / f"{name}_kernel.gif", [kernel_to_image(kk, 6) for kk in kernels])
+    m = evaluate(x_img, y_obs, k, sigma, x_true, loaded.k_true)
     row = {"name": name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
            "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
-    if loaded.x_true is not None:
+    if x_true is not None:
         ks = max((loaded.k_true if loaded.k_true is not None else k).shape)
-        row.update(blurry_scores(np.clip(loaded.y, 0, 1), loaded.x_true, ks))
+        row.update(blurry_scores(np.clip(y_obs, 0, 1), x_true, ks))
         if res.x.shape[0] > 1:
-            row["psnr_particles"] = ";".join(f"{psnr(tensor_to_image(p), loaded.x_true):.3f}" for p in res.x)
+            parts = [tensor_to_image(p) for p in res.x]
+            row["psnr_particles"] = ";".join(f"{psnr(grayscale.to_gray(p) if gray else p, x_true):.3f}" for p in parts)
         ok, _ = lpips_available()
-        if ok:
-            row["lpips"], _ = lpips_distance(x_img, loaded.x_true)
+        if ok:  # LPIPS wants RGB
+            row["lpips"], _ = lpips_distance(np.repeat(x_img, 3, 2) if gray else x_img, loaded.x_true)
     return row
 
 

@@ -56,6 +56,19 @@ def test_batch_equals_one_by_one(tiny_unet, guidance, n, blind):
     assert not torch.equal(batch[0].kernel, batch[1].kernel) and (batch[0].x - batch[1].x).abs().max() > 1e-3
 
 
+def test_batch_with_padded_frames_equals_one_by_one(tiny_unet):
+    den = EpsDenoiser(PerSample(tiny_unet), Schedule.create(3))
+    ys, ks, sigmas = _problem(2)
+    boxes = [(4, 4, 24, 24), None]  # a photo's frame inside its padding; a circular (synthetic) image
+    gens = lambda: [torch.Generator().manual_seed(10 + b) for b in range(2)]  # noqa: E731
+    batch = fast_diffusion_em_batch(den, ys, sigmas, PiGDM(), MStepConfig(J=2), S, gens(), guard=None,
+                                    data_boxes=boxes)
+    for b, g in enumerate(gens()):
+        one = fast_diffusion_em(den, ys[b], sigmas[b], PiGDM(), MStepConfig(J=2), S, g, guard=None,
+                                data_box=boxes[b])
+        assert torch.equal(batch[b].x, one.x) and torch.equal(batch[b].kernel, one.kernel)
+
+
 def test_a_diverging_image_leaves_the_batch(tiny_unet):
     den = EpsDenoiser(PerSample(tiny_unet), Schedule.create(4))
     ys, ks, sigmas = _problem(2)
