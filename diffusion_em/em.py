@@ -18,10 +18,11 @@ from diffusion_em.mstep import MStepConfig, m_step
 from util.geometry import dirac
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import ddpm_step, ddpm_update, final_image, needs_grad, predict_x0, step_indices
+from util.errors import ProjectError
 from util.geometry import recenter as recenter_kernel
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(ProjectError, RuntimeError):
     """A run went bad (non-finite values, saturated result, data misfit far above the noise)."""
 
 

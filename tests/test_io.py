@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from util.errors import InputError
 from util.csvlog import append_csv_row, read_done_names
 from util.geometry import crop, pad_for_boundary, pad_to_multiple
 from util.fft import conv_circular
@@ -397,7 +398,7 @@ def test_list_inputs_photos_and_pickles(tmp_path):
 
 
 def test_list_inputs_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         list_inputs(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no inputs found"):
