@@ -14,8 +14,9 @@ from typing import Callable, Optional
 import torch
 
 from diffusion_em.blur import BlurOperator
+from diffusion_em.boundary import data_mask, fill_padding, frame_mean
 from diffusion_em.mstep import MStepConfig, m_step
-from util.geometry import dirac
+from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import ddpm_step, ddpm_update, final_image, needs_grad, predict_x0, step_indices
 from util.errors import ProjectError
@@ -58,11 +59,19 @@ class Guard:
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
             raise DivergenceError(f"invalid kernel at {where}: sum {float(kernel.sum()):.4g}")
 
-    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float) -> None:
-        """Raise DivergenceError naming the first step where the trajectory went bad."""
+    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
+        """Raise DivergenceError naming the step where the trajectory went bad for good.
+
+        res.x and y on the (padded) domain the EM ran on; `box` = (top, left, h, w) of the data inside it.
+        Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
+        would wrap a non-periodic photo's borders into each other (a misfit of the check, not of the result).
+        """
         op = BlurOperator.from_kernel(res.kernel, tuple(y.shape[-2:]), sigma)
-        resid = float(((op.A(res.x) - y) ** 2).mean())
-        sat_excess = saturation(res.x) - saturation(y.clamp(0, 1))
+        r, x = op.A(res.x) - y, res.x
+        if box is not None:
+            r, x, y = crop(r, box), crop(x, box), crop(y, box)
+        resid = float((r ** 2).mean())
+        sat_excess = saturation(x) - saturation(y.clamp(0, 1))
         bad = []
         if not math.isfinite(resid) or resid > self.max_residual * sigma ** 2 + self.floor:
             bad.append(f"re-blur residual {resid:.3g} vs σ² {sigma ** 2:.3g}")
@@ -70,8 +79,13 @@ class Guard:
             bad.append(f"{100 * sat_excess:.0f}% more saturated pixels than the input")
         if bad:
             y_sat = saturation(y.clamp(0, 1))
-            first = next((s for s in res.trace if s["saturation"] - y_sat > self.max_saturation_excess), None)
-            where = f"; x̂0 first saturated at {first['where']}" if first else ""
+            # x̂0 of the first, pure-noise steps is always clipped: name the start of the final saturated streak
+            first = None
+            for s in reversed(res.trace):
+                if s["saturation"] - y_sat <= self.max_saturation_excess:
+                    break
+                first = s
+            where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
 
 
@@ -94,12 +108,13 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
                       guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
-                      progress: bool = False) -> EMResult:
+                      progress: bool = False, data_box: Optional[tuple] = None) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
     `mcfg.pigdm_r2` adds ΠGDM's r_t² of the step to the M-step (paper App. D). `callback(info)` after each
-    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}.
+    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `data_box` (top, left, h, w): y is observed there
+    only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
         raise ValueError("mstep.pigdm_r2 needs ΠGDM guidance (it adds ΠGDM's r_t² to the M-step)")
@@ -108,6 +123,7 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
     sched = denoiser.schedule
     N = len(sched)
     trace, nfe = [], 0
+    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
     for n, i in enumerate(step_indices(N, progress)):
         pred = predict_x0(denoiser, x, i, needs_grad(guidance))
@@ -115,13 +131,15 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
         x0 = pred.x0.detach()
         if fixed_kernel is None and n % mcfg.every == 0:  # the M-step, on this step's x̂0
             r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
-            k = m_step(y, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
+            y_m = y if mask is None else fill_padding(y, mask, op.A(x0))
+            k = m_step(y_m, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
             op = op.with_kernel(recenter_kernel(k) if mcfg.recenter else k)
         t = int(sched.timesteps[i])
         trace.append(_record(_where(n + 1, N, t), i, t, x0, op.kernel))
         if guard is not None:
             guard.check_step(trace[-1]["where"], x0, op.kernel)
-        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y)  # guided by the new kernel
+        y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
+        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y_g)  # guided by the new kernel
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
     return EMResult(x=final_image(denoiser, x), kernel=op.kernel[0, 0], nfe=nfe, trace=trace)
@@ -130,10 +148,12 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
 def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                  kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                  rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
-                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False) -> EMResult:
+                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False,
+                 data_box: Optional[tuple] = None) -> EMResult:
     """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
 
-    `callback(info)` gets the Fast-EM keys plus "round" (0-based).
+    `callback(info)` gets the Fast-EM keys plus "round" (0-based). `data_box` as in Fast EM; the guidance
+    fills the padding with the previous step's prediction (each step returns its x̂0 after the update).
     """
     if mcfg.pigdm_r2:
         raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
@@ -142,11 +162,14 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
     N = len(sched)
     trace, nfe = [], 0
     x = None
+    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
         x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+        y_g = y if mask is None else fill_padding(y, mask, frame_mean(y, mask))  # no x̂0 yet
         for n, i in enumerate(step_indices(N, progress)):
-            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y)
+            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g)
+            y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
             nfe += 1
             t = int(sched.timesteps[i])
             trace.append(_record(_where(n + 1, N, t, l, rounds), i, t, x0, op.kernel))
@@ -155,6 +178,7 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
             if callback is not None:
                 callback({"round": l, "i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
         x = final_image(denoiser, x)
-        k = m_step(y, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
+        y_m = y if mask is None else fill_padding(y, mask, op.A(x))
+        k = m_step(y_m, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
         k = recenter_kernel(k) if mcfg.recenter else k
     return EMResult(x=x, kernel=k[0, 0], nfe=nfe, trace=trace)

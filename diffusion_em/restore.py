@@ -93,7 +93,7 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
 
     boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see `boundary_mode`); k_true: the oracle kernel
     (M-step off, the non-blind bound); callback: per-step dict (see the drivers). Raises DivergenceError when
-    the guard fails the result (judged on the cropped image: padding is not data).
+    the guard fails the result (judged on the data region: padding is not data).
     """
     d, s = r.dcfg, r.kernel_size
     yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
@@ -103,17 +103,16 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
         fixed = None if k_true is None else fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=fixed, guard=r.guard,
-                                callback=callback, progress=True)
+                                callback=callback, progress=True, data_box=box)
     else:
         if k_true is not None:
             raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
                              "re-estimate it")
         res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
-                           callback=callback, progress=True)
-    res = EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
-    r.guard.check_result(res, y, sigma)
-    return res
+                           callback=callback, progress=True, data_box=box)
+    r.guard.check_result(res, yp, sigma, box)  # on the data region only
+    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
 
 
 def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from diffusion_em import grayscale
 from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.restore import (ROOT, Restorer, boundary_mode, load_restorer, repo_path, restore,
@@ -160,7 +161,10 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     loaded = load_sample(sample)
     sigma, source = resolve_sigma(loaded, opts.sigma)
     if source == "estimated":
-        print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image", file=sys.stderr)
+        print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image "
+              f"(rule: util/noise.py)", file=sys.stderr)
+    gray = grayscale.is_grayscale(loaded.y)
+    sigma_run = grayscale.replicated_sigma(sigma, loaded.y.shape[2]) if gray else sigma
     if opts.true_kernel and loaded.k_true is None:
         raise InputError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
     y = image_to_tensor(loaded.y, r.device)
@@ -171,16 +175,19 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
         frames.clear(), kernels.clear()
 
     res, attempts = restore_with_retries(
-        r, y, sigma, lambda attempt: torch.Generator(device=r.device).manual_seed(
+        r, y, sigma_run, lambda attempt: torch.Generator(device=r.device).manual_seed(
             opts.seed * 1_000_003 + index * 1009 + attempt), on_retry,
         boundary=boundary_mode(r.dcfg.boundary, sample.kind),
         k_true=torch.from_numpy(loaded.k_true) if opts.true_kernel else None, callback=callback)
     x_img = tensor_to_image(res.x_mean[0].clamp(0, 1))
     particles = [tensor_to_image(p) for p in res.x]
+    y_obs, x_true = loaded.y, loaded.x_true
+    if gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
+        x_img, y_obs, particles = grayscale.to_gray(x_img), y_obs[..., :1], [grayscale.to_gray(p) for p in particles]
+        x_true = None if x_true is None else grayscale.to_gray(x_true)
     k = res.kernel.detach().cpu().numpy()
-    out.write_image(sample.name, x_img, particles, k, loaded.y, loaded.x_true, loaded.k_true, opts.save_npy,
-                    frames, kernels)
-    m = evaluate(x_img, loaded.y, k, sigma, loaded.x_true, loaded.k_true, particles=particles)
+    out.write_image(sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, frames, kernels)
+    m = evaluate(x_img, y_obs, k, sigma, x_true, loaded.k_true, particles=particles)
     return {"name": sample.name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
             "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
 

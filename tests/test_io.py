@@ -445,10 +445,6 @@ def test_noise_sigma_estimate(sigma255):
     assert est_t == pytest.approx(est)
 
 
-def test_noise_sigma_noise_free_is_small():
-    assert estimate_noise_sigma(_smooth_image()) < 1 / 255
-
-
 # ------------------------------------------------------------------------------------------ writers
 def _no_temp(d: Path):
     return [f.name for f in d.iterdir() if f.name.endswith(".tmp")]

@@ -130,7 +130,8 @@ def test_photo_folder_estimates_sigma(setup, capsys):
     assert main(_args(tmp, cfgs["fastem_pigdm"], photos, out), method="fast_em") == 0
     rows = _rows(out)
     assert all(r["status"] == "ok" and r["sigma_source"] == "estimated" and r["psnr"] == "" for r in rows)
-    assert np.asarray(Image.open(out / "images" / "grey.png")).shape == (30, 36, 3)
+    assert np.asarray(Image.open(out / "images" / "grey.png")).shape == (30, 36)  # grayscale in, grayscale out
+    assert np.asarray(Image.open(out / "images" / "rgba.png")).shape == (32, 32, 3)
     assert "estimated" in capsys.readouterr().err
 
 

@@ -293,7 +293,8 @@ def evaluate(x_est: ArrayLike, y: ArrayLike, k_est: ArrayLike, sigma: float,
         out.update(blurry_scores(np.clip(to_numpy_image(y), 0, 1), x_true, ks))
         if particles is not None and len(particles) > 1:
             out["psnr_particles"] = ";".join(f"{psnr(p, x_true):.3f}" for p in particles)
-        out["lpips"], _ = lpips_distance(x_est, x_true)
+        rgb = lambda a: np.repeat(a, 3, 2) if np.shape(a)[-1] == 1 else a  # noqa: E731 — LPIPS wants RGB
+        out["lpips"], _ = lpips_distance(rgb(to_numpy_image(x_est)), rgb(to_numpy_image(x_true)))
     return out
 
 
