@@ -1,4 +1,4 @@
-"""The EM drivers: Fast Diffusion EM and Diffusion EM (DESIGN §1), plus the divergence guard.
+"""The EM drivers: Fast Diffusion EM and Diffusion EM (docs/algorithm.md §1), plus the divergence guard.
 
 Both receive a ready denoiser, guidance rule, M-step settings, the measurement and a generator; they do
 no I/O. `n` particles run as one batch and share one kernel (the M-step averages over them).

@@ -81,7 +81,7 @@ def read_meta_csv(path: PathLike) -> dict:
 
 
 def list_inputs(input_dir: PathLike) -> list:
-    """Discover the inputs of a run, sorted by name (DESIGN §4).
+    """Discover the inputs of a run, sorted by name (docs/algorithm.md §4).
 
     - `<dir>/blurry/` exists: test-set folder; sharp/<name>.* and kernel/<name>.npy are attached when
       present, σ from meta.csv when listed.
