@@ -1,4 +1,4 @@
-"""The EM drivers: Fast Diffusion EM and Diffusion EM (DESIGN §1), plus the divergence guard.
+"""The EM drivers: Fast Diffusion EM and Diffusion EM (docs/algorithm.md §1), plus the divergence guard.
 
 Both receive a ready denoiser, guidance rule, M-step settings, the measurement and a generator; they do
 no I/O. `n` particles run as one batch and share one kernel (the M-step averages over them).
@@ -20,10 +20,11 @@ from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import (ddpm_step, ddpm_update, final_image, gaussian, needs_grad,
                                       predict_x0, step_indices)
+from util.errors import ProjectError
 from util.geometry import recenter as recenter_kernel
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(ProjectError, RuntimeError):
     """A run went bad (non-finite values, saturated result, data misfit far above the noise)."""
 
 

@@ -1,4 +1,4 @@
-"""The ADM ("guided-diffusion") UNet, written from its specification (shared/reference/ADM_UNET_NOTES.md).
+"""The ADM ("guided-diffusion") UNet (Dhariwal & Nichol 2021), written from its published architecture.
 
 State-dict names match the public checkpoints (DPS `ffhq_10m.pt`, OpenAI `256x256_diffusion_uncond.pt`),
 so they load unchanged. Differences from the original that do not change the result:
