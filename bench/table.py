@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         for n in need:
             out = args.results_root / setname / n
             oracle = METHODS[n].oracle
-            rows = evaluate_folder(ts, out, args.results_root / setname / oracle if oracle in need else None, True) \
+            rows = evaluate_folder(ts, out, args.results_root / setname / oracle if oracle in need else None) \
                 if out.is_dir() else []
             if rows:
                 write_outputs(rows, out, {"method": n, "testset": str(ts)})

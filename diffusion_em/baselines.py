@@ -42,7 +42,7 @@ from util.outputs import save_json, save_kernel_png, save_npy, save_png
 METHODS = ("blurry", "tikhonov", "tikhonov_oracle", "hyper_laplacian", "l0_blind")
 FIELDS = ("name", "status", "message", "method", "sigma", "boundary_mode", "lam", "psnr", "ssim", "psnr_aligned",
           "ssim_aligned", "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
-          "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
+          "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe")
 PAD_MODES = ("auto", "circular", "taper", "reflect", "replicate")
 
 

@@ -11,7 +11,8 @@ overall, per σ and per kernel size, success rates at error ratio ≤ 2 and ≤ 
 Per case (util.metrics, DESIGN §5): PSNR/SSIM plain and shift-aligned for the result, the blurry input and
 the oracle; kernel MSE (aligned, raw) when a kernel was estimated; re-blur error (circular model) with the
 estimated kernel, else with the true one; error ratio; LPIPS only when available (`util.metrics.lpips_available`).
-`score_case` is the one function the runner (`diffusion_em.run`) also uses for its metrics.csv.
+`score_case` scores through util.metrics.evaluate, the function the runner (`diffusion_em.run`) uses for its
+metrics.csv, so a method scored here and our runs mean the same numbers.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ import numpy as np
 from util.images import ImageReadError, read_image, read_kernel
 from util.inputs import LoadedSample, list_inputs, load_sample, resolve_sigma
 from util.outputs import save_json, save_text
-from util.metrics import (aligned_scores, blurry_scores, evaluate, lpips_available, lpips_distance, reblur_error,
-                          success_rates)
+from util.metrics import aligned_scores, evaluate, lpips_available, reblur_error, success_rates
 
 DEFAULT_ALIGN_KERNEL = 31  # alignment search when no kernel is known at all: border 15, shifts ±15
 EVAL_FIELDS = ("name", "status", "message", "sigma", "boundary", "kernel_size", "psnr", "ssim", "psnr_aligned",
@@ -51,24 +51,20 @@ def size_bin(kernel_size) -> Optional[str]:
 
 
 def score_case(x_est: np.ndarray, sample: LoadedSample, k_est: Optional[np.ndarray], sigma: float,
-               x_oracle: Optional[np.ndarray] = None, with_lpips: bool = True) -> dict:
-    """All metrics of one restored image x_est (H×W×3 in [0, 1]) against its loaded test case."""
+               x_oracle: Optional[np.ndarray] = None) -> dict:
+    """All metrics of one restored image x_est (H×W×3 in [0, 1]) against its loaded test case: the runner's
+    util.metrics.evaluate, plus the oracle's aligned PSNR and the error ratio when an oracle result is given."""
     k_ref = sample.k_true if sample.k_true is not None else k_est
     ks = max(k_ref.shape) if k_ref is not None else DEFAULT_ALIGN_KERNEL
     row = evaluate(x_est, sample.y, k_est, sigma, sample.x_true, sample.k_true, align_kernel_size=ks)
     if k_est is None and sample.k_true is not None:  # a method without a kernel: re-blur with the true one
         row["reblur_error"] = reblur_error(sample.k_true, x_est, sample.y, sigma)
-    if sample.x_true is None:
-        return row
-    row.update(blurry_scores(np.clip(sample.y, 0, 1), sample.x_true, ks))
-    if x_oracle is not None:
+    if sample.x_true is not None and x_oracle is not None:
         est = aligned_scores(x_est, sample.x_true, ks)
         orc = aligned_scores(x_oracle, sample.x_true, ks)
         row["psnr_oracle_aligned"] = orc["psnr_aligned"]
         num, den = est["sse_aligned"], orc["sse_aligned"]
         row["error_ratio"] = (1.0 if num == 0 else math.inf) if den == 0 else num / den
-    if with_lpips and lpips_available()[0]:
-        row["lpips"], _ = lpips_distance(x_est, sample.x_true)
     return row
 
 
@@ -104,7 +100,7 @@ def _meta_columns(testset: Path) -> dict:
         return {r["name"]: r for r in csv.DictReader(f)}
 
 
-def evaluate_folder(testset, results, oracle=None, with_lpips: bool = True) -> list:
+def evaluate_folder(testset, results, oracle=None) -> list:
     """One row (EVAL_FIELDS) per test case; cases without a result get status 'missing'."""
     testset, results = Path(testset), Path(results)
     meta = _meta_columns(testset)
@@ -136,7 +132,7 @@ def evaluate_folder(testset, results, oracle=None, with_lpips: bool = True) -> l
             if oracle is not None:
                 op = find_result(Path(oracle), s.name)
                 xo = read_image(op, clip=True) if op is not None else None
-            row.update(score_case(x, loaded, k, sigma, xo, with_lpips), status="ok", message="")
+            row.update(score_case(x, loaded, k, sigma, xo), status="ok", message="")
         except (ImageReadError, ValueError, OSError) as e:
             row.update(status="failed", message=" ".join(str(e).split()))
             print(f"{s.name}: {row['message']}", file=sys.stderr)
@@ -192,10 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--results", required=True, help="folder of restored images named like the test set")
     p.add_argument("--oracle", default=None, help="results of the same solver with the true kernel (error ratio)")
     p.add_argument("--out", default=None, help="where eval.csv and eval.json go (default: --results)")
-    p.add_argument("--no_lpips", action="store_true", help="skip LPIPS even when available")
     args = p.parse_args(argv)
     try:
-        rows = evaluate_folder(args.testset, args.results, args.oracle, not args.no_lpips)
+        rows = evaluate_folder(args.testset, args.results, args.oracle)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ def test_evaluate_foreign_outputs(testset, tmp_path):
         save_png(res / "images" / f"{s.name}.png", np.roll(x, 1, axis=1))  # a method whose output is shifted
         save_png(orc / f"{s.name}.png", np.clip(x + rng.normal(0, 0.02, x.shape), 0, 1))
     (res / "metrics.csv").write_text("name,status,seconds,nfe\n" + f"{samples[0].name},ok,1.5,100\n")
-    assert EV.main(["--testset", str(testset), "--results", str(res), "--oracle", str(orc), "--no_lpips"]) == 0
+    assert EV.main(["--testset", str(testset), "--results", str(res), "--oracle", str(orc)]) == 0
     with open(res / "eval.csv", newline="") as f:
         rows = {r["name"]: r for r in csv.DictReader(f)}
     a, b, c = (rows[s.name] for s in samples)
@@ -57,10 +57,10 @@ def test_evaluate_foreign_outputs(testset, tmp_path):
 
 def test_score_case_with_kernel_and_wrong_size(testset, tmp_path):
     s = load_sample(list_inputs(testset)[0])
-    row = EV.score_case(s.x_true, s, s.k_true, s.sigma, with_lpips=False)
+    row = EV.score_case(s.x_true, s, s.k_true, s.sigma)
     assert row["psnr"] == math.inf and row["kernel_mse"] == 0.0 and abs(row["reblur_error"]) < 1e-3
     res = tmp_path / "bad"
     save_png(res / "images" / f"{s.name}.png", s.x_true[:40])
-    rows = EV.evaluate_folder(testset, res, with_lpips=False)
+    rows = EV.evaluate_folder(testset, res)
     assert rows[0]["status"] == "failed" and "result is" in rows[0]["message"]
     assert EV.size_bin(9) == "≤13 px" and EV.size_bin(27) == "23–33 px" and EV.size_bin(None) is None

@@ -76,7 +76,7 @@ def test_all_configs_end_to_end(setup, name, method):
     rows = _rows(out)
     assert [r["name"] for r in rows] == ["im0", "im1"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["diffusion"]["method"] == method and summary["images"] == 2
+    assert summary["settings"]["diffusion"]["method"] == method and summary["images"] == 2
     assert (out / "config.yaml").exists()
     for r in rows:
         assert r["status"] == "ok", r["message"]
@@ -130,7 +130,8 @@ def test_photo_folder_estimates_sigma(setup, capsys):
     assert main(_args(tmp, cfgs["fastem_pigdm"], photos, out), method="fast_em") == 0
     rows = _rows(out)
     assert all(r["status"] == "ok" and r["sigma_source"] == "estimated" and r["psnr"] == "" for r in rows)
-    assert np.asarray(Image.open(out / "images" / "grey.png")).shape == (30, 36, 3)
+    assert np.asarray(Image.open(out / "images" / "grey.png")).shape == (30, 36)  # grayscale in, grayscale out
+    assert np.asarray(Image.open(out / "images" / "rgba.png")).shape == (32, 32, 3)
     assert "estimated" in capsys.readouterr().err
 
 
@@ -150,17 +151,18 @@ def test_authors_pickles(setup):
 
 def test_true_kernel_equals_nonblind_sampler(setup):
     from diffusion_em.nonblind import deblur_nonblind
-    from diffusion_em.run import build_context, build_parser, restore
+    from diffusion_em.restore import restore
+    from diffusion_em.run import build_parser, restorer_from_args
     from util.images import image_to_tensor
     from util.inputs import list_inputs, load_sample
 
     tmp, cfgs, data = setup
     args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
-    ctx = build_context(args, "fast_em")
+    ctx = restorer_from_args(args, "fast_em")
     s = load_sample(list_inputs(data)[0])
     y = image_to_tensor(s.y)
     k = torch.from_numpy(s.k_true)
-    em = restore(ctx, y, s.sigma, "folder", torch.Generator().manual_seed(7), k_true=k, boundary="circular")
+    em = restore(ctx, y, s.sigma, torch.Generator().manual_seed(7), boundary="circular", k_true=k)
     k9 = torch.nn.functional.pad(k, (2, 2, 2, 2))  # the 5×5 kernel centred in the 9×9 support
     assert torch.allclose(em.kernel, k9, atol=1e-7)  # fixed kernel: never touched by an M-step
     nb = deblur_nonblind(ctx.denoiser, y, em.kernel, s.sigma, ctx.guidance, torch.Generator().manual_seed(7))
@@ -168,19 +170,19 @@ def test_true_kernel_equals_nonblind_sampler(setup):
 
 
 def test_boundary_auto_needs_a_declared_circular_blur(setup, tmp_path):
-    from diffusion_em.run import _boundary, build_context, build_parser
+    from diffusion_em.restore import boundary_mode
+    from diffusion_em.run import build_parser
     from util.images import ImageReadError
     from util.inputs import list_inputs
 
+    assert boundary_mode("auto", "folder", "circular") == "circular"
+    assert boundary_mode("auto", "folder", None) == "taper"  # undeclared: may be a real capture
+    assert boundary_mode("auto", "folder", "valid") == "taper" == boundary_mode("auto", "photo", None)
+    assert boundary_mode("auto", "pickle", None) == "circular"
+    assert boundary_mode("reflect", "folder", "circular") == "reflect"  # a forced mode wins
     tmp, cfgs, data = setup
-    ctx = build_context(build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o")), "fast_em")
-    assert _boundary(ctx, "folder", "circular") == "circular"
-    assert _boundary(ctx, "folder", None) == "taper"  # undeclared: may be a real capture
-    assert _boundary(ctx, "folder", "valid") == "taper" and _boundary(ctx, "photo", None) == "taper"
-    assert _boundary(ctx, "pickle", None) == "circular"
-    ctx = build_context(build_parser("fast_em").parse_args(
-        _args(tmp, cfgs["fastem_pigdm"], data, tmp / "o", "--boundary", "reflect")), "fast_em")
-    assert _boundary(ctx, "folder", "circular") == "reflect"  # the flag wins
+    assert build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o", "--boundary",
+                                                    "reflect")).boundary == "reflect"
     d = tmp_path / "declared_set"
     shutil.copytree(data, d)
     (d / "meta.csv").write_text("name,sigma,boundary\nim0,0.02,valid\nim1,0.02,circular\n")
@@ -216,3 +218,15 @@ def test_divergence_guard_fails_garbage_with_a_message(setup):
     assert r["status"] == "failed" and "diverged" in r["message"] and "after 2 attempts" in r["message"]
     assert not (out / "images" / "im0.png").exists()  # never written as a success
 
+
+
+def test_a_bug_is_a_crash_not_a_failed_row(setup, monkeypatch):
+    """The loop caught ValueError and OSError, so a programming error became a 'failed' row and exit 1."""
+    import diffusion_em.run as run
+    tmp, cfgs, data = setup
+
+    def broken_metric(*a, **k):
+        raise ValueError("a bug in the metrics code")
+    monkeypatch.setattr(run, "evaluate", broken_metric)
+    with pytest.raises(ValueError, match="a bug in the metrics code"):
+        main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--max_images", "1"), method="fast_em")
