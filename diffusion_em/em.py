@@ -32,6 +32,7 @@ class EMResult:
     kernel: torch.Tensor            # (s, s), sums to 1
     nfe: int                        # UNet evaluations
     trace: list = field(default_factory=list)   # per-step dicts: where, i, t, saturation of x̂0, kernel max
+    reblur_mse: Optional[float] = None  # mean (k⊛x − y)² over the observed frame (set by the runner's guard)
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -58,8 +59,9 @@ class Guard:
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
             raise DivergenceError(f"invalid kernel at {where}: sum {float(kernel.sum()):.4g}")
 
-    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
-        """Raise DivergenceError naming the step where the trajectory went bad for good.
+    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> float:
+        """Raise DivergenceError naming the step where the trajectory went bad for good; else return the
+        mean squared re-blur residual it judged.
 
         res.x and y on the (padded) domain the EM ran on; `box` = (top, left, h, w) of the data inside it.
         Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
@@ -86,6 +88,7 @@ class Guard:
                 first = s
             where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
+        return resid
 
 
 def _where(n: int, N: int, t: int, round_: Optional[int] = None, rounds: Optional[int] = None) -> str:

@@ -39,7 +39,7 @@ from util.metrics import blurry_scores, evaluate, lpips_available, lpips_distanc
 
 FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
           "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
-          "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts")
+          "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts", "reblur_rms_frame", "flag")
 DEFAULT_CONFIGS = {"fast_em": "configs/diffusion_config_fastem_pigdm.yaml",
                    "diffusion_em": "configs/diffusion_config_pigdm.yaml"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,8 +172,8 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
         res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=ctx.guard,
                            callback=callback, progress=True, data_box=box)
-    ctx.guard.check_result(res, yp, sigma, box)  # on the data region only
-    res = EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
+    resid = ctx.guard.check_result(res, yp, sigma, box)  # on the data region only
+    res = EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid)
     return res
 
 
@@ -260,7 +260,28 @@ def process_one(ctx: Context, sample: Sample, index: int) -> dict:
         ok, _ = lpips_available()
         if ok:  # LPIPS wants RGB
             row["lpips"], _ = lpips_distance(np.repeat(x_img, 3, 2) if gray else x_img, loaded.x_true)
+    row["reblur_rms_frame"] = None if res.reblur_mse is None else res.reblur_mse ** 0.5
+    row["flag"] = ";".join(quality_flags(row, sigma))
+    if row["flag"]:
+        print(f"{name}: flagged {row['flag']}", file=sys.stderr)
     return row
+
+
+POOR_FIT = 3.0  # a result whose re-blur misfits the observed frame by more than 3σ (RMS) does not explain it
+
+
+def quality_flags(row: dict, sigma: float) -> list:
+    """Why a finished result may be worse than its input, so that it is never reported silently:
+    'worse_than_blurry' (aligned PSNR below the blurry input's, when the sharp image is known) and
+    'poor_fit' (re-blur RMS on the observed frame above POOR_FIT·σ: the restoration does not explain y)."""
+    flags = []
+    pa, pb = row.get("psnr_aligned"), row.get("psnr_blurry_aligned")
+    if pa is not None and pb is not None and pa < pb:
+        flags.append("worse_than_blurry")
+    rms = row.get("reblur_rms_frame")
+    if rms is not None and rms > POOR_FIT * sigma:
+        flags.append("poor_fit")
+    return flags
 
 
 def _versions() -> dict:
