@@ -18,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.em import DivergenceError  # noqa: E402
-from diffusion_em.run import build_context, build_parser, restore  # noqa: E402
+from diffusion_em.restore import boundary_mode, restore  # noqa: E402
+from diffusion_em.run import build_parser, restorer_from_args  # noqa: E402
 from util.images import image_to_tensor, tensor_to_image  # noqa: E402
 from util.inputs import list_inputs, load_sample  # noqa: E402
 from util.metrics import kernel_mse, psnr  # noqa: E402
@@ -30,7 +31,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = build_context(args, "fast_em")
+    ctx = restorer_from_args(args, "fast_em")
     rows = []
     samples = list_inputs(args.input_dir)[: args.max_images]
     for index, sample in enumerate(samples):
@@ -47,7 +48,7 @@ def main(argv=None):
             gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + index * 1009)
             t0 = time.time()
             try:
-                res = restore(ctx, y, s.sigma, sample.kind, gen, k_true=k)
+                res = restore(ctx, y, s.sigma, gen, boundary=boundary_mode(ctx.dcfg.boundary, sample.kind), k_true=k)
             except DivergenceError as e:
                 row[f"psnr_{tag}"], row[f"error_{tag}"] = None, str(e)
                 continue

@@ -109,7 +109,7 @@ def test_diffusion_config_errors_name_the_key(tmp_path, make, change, message):
 
 def test_the_schedule_comes_from_the_model_config(tmp_path, tiny_unet, tiny_unet_config):
     """Training read `schedule` from the model config while sampling used the diffusion config's: one source now."""
-    from diffusion_em.run import build_context, build_parser
+    from diffusion_em.run import build_parser, restorer_from_args
     from guided_diffusion.schedule import Schedule
 
     torch.save(tiny_unet.state_dict(), tmp_path / "unet.pt")
@@ -118,6 +118,6 @@ def test_the_schedule_comes_from_the_model_config(tmp_path, tiny_unet, tiny_unet
     diff = _write(tmp_path, {**_fast(), "steps": 7}, "d.yaml")
     args = build_parser("fast_em").parse_args(["--img_model_config", str(model), "--kernel_config", str(kernel),
                                                "--diffusion_config", str(diff), "--device", "cpu"])
-    ctx = build_context(args, "fast_em")
+    ctx = restorer_from_args(args, "fast_em")
     assert (ctx.denoiser.schedule.alphas_cumprod == Schedule.create(7, "cosine").alphas_cumprod).all()
     assert not (ctx.denoiser.schedule.alphas_cumprod == Schedule.create(7, "linear").alphas_cumprod).all()

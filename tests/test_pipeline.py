@@ -76,7 +76,7 @@ def test_all_configs_end_to_end(setup, name, method):
     rows = _rows(out)
     assert [r["name"] for r in rows] == ["im0", "im1"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["diffusion"]["method"] == method and summary["images"] == 2
+    assert summary["settings"]["diffusion"]["method"] == method and summary["images"] == 2
     assert (out / "config.yaml").exists()
     for r in rows:
         assert r["status"] == "ok", r["message"]
@@ -153,17 +153,18 @@ def test_authors_pickles(setup):
 
 def test_true_kernel_equals_nonblind_sampler(setup):
     from diffusion_em.nonblind import deblur_nonblind
-    from diffusion_em.run import build_context, build_parser, restore
+    from diffusion_em.restore import restore
+    from diffusion_em.run import build_parser, restorer_from_args
     from util.images import image_to_tensor
     from util.inputs import list_inputs, load_sample
 
     tmp, cfgs, data = setup
     args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
-    ctx = build_context(args, "fast_em")
+    ctx = restorer_from_args(args, "fast_em")
     s = load_sample(list_inputs(data)[0])
     y = image_to_tensor(s.y)
     k = torch.from_numpy(s.k_true)
-    em = restore(ctx, y, s.sigma, "folder", torch.Generator().manual_seed(7), k_true=k)
+    em = restore(ctx, y, s.sigma, torch.Generator().manual_seed(7), boundary="circular", k_true=k)
     k9 = torch.nn.functional.pad(k, (2, 2, 2, 2))  # the 5×5 kernel centred in the 9×9 support
     assert torch.allclose(em.kernel, k9, atol=1e-7)  # fixed kernel: never touched by an M-step
     nb = deblur_nonblind(ctx.denoiser, y, em.kernel, s.sigma, ctx.guidance, torch.Generator().manual_seed(7))
@@ -198,9 +199,21 @@ def test_divergence_guard_fails_garbage_with_a_message(setup):
 
 
 
+def test_a_bug_is_a_crash_not_a_failed_row(setup, monkeypatch):
+    """The loop caught ValueError and OSError, so a programming error became a 'failed' row and exit 1."""
+    import diffusion_em.run as run
+    tmp, cfgs, data = setup
+
+    def broken_metric(*a, **k):
+        raise ValueError("a bug in the metrics code")
+    monkeypatch.setattr(run, "evaluate", broken_metric)
+    with pytest.raises(ValueError, match="a bug in the metrics code"):
+        main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--max_images", "1"), method="fast_em")
+
+
 def test_quality_flags():
     """A finished result worse than its input is flagged, never reported silently."""
-    from diffusion_em.run import quality_flags
+    from diffusion_em.results import quality_flags
     s = 2 / 255
     assert quality_flags({"psnr_aligned": 25.0, "psnr_blurry_aligned": 24.0, "reblur_rms_frame": 2 * s}, s) == []
     assert quality_flags({"psnr_aligned": 21.8, "psnr_blurry_aligned": 27.2, "reblur_rms_frame": 2 * s},

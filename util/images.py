@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from util.errors import InputError
+
 PathLike = Union[str, os.PathLike]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(InputError):
     """An input file (image, kernel, pickle, meta.csv) could not be read or is invalid."""
 
 

@@ -13,6 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from util.errors import InputError
 from util.images import IMAGE_EXTS, PathLike, fail, read_image, read_kernel
 from util.noise import estimate_noise_sigma
 from util.safe_pickle import PICKLE_EXT, load_pickle_sample
@@ -48,7 +49,7 @@ def _by_stem(files: Iterable[Path], exts: Sequence[str], where: Path) -> dict:
     for f in files:
         if f.suffix.lower() in exts:
             if f.stem in out:
-                raise ValueError(f"{where}: two inputs share the name '{f.stem}' ({out[f.stem].name}, {f.name})")
+                raise InputError(f"{where}: two inputs share the name '{f.stem}' ({out[f.stem].name}, {f.name})")
             out[f.stem] = f
     return out
 
@@ -80,7 +81,7 @@ def read_meta_csv(path: PathLike) -> dict:
 
 
 def list_inputs(input_dir: PathLike) -> list:
-    """Discover the inputs of a run, sorted by name (DESIGN §4).
+    """Discover the inputs of a run, sorted by name (docs/algorithm.md §4).
 
     - `<dir>/blurry/` exists: test-set folder; sharp/<name>.* and kernel/<name>.npy are attached when
       present, σ from meta.csv when listed.
@@ -97,9 +98,9 @@ def list_inputs(input_dir: PathLike) -> list:
             return [Sample(root.stem, root, kind="pickle")]
         if ext in IMAGE_EXTS:
             return [Sample(root.stem, root, kind="photo")]
-        raise ValueError(f"{root}: not an image or .pickle file")
+        raise InputError(f"{root}: not an image or .pickle file")
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: input folder does not exist")
+        raise InputError(f"{root}: input folder does not exist")
     meta_path = root / "meta.csv"
     meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
 
@@ -114,11 +115,11 @@ def list_inputs(input_dir: PathLike) -> list:
         photos = _by_stem(files, IMAGE_EXTS, root)
         clash = sorted(set(pickles) & set(photos))
         if clash:
-            raise ValueError(f"{root}: names used by both a pickle and an image: {clash}")
+            raise InputError(f"{root}: names used by both a pickle and an image: {clash}")
         samples = [Sample(n, f, sigma=meta.get(n), kind="pickle") for n, f in pickles.items()]
         samples += [Sample(n, f, sigma=meta.get(n), kind="photo") for n, f in photos.items()]
     if not samples:
-        raise ValueError(f"{root}: no inputs found (expected blurry/<name>.{{png,jpg,tif,npy}}, "
+        raise InputError(f"{root}: no inputs found (expected blurry/<name>.{{png,jpg,tif,npy}}, "
                          f"image files, or *.pickle)")
     return sorted(samples, key=lambda s: s.name)
 
@@ -156,7 +157,7 @@ def resolve_sigma(sample: LoadedSample, override: Optional[float] = None) -> tup
     """
     if override is not None:
         if not (math.isfinite(override) and 0 <= override < 1):
-            raise ValueError(f"sigma override {override} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
+            raise InputError(f"sigma override {override} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
         return float(override), "override"
     if sample.sigma is not None:
         return float(sample.sigma), "given"

@@ -1,4 +1,4 @@
-"""Evaluation metrics, defined once so every number the project reports means the same thing (DESIGN §5).
+"""Evaluation metrics, defined once so every number the project reports means the same thing (docs/algorithm.md §5).
 
 Array conventions: numpy images are H×W×C (the I/O layer's layout); torch images are (..., C, H, W).
 Kernels are 2-D (s1×s2), numpy or torch. All metrics are computed in float64 on the CPU so that they do
@@ -110,7 +110,7 @@ def ssim(x: ArrayLike, y: ArrayLike) -> float:
 
 # ----------------------------------------------------------------------------------------------- kernels
 def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple[float, float]:
-    """Kernel MSE (aligned, raw) per DESIGN §5.
+    """Kernel MSE (aligned, raw) per docs/algorithm.md §5.
 
     Both kernels are normalised to sum 1 and zero-padded, centred, to the larger of the two sizes. The
     aligned value is the minimum over all integer shifts (dy, dx) in [-max_shift, max_shift]² of
@@ -136,7 +136,7 @@ def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple
 
 # ----------------------------------------------------------------------------------------------- re-blur
 def reblur_error(k_est: ArrayLike, x_est: ArrayLike, y: ArrayLike, sigma: float) -> float:
-    """mean((k̂ ⊛ x̂ − y)²) − σ², with circular true convolution (DESIGN §2).
+    """mean((k̂ ⊛ x̂ − y)²) − σ², with circular true convolution (docs/algorithm.md §2).
 
     Close to 0 for a consistent estimate, negative when over-fitting the noise, large when the kernel or
     the image is off. The kernel is used as given (not renormalised): it is the model's own estimate.
@@ -271,6 +271,7 @@ def success_rates(ratios, thresholds=(2.0, 3.0)) -> dict:
 METRIC_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "shift_y", "shift_x", "kernel_mse",
                  "kernel_mse_raw", "reblur_error")
 BLURRY_FIELDS = ("psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned")
+ALL_FIELDS = METRIC_FIELDS + BLURRY_FIELDS + ("psnr_particles", "lpips")
 
 
 def _fits_alignment(img: ArrayLike, kernel_size: int) -> bool:
@@ -279,11 +280,29 @@ def _fits_alignment(img: ArrayLike, kernel_size: int) -> bool:
 
 def evaluate(x_est: ArrayLike, y: ArrayLike, k_est: ArrayLike, sigma: float,
              x_true: Optional[ArrayLike] = None, k_true: Optional[ArrayLike] = None,
-             max_shift: int = 4) -> dict:
-    """Every DESIGN §5 metric of one restored image, keyed by METRIC_FIELDS; None where the ground truth
-    needed is unknown (real photos). The re-blur error needs no ground truth and is always computed.
-    Aligned scores use the true kernel's size (else the estimate's) for border and search range, and are
-    None for images too small for the border crop (under 2·border + 11 px)."""
+             max_shift: int = 4, particles: Optional[list] = None) -> dict:
+    """Every metric of one restored image, keyed by ALL_FIELDS; None where the ground truth needed is
+    unknown (real photos). The re-blur error needs no ground truth and is always computed. Aligned scores
+    use the true kernel's size (else the estimate's) for border and search range, and are None for images
+    too small for the border crop (under 2·border + 11 px). With ground truth: the blurry input's scores,
+    each particle's PSNR (';'-joined, when there are several) and LPIPS when available."""
+    out = dict.fromkeys(ALL_FIELDS)
+    out.update(_restoration_scores(x_est, y, k_est, sigma, x_true, k_true, max_shift))
+    if x_true is not None:
+        ks = max((k_true if k_true is not None else k_est).shape[-2:])
+        out.update(blurry_scores(np.clip(to_numpy_image(y), 0, 1), x_true, ks))
+        if particles is not None and len(particles) > 1:
+            out["psnr_particles"] = ";".join(f"{psnr(p, x_true):.3f}" for p in particles)
+        rgb = lambda a: np.repeat(a, 3, 2) if np.shape(a)[-1] == 1 else a  # noqa: E731 — LPIPS wants RGB
+        out["lpips"], _ = lpips_distance(rgb(to_numpy_image(x_est)), rgb(to_numpy_image(x_true)))
+    return out
+
+
+def to_numpy_image(a: ArrayLike) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _restoration_scores(x_est, y, k_est, sigma, x_true, k_true, max_shift) -> dict:
     out = dict.fromkeys(METRIC_FIELDS)
     if x_true is not None:
         out["psnr"], out["ssim"] = psnr(x_est, x_true), ssim(x_est, x_true)

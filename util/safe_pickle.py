@@ -46,7 +46,7 @@ def _safe_load_from_bytes(b):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits exactly the three globals of the authors' test-set pickles (DESIGN §3); refuses the rest."""
+    """Admits exactly the three globals of the authors' test-set pickles (docs/algorithm.md §3); refuses the rest."""
 
     _ALLOWED: dict = {
         ("torch._utils", "_rebuild_tensor_v2"): _safe_rebuild_tensor_v2,
