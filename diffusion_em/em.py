@@ -18,7 +18,8 @@ from diffusion_em.boundary import data_mask, fill_padding, frame_mean
 from diffusion_em.mstep import MStepConfig, m_step
 from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
-from guided_diffusion.sampler import ddpm_step, ddpm_update, final_image, needs_grad, predict_x0, step_indices
+from guided_diffusion.sampler import (ddpm_step, ddpm_update, final_image, gaussian, needs_grad,
+                                      predict_x0, step_indices)
 from util.errors import ProjectError
 from util.geometry import recenter as recenter_kernel
 
@@ -104,6 +105,30 @@ def _initial_kernel(s: int, y: torch.Tensor, k: Optional[torch.Tensor]) -> torch
     return dirac(s, y.device, y.dtype) if k is None else k.to(y).reshape(1, 1, s, s)
 
 
+@dataclass(frozen=True)
+class StackedOperator:
+    """Several images' blur operators side by side in one batch: image b owns rows [b·n, (b+1)·n) (its n
+    particles) and is handled by its own operator (kernel, σ), exactly as when it runs alone.
+
+    Guidance receives y with the same rows (each image's observation repeated per particle)."""
+    ops: tuple
+    n: int = 1
+
+    def _rows(self, b: int) -> slice:
+        return slice(b * self.n, (b + 1) * self.n)
+
+    @property
+    def kernel(self) -> torch.Tensor:
+        return torch.cat([op.kernel for op in self.ops])
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([op.A(x[self._rows(b)]) for b, op in enumerate(self.ops)])
+
+    def pigdm_solve(self, y: torch.Tensor, x0: torch.Tensor, r2) -> torch.Tensor:
+        rows = [self._rows(b) for b in range(len(self.ops))]
+        return torch.cat([op.pigdm_solve(y[r][:1], x0[r], r2) for op, r in zip(self.ops, rows)])
+
+
 def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
@@ -115,34 +140,82 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
     `mcfg.pigdm_r2` adds ΠGDM's r_t² of the step to the M-step (paper App. D). `callback(info)` after each
     step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `data_box` (top, left, h, w): y is observed there
     only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
+    Raises DivergenceError when the guard fails.
+    """
+    res = fast_diffusion_em_batch(denoiser, [y], [sigma], guidance, mcfg, kernel_size, [generator], kernel_denoiser,
+                                  n_particles, [k_init], [fixed_kernel], guard, [callback], progress, [data_box])[0]
+    if isinstance(res, DivergenceError):
+        raise res
+    return res
+
+
+def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guidance, mcfg: MStepConfig,
+                            kernel_size: int, generators: list, kernel_denoiser=None, n_particles: int = 1,
+                            k_inits: Optional[list] = None, fixed_kernels: Optional[list] = None,
+                            guard: Optional[Guard] = Guard(), callbacks: Optional[list] = None,
+                            progress: bool = False, data_boxes: Optional[list] = None) -> list:
+    """Fast EM on B images of one size in one UNet batch, each with its own kernel, σ, M-step and generator.
+
+    Equals B separate `fast_diffusion_em` runs (same generators): only the UNet evaluation is shared.
+    ys: B tensors (1, C, H, W); k_inits / fixed_kernels / callbacks / data_boxes: None or B entries (each may
+    be None).
+    Returns B entries: an EMResult, or the DivergenceError that stopped that image (the others go on).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
         raise ValueError("mstep.pigdm_r2 needs ΠGDM guidance (it adds ΠGDM's r_t² to the M-step)")
-    k0 = fixed_kernel if fixed_kernel is not None else k_init
-    op = BlurOperator.from_kernel(_initial_kernel(kernel_size, y, k0), tuple(y.shape[-2:]), sigma)
+    B = len(ys)
+    if len({tuple(y.shape) for y in ys}) != 1 or ys[0].shape[0] != 1:
+        raise ValueError(f"a batch needs images (1, C, H, W) of one size, got {[tuple(y.shape) for y in ys]}")
+    k_inits, fixed_kernels = k_inits or [None] * B, fixed_kernels or [None] * B
+    callbacks = callbacks or [None] * B
+    shape = tuple(ys[0].shape[-2:])
+    masks = [data_mask(shape, box, ys[0].device, ys[0].dtype) for box in (data_boxes or [None] * B)]
+    ops = [BlurOperator.from_kernel(_initial_kernel(kernel_size, y, f if f is not None else k0), shape, s)
+           for y, s, k0, f in zip(ys, sigmas, k_inits, fixed_kernels)]
     sched = denoiser.schedule
     N = len(sched)
-    trace, nfe = [], 0
-    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
-    x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+    traces, out = [[] for _ in range(B)], [None] * B
+    live = list(range(B))  # images still running; a diverged one leaves the batch
+    x = gaussian((B * n_particles,) + tuple(ys[0].shape[1:]), generators, ys[0].device)
+    def observed(b, x0_b):  # y on the frame, k ⊛ x̂0 on the padding around it (none for circular data)
+        return ys[b] if masks[b] is None else fill_padding(ys[b], masks[b], ops[b].A(x0_b))
+
     for n, i in enumerate(step_indices(N, progress)):
         pred = predict_x0(denoiser, x, i, needs_grad(guidance))
-        nfe += 1
         x0 = pred.x0.detach()
-        if fixed_kernel is None and n % mcfg.every == 0:  # the M-step, on this step's x̂0
-            r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
-            y_m = y if mask is None else fill_padding(y, mask, op.A(x0))
-            k = m_step(y_m, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
-            op = op.with_kernel(recenter_kernel(k) if mcfg.recenter else k)
         t = int(sched.timesteps[i])
-        trace.append(_record(_where(n + 1, N, t), i, t, x0, op.kernel))
-        if guard is not None:
-            guard.check_step(trace[-1]["where"], x0, op.kernel)
-        y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
-        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y_g)  # guided by the new kernel
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
-    return EMResult(x=final_image(denoiser, x), kernel=op.kernel[0, 0], nfe=nfe, trace=trace)
+        rows = [slice(j * n_particles, (j + 1) * n_particles) for j in range(len(live))]
+        keep = []
+        for j, b in enumerate(live):
+            if fixed_kernels[b] is None and n % mcfg.every == 0:  # the M-step, on this image's x̂0
+                r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
+                k = m_step(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)
+                ops[b] = ops[b].with_kernel(recenter_kernel(k) if mcfg.recenter else k)
+            traces[b].append(_record(_where(n + 1, N, t), i, t, x0[rows[j]], ops[b].kernel))
+            try:
+                if guard is not None:
+                    guard.check_step(traces[b][-1]["where"], x0[rows[j]], ops[b].kernel)
+                keep.append(j)
+            except DivergenceError as e:
+                out[b] = e
+        if not keep:
+            live = []
+            break
+        op = StackedOperator(tuple(ops[b] for b in live), n_particles)
+        y_rows = torch.cat([observed(b, x0[rows[j]]) for j, b in enumerate(live)]).repeat_interleave(n_particles, 0)
+        x = ddpm_update(denoiser, pred, i, [generators[b] for b in live], guidance, op, y_rows)
+        for j in keep:
+            if callbacks[live[j]] is not None:
+                callbacks[live[j]]({"i": i, "t": t, "x": x[rows[j]], "x0": x0[rows[j]], "kernel": ops[live[j]].kernel})
+        if len(keep) < len(live):  # a diverged image leaves the batch (samples never mix: the rest is unchanged)
+            x = torch.cat([x[rows[j]] for j in keep])
+            live = [live[j] for j in keep]
+    if live:
+        x = final_image(denoiser, x)
+        for j, b in enumerate(live):
+            out[b] = EMResult(x=x[j * n_particles:(j + 1) * n_particles], kernel=ops[b].kernel[0, 0], nfe=N,
+                              trace=traces[b])
+    return out
 
 
 def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,

@@ -23,6 +23,15 @@ class Prediction(NamedTuple):
     x0: torch.Tensor
 
 
+def gaussian(shape: tuple, generator, device) -> torch.Tensor:
+    """N(0, I) of `shape`. With a list of generators (one per image of a batch), each draws its own equal
+    share of the rows, exactly as it would alone: a batched run then equals the one-by-one runs."""
+    if isinstance(generator, (list, tuple)):
+        rows = shape[0] // len(generator)
+        return torch.cat([torch.randn((rows,) + tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def needs_grad(guidance) -> bool:
     return guidance is not None and getattr(guidance, "needs_grad", True)
 
@@ -43,7 +52,7 @@ def ddpm_update(denoiser: EpsDenoiser, pred: Prediction, i: int, generator: torc
     mean = float(sched.posterior_mean_coef1[i]) * pred.x0_model.detach() + float(sched.posterior_mean_coef2[i]) * x
     if i > 0:
         std = math.sqrt(float(sched.posterior_variance[i]))
-        mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+        mean = mean + std * gaussian(mean.shape, generator, mean.device)
     if guidance is not None:
         mean = mean + guidance.correction(pred.x_t, pred.x0, sched, i, op, y)
     return mean
