@@ -116,8 +116,8 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
         res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
                            callback=callback, progress=True, data_box=box)
-    r.guard.check_result(res, yp, sigma, box)  # on the data region only
-    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
+    resid = r.guard.check_result(res, yp, sigma, box)  # on the data region only
+    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid)
 
 
 def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],

@@ -25,7 +25,7 @@ from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, dif
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, load_restorer, repo_path, restore,
                                   restore_with_retries)
-from diffusion_em.results import FIELDS, ResultsFolder, summarise
+from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
 from util.errors import InputError, ProjectError, ResourceError
@@ -233,8 +233,13 @@ def _process(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, 
     k = res.kernel.detach().cpu().numpy()
     out.write_image(sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, frames, kernels)
     m = evaluate(x_img, y_obs, k, sigma, x_true, loaded.k_true, particles=particles)
-    return {"name": sample.name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
-            "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
+    row = {"name": sample.name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
+           "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts,
+           "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
+    row["flag"] = ";".join(quality_flags(row, sigma))
+    if row["flag"]:
+        print(f"{sample.name}: flagged {row['flag']}", file=sys.stderr)
+    return row
 
 
 def run_all(r: Restorer, opts: RunOptions, out: ResultsFolder, samples: list) -> list:
