@@ -16,6 +16,7 @@ Error ratio (Levin et al. 2009): aligned SSE of a blind method over that of its 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import math
@@ -69,6 +70,24 @@ def command(name: str, testset: Path, out: Path, threads: int, max_images: Optio
     if max_images:
         cmd += ["--max_images", str(max_images)]
     return cmd
+
+
+def _newest(folder: Path) -> float:
+    files = [f for f in folder.rglob("*") if f.is_file() and f.name not in ("eval.csv", "eval.json", "run.log")] \
+        if folder.is_dir() else []
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def scored_rows(testset: Path, out: Path, oracle: Optional[Path]) -> list:
+    """evaluate_folder's rows, reused from out/eval.csv when it is newer than every result (and oracle) file."""
+    cache = out / "eval.csv"
+    if cache.is_file() and cache.stat().st_mtime > max(_newest(out), _newest(oracle) if oracle else 0.0,
+                                                       _newest(testset)):
+        with open(cache, newline="") as f:
+            return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
+    rows = evaluate_folder(testset, out, oracle)
+    write_outputs(rows, out, {"testset": str(testset), "oracle": str(oracle) if oracle else None})
+    return rows
 
 
 def run_method(name, testset, out, threads, max_images, log) -> int:
@@ -195,13 +214,18 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max_images", type=int, default=None, help="run at most this many cases per method (first by name)")
     ap.add_argument("--no_run", action="store_true", help="only score existing result folders")
+    ap.add_argument("--run_only", default=None,
+                    help="comma list: run only these methods (the others are scored from existing folders)")
     ap.add_argument("--note", action="append", default=[], help="a line added under the tables (e.g. which runs were reduced)")
     args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)  # scoring too: the box is shared
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         print(f"error: unknown method(s) {unknown}; known: {', '.join(METHODS)}", file=sys.stderr)
         return 2
+    run_only = None if args.run_only is None else {m.strip() for m in args.run_only.split(",")}
     need = list(dict.fromkeys(names + [METHODS[n].oracle for n in names if METHODS[n].oracle in names]))
     plot_path = args.plot or args.out.parent / "benchmarks_psnr_seconds.png"
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -217,15 +241,13 @@ def main(argv=None) -> int:
         for n in need:
             out = args.results_root / setname / n
             cmds.append(" ".join(shlex.quote(c) for c in command(n, ts, out, args.threads, args.max_images)))
-            if not args.no_run:
+            if not args.no_run and (run_only is None or n in run_only):
                 run_method(n, ts, out, args.threads, args.max_images, None)
         for n in need:
             out = args.results_root / setname / n
             oracle = METHODS[n].oracle
-            rows = evaluate_folder(ts, out, args.results_root / setname / oracle if oracle in need else None) \
+            rows = scored_rows(ts, out, args.results_root / setname / oracle if oracle in need else None) \
                 if out.is_dir() else []
-            if rows:
-                write_outputs(rows, out, {"method": n, "testset": str(ts)})
             per[n] = {r["name"]: r for r in rows if r.get("status") == "ok"}
         common = sorted(set.intersection(*(set(per[n]) for n in names))) if names else []
         counts = ", ".join(f"{n} {len(per[n])}" for n in names)
@@ -235,6 +257,11 @@ def main(argv=None) -> int:
             md += ["(no common finished cases yet)", ""]
             continue
         md += main_table(per, names, common) + [""]
+        n_all = len(evaluate_folder(ts, ts / "__none__"))
+        full = [n for n in names if len(per[n]) == n_all]
+        if len(common) < n_all and full:
+            md += [f"All {n_all} cases, methods that finished them all:", ""]
+            md += main_table(per, full, sorted(set.intersection(*(set(per[n]) for n in full)))) + [""]
         sig = sorted({sigma_key(per[names[0]][c]) for c in common}, key=lambda g: float(g.split("/")[0]))
         md += group_table(per, names, common, sigma_key, sig, "Per noise level σ") + [""]
         sizes = [lab for _, _, lab in SIZE_BINS if any(size_key(per[names[0]][c]) == lab for c in common)]
