@@ -240,7 +240,7 @@ def main(argv=None) -> int:
         cmds = []
         for n in need:
             out = args.results_root / setname / n
-            cmds.append(" ".join(shlex.quote(c) for c in command(n, ts, out, args.threads, args.max_images)))
+            cmds.append(" ".join(["python"] + [shlex.quote(c) for c in command(n, ts, out, args.threads, args.max_images)[1:]]))
             if not args.no_run and (run_only is None or n in run_only):
                 run_method(n, ts, out, args.threads, args.max_images, None)
         for n in need:
@@ -252,30 +252,32 @@ def main(argv=None) -> int:
         common = sorted(set.intersection(*(set(per[n]) for n in names))) if names else []
         counts = ", ".join(f"{n} {len(per[n])}" for n in names)
         md += [f"## {setname}", "", f"Test set `{ts}` (cases: its README.md). Finished cases per method: {counts}. "
-               f"**Tables below: the {len(common)} cases every method finished.**", ""]
+               "Each table compares methods on the same cases.", ""]
         if not common:
             md += ["(no common finished cases yet)", ""]
             continue
-        md += main_table(per, names, common) + [""]
         n_all = len(evaluate_folder(ts, ts / "__none__"))
         full = [n for n in names if len(per[n]) == n_all]
+        scopes = [(names, common, f"The {len(common)} cases every method finished")]
         if len(common) < n_all and full:
-            md += [f"All {n_all} cases, methods that finished them all:", ""]
-            md += main_table(per, full, sorted(set.intersection(*(set(per[n]) for n in full)))) + [""]
-        sig = sorted({sigma_key(per[names[0]][c]) for c in common}, key=lambda g: float(g.split("/")[0]))
-        md += group_table(per, names, common, sigma_key, sig, "Per noise level σ") + [""]
-        sizes = [lab for _, _, lab in SIZE_BINS if any(size_key(per[names[0]][c]) == lab for c in common)]
-        md += group_table(per, names, common, size_key, sizes, "Per kernel size (true kernel's array size)") + [""]
+            scopes.append((full, sorted(set.intersection(*(set(per[n]) for n in full))),
+                           f"All {n_all} cases, methods that finished them all"))
+        for ms, cases, title in scopes:
+            md += [f"### {title}", ""] + main_table(per, ms, cases) + [""]
+            sig = sorted({sigma_key(per[ms[0]][c]) for c in cases}, key=lambda g: float(g.split("/")[0]))
+            md += group_table(per, ms, cases, sigma_key, sig, "Per noise level σ") + [""]
+            sizes = [lab for _, _, lab in SIZE_BINS if any(size_key(per[ms[0]][c]) == lab for c in cases)]
+            md += group_table(per, ms, cases, size_key, sizes, "Per kernel size (true kernel's array size)") + [""]
         md += ["Commands (each skips images it already finished):", "", "```"] + cmds + ["```", ""]
         points[setname] = [(n, _mean([per[n][c] for c in common], "seconds"),
                             _mean([per[n][c] for c in common], "psnr_aligned")) for n in names]
         io_summary = {n: {"n": len(per[n])} for n in names}
         (args.results_root / setname).mkdir(parents=True, exist_ok=True)
         (args.results_root / setname / "table.json").write_text(json.dumps({"common": common, "counts": io_summary}))
-    md += ["## Notes", "", "- Metrics: `util/metrics.py` and `python -m diffusion_em.evaluate` (DESIGN §5): aligned = "
+    md += ["## Notes", "", "- Metrics: `util/metrics.py` and `python -m diffusion_em.evaluate` (docs/algorithm.md): aligned = "
            "border max(15 px, kernel radius) cropped, best integer then 0.25-px (Fourier) shift within ± kernel radius. "
            "Error ratio = aligned SSE of the blind method / aligned SSE of the same solver with the true kernel "
-           "(Levin et al. 2009); success = ratio ≤ 2 (≤ 3). Kernel MSE: DESIGN §5 (aligned within ±4 px, per tap of the estimate).",
+           "(Levin et al. 2009); success = ratio ≤ 2 (≤ 3). Kernel MSE (aligned within ±4 px, per tap of the estimate).",
            "- UNet evals: network evaluations per image (0 for classical methods). s/img excludes scoring."]
     md += [f"- {n}" for n in args.note]
     msg = plot(points, plot_path)

@@ -8,7 +8,7 @@ R holds the outputs of any method, named like the test set's cases: `R/images/<n
 non-blind oracle), for Levin's error ratio. Writes `eval.csv` (one row per case) and `eval.json` (means
 overall, per σ and per kernel size, success rates at error ratio ≤ 2 and ≤ 3) into --out (default R).
 
-Per case (util.metrics, DESIGN §5): PSNR/SSIM plain and shift-aligned for the result, the blurry input and
+Per case (util.metrics, docs/algorithm.md): PSNR/SSIM plain and shift-aligned for the result, the blurry input and
 the oracle; kernel MSE (aligned, raw) when a kernel was estimated; re-blur error (circular model) with the
 estimated kernel, else with the true one; error ratio; LPIPS only when available (`util.metrics.lpips_available`).
 `score_case` scores through util.metrics.evaluate, the function the runner (`diffusion_em.run`) uses for its
