@@ -34,14 +34,21 @@ class EMResult:
     kernel: torch.Tensor            # (s, s), sums to 1
     nfe: int                        # UNet evaluations
     trace: list = field(default_factory=list)   # per-step dicts: where, i, t, saturation of x̂0, kernel max
+    reblur_mse: Optional[float] = None  # mean (k⊛x − y)² over the observed frame (set by the runner's guard)
 
     @property
     def x_mean(self) -> torch.Tensor:
         return self.x.mean(0, keepdim=True)
 
 
-def saturation(x: torch.Tensor, lo: float = 0.02, hi: float = 0.98) -> float:
-    """Fraction of pixels saturated in every channel (white or black), averaged over the batch."""
+CLIP_LO, CLIP_HI = 0.5 / 255, 1 - 0.5 / 255  # values an 8-bit writer turns into 0 or 255
+
+
+def saturation(x: torch.Tensor, lo: float = CLIP_LO, hi: float = CLIP_HI) -> float:
+    """Fraction of pixels clipped to black or white in every channel, averaged over the batch.
+
+    Clipped, not merely dark: the Levin captures have their black level at 0.02–0.035 and a quarter of
+    their pixels below 0.06, so the former test (≤ 0.02) counted a slightly dark shadow as saturation."""
     return float(((x >= hi).all(1) | (x <= lo).all(1)).float().mean())
 
 
@@ -60,8 +67,9 @@ class Guard:
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
             raise DivergenceError(f"invalid kernel at {where}: sum {float(kernel.sum()):.4g}")
 
-    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
-        """Raise DivergenceError naming the step where the trajectory went bad for good.
+    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> float:
+        """Raise DivergenceError naming the step where the trajectory went bad for good; else return the
+        mean squared re-blur residual it judged.
 
         res.x and y on the (padded) domain the EM ran on; `box` = (top, left, h, w) of the data inside it.
         Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
@@ -88,6 +96,7 @@ class Guard:
                 first = s
             where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
+        return resid
 
 
 def _where(n: int, N: int, t: int, round_: Optional[int] = None, rounds: Optional[int] = None) -> str:

@@ -147,10 +147,10 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
 def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float):
     """The cropped result, or the DivergenceError the guard raises on it (on the data region only)."""
     try:
-        r.guard.check_result(res, yp, sigma, box)
+        resid = r.guard.check_result(res, yp, sigma, box)
     except DivergenceError as e:
         return e
-    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
+    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid)
 
 
 def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],

@@ -25,7 +25,7 @@ from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, dif
 from diffusion_em.em import DivergenceError
 from diffusion_em.restore import (ROOT, Restorer, boundary_mode, load_restorer, repo_path, restore_batch,
                                   restore_with_retries)
-from diffusion_em.results import FIELDS, ResultsFolder, summarise
+from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
 from util.errors import InputError, ProjectError
@@ -234,8 +234,13 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     out.write_image(one.sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, one.frames,
                     one.kernels)
     m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
-    return {"name": one.sample.name, "status": "ok", "message": "", "sigma": one.sigma,
-            "sigma_source": one.sigma_source, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts}
+    row = {"name": one.sample.name, "status": "ok", "message": "", "sigma": one.sigma,
+           "sigma_source": one.sigma_source, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
+           "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
+    row["flag"] = ";".join(quality_flags(row, one.sigma))
+    if row["flag"]:
+        print(f"{one.sample.name}: flagged {row['flag']}", file=sys.stderr)
+    return row
 
 
 def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int) -> dict:

@@ -84,8 +84,10 @@ def test_all_configs_end_to_end(setup, name, method):
         assert (out / "montage" / f"{r['name']}.png").exists()
         k = np.load(out / "kernels" / f"{r['name']}.npy")
         assert k.shape == (9, 9) and abs(k.sum() - 1) < 1e-4 and k.min() >= 0
-        for f in ("psnr", "ssim", "kernel_mse", "kernel_mse_raw", "reblur_error", "seconds", "psnr_blurry"):
+        for f in ("psnr", "ssim", "kernel_mse", "kernel_mse_raw", "reblur_error", "seconds", "psnr_blurry",
+                  "reblur_rms_frame"):
             assert np.isfinite(float(r[f]))
+        assert set(filter(None, r["flag"].split(";"))) <= {"worse_than_blurry", "poor_fit"}
         expect_nfe = 4 if method == "fast_em" else 8
         assert int(r["nfe"]) == expect_nfe
 
@@ -207,3 +209,14 @@ def test_a_bug_is_a_crash_not_a_failed_row(setup, monkeypatch):
     monkeypatch.setattr(run, "evaluate", broken_metric)
     with pytest.raises(ValueError, match="a bug in the metrics code"):
         main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--max_images", "1"), method="fast_em")
+
+
+def test_quality_flags():
+    """A finished result worse than its input is flagged, never reported silently."""
+    from diffusion_em.results import quality_flags
+    s = 2 / 255
+    assert quality_flags({"psnr_aligned": 25.0, "psnr_blurry_aligned": 24.0, "reblur_rms_frame": 2 * s}, s) == []
+    assert quality_flags({"psnr_aligned": 21.8, "psnr_blurry_aligned": 27.2, "reblur_rms_frame": 2 * s},
+                         s) == ["worse_than_blurry"]
+    assert quality_flags({"psnr_aligned": None, "psnr_blurry_aligned": None, "reblur_rms_frame": 4 * s},
+                         s) == ["poor_fit"]
