@@ -22,13 +22,14 @@ import torch
 from diffusion_em import grayscale, shard
 from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
+from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
-from diffusion_em.restore import (ROOT, Restorer, boundary_mode, load_restorer, repo_path, restore_batch,
-                                  restore_with_retries)
+from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, load_restorer, repo_path,
+                                  restore_batch, restore_with_retries)
 from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
-from util.errors import InputError, ProjectError
+from util.errors import InputError, ProjectError, ResourceError
 from util.images import image_to_tensor, tensor_to_image
 from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
 from util.metrics import evaluate, lpips_available
@@ -71,6 +72,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--true_kernel", action="store_true",
                    help="oracle: use the ground-truth kernel, M-step off (the non-blind ΠGDM*/DPS* bound)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--memory_budget_gb", type=float, default=None,
+                   help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
+                        "0: no check)")
     p.add_argument("--batch_size", type=int, default=1,
                    help="images per UNet batch, each with its own kernel, σ and M-step (Fast EM; images of one "
                         "padded size share a batch). Under torchrun each rank batches its own share")
@@ -103,6 +107,8 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
     """Flag values that cannot work, refused before anything loads (InputError naming the flag)."""
     if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
         raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}")
+    if args.memory_budget_gb is not None and not (np.isfinite(args.memory_budget_gb) and args.memory_budget_gb >= 0):
+        raise InputError(f"--memory_budget_gb {args.memory_budget_gb}: must be >= 0 (0: no check)")
     if args.batch_size > 1 and method != "fast_em":
         raise InputError("--batch_size > 1 is a test_FastDiffEM.py option (Diffusion EM runs one image at a time)")
     for flag in ("threads", "max_images", "steps", "n_particles", "batch_size"):
@@ -134,6 +140,8 @@ def restorer_from_args(args: argparse.Namespace, method: str) -> Restorer:
 @dataclass(frozen=True)
 class RunOptions:
     """What a run does with each image beyond restoring it (from the command line)."""
+    model_cfg: Optional[ModelConfig] = None  # for the memory estimate
+    memory_budget: Optional[int] = None      # bytes; None: no check
     seed: int = 0
     sigma: Optional[float] = None          # σ for every image, overriding meta.csv / estimates
     true_kernel: bool = False              # oracle: the ground-truth kernel, M-step off
@@ -162,6 +170,24 @@ def _progress_recorder(steps: int):
     return record, frames, kernels
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
+def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) -> None:
+    """Refuse before any diffusion: an image smaller than the kernel, or one over the memory budget."""
+    H, W = y.shape[:2]
+    if min(H, W) < r.kernel_size:
+        raise InputError(f"{sample.blurry}: image {W}×{H} is smaller than the {r.kernel_size}×{r.kernel_size} kernel "
+                         f"(use a smaller --kernel_config)")
+    if opts.model_cfg is not None:
+        try:
+            check_budget(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget)
+        except ResourceError as e:
+            raise ResourceError(f"{sample.blurry}: {e}") from None
+
+
 @dataclass
 class Loaded:
     """One sample read and checked, ready to restore (σ resolved; grayscale replicated to RGB)."""
@@ -179,11 +205,16 @@ class Loaded:
     kernels: list = field(default_factory=list)
 
 
-def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int) -> Loaded:
-    """Read one sample and resolve its σ; raises a ProjectError naming the file when it cannot be used."""
+def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: dict) -> Loaded:
+    """Read and check one sample, resolve its σ (into `known` too, for a failed row); raises a ProjectError
+    naming the file when it cannot be used."""
     t0 = time.time()
     loaded = load_sample(sample)
     sigma, source = resolve_sigma(loaded, opts.sigma)
+    if sigma < SIGMA_FLOOR:
+        source = f"{source}; ran at the floor {SIGMA_FLOOR:g}"
+    known.update(sigma=sigma, sigma_source=source)
+    _check_size(r, opts, sample, loaded.y)
     if source == "estimated":
         print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image "
               f"(rule: util/noise.py)", file=sys.stderr)
@@ -243,43 +274,86 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     return row
 
 
-def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int) -> dict:
-    """Deblur one sample and write its outputs; returns its metrics row (status ok)."""
-    one = load_one(r, opts, sample, index)
-    res, attempts = _retry(r, opts, one)
-    return finish_one(opts, out, one, res, attempts, time.time() - one.t0)
+def _out_of_memory_error(r: Restorer, sample: Sample, e: BaseException) -> ResourceError:
+    if r.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
+                         f"--memory_budget_gb so such inputs are refused before they start")
 
 
-def _failed_row(sample: Sample, e: ProjectError) -> dict:
+def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int,
+                known: Optional[dict] = None) -> dict:
+    """Deblur one sample and write its outputs; returns its metrics row (status ok). `known` receives what is
+    learnt before a failure (σ and its source) so a failed row can still report it."""
+    known = {} if known is None else known
+    try:
+        one = load_one(r, opts, sample, index, known)
+        res, attempts = _retry(r, opts, one)
+        return finish_one(opts, out, one, res, attempts, time.time() - one.t0)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        raise _out_of_memory_error(r, sample, e) from None
+
+
+def _failed_row(sample: Sample, e: ProjectError, known: dict) -> dict:
     msg = " ".join(str(e).split())
     print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
-    return {"name": sample.name, "status": "failed", "message": msg}
+    return {"name": sample.name, "status": "failed", "message": msg, **known}
+
+
+def _fit_together(r: Restorer, opts: RunOptions, ready: list) -> bool:
+    """Whether the memory budget holds the batch (the largest image, times the batch's rows)."""
+    if opts.model_cfg is None or not ready:
+        return True
+    H, W = max(o.y.shape[-2] for o in ready), max(o.y.shape[-1] for o in ready)
+    try:
+        check_budget(H, W, r.dcfg.n_particles * len(ready), opts.model_cfg, r.kernel_size, opts.memory_budget)
+    except ResourceError:
+        return False
+    return True
 
 
 def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list) -> list:
     """Deblur several (index, sample) pairs, images of one padded size in one UNet batch (Fast EM), and write
-    their outputs. The first attempt runs batched; an image the guard fails is retried alone. Each row's
-    `seconds` is its share of the batch's time (plus its own retries)."""
-    rows, ready = {}, []
+    their outputs. The first attempt runs batched; an image the guard fails is retried alone, and a batch
+    that runs out of memory is redone one image at a time. Each row's `seconds` is its share of the
+    batch's time (plus its own retries)."""
+    rows, ready, known = {}, [], {sample.name: {} for _, sample in items}
     for index, sample in items:
         try:
-            ready.append(load_one(r, opts, sample, index))
+            ready.append(load_one(r, opts, sample, index, known[sample.name]))
         except ProjectError as e:
-            rows[sample.name] = _failed_row(sample, e)
+            rows[sample.name] = _failed_row(sample, e, known[sample.name])
     t0 = time.time()
-    results = restore_batch(
-        r, [o.y for o in ready], [o.sigma_run for o in ready], [_generator(r, opts, o.index, 0) for o in ready],
-        [boundary_mode(r.dcfg.boundary, o.sample.kind) for o in ready], [_k_true(opts, o) for o in ready],
-        [o.callback for o in ready]) if ready else []
+    try:
+        if not _fit_together(r, opts, ready):
+            raise MemoryError(f"the memory budget fits these {len(ready)} images one at a time, not together")
+        results = restore_batch(
+            r, [o.y for o in ready], [o.sigma_run for o in ready], [_generator(r, opts, o.index, 0) for o in ready],
+            [boundary_mode(r.dcfg.boundary, o.sample.kind) for o in ready], [_k_true(opts, o) for o in ready],
+            [o.callback for o in ready]) if ready else []
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"batch of {len(ready)}: {' '.join(str(e).split())[:160]}; one image at a time", file=sys.stderr)
+        results = [None] * len(ready)
     share = (time.time() - t0) / max(1, len(ready))
     for one, res in zip(ready, results):
+        name = one.sample.name
         try:
-            t1, attempts = time.time(), 1
-            if isinstance(res, DivergenceError):
+            t1, attempts, spent = time.time(), 1, share
+            if res is None:  # the batch ran out of memory
+                spent, (res, attempts) = 0.0, _retry(r, opts, one)
+            elif isinstance(res, DivergenceError):
                 res, attempts = _retry(r, opts, one, first_attempt=1, failed=res)
-            rows[one.sample.name] = finish_one(opts, out, one, res, attempts, share + time.time() - t1)
+            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1)
         except ProjectError as e:
-            rows[one.sample.name] = _failed_row(one.sample, e)
+            rows[name] = _failed_row(one.sample, e, known[name])
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise
+            rows[name] = _failed_row(one.sample, _out_of_memory_error(r, one.sample, e), known[name])
     return [rows[sample.name] for _, sample in items]
 
 
@@ -302,11 +376,11 @@ def run_all(r: Restorer, opts: RunOptions, out: ResultsFolder, samples: list, ba
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         if batch_size == 1:
-            index, sample = chunk[0]
+            (index, sample), known = chunk[0], {}
             try:
-                new = [process_one(r, opts, out, sample, index)]
+                new = [process_one(r, opts, out, sample, index, known)]
             except ProjectError as e:
-                new = [_failed_row(sample, e)]
+                new = [_failed_row(sample, e, known)]
         else:
             new = process_batch(r, opts, out, chunk)
         for row in new:
@@ -357,14 +431,17 @@ def main(argv=None, method: str = "fast_em") -> int:
 
 
 def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
-    opts = RunOptions(seed=args.seed, sigma=args.sigma, true_kernel=args.true_kernel, save_npy=args.save_npy,
-                      save_progress=args.save_progress, overwrite=args.overwrite)
     out = ResultsFolder(args.save_dir)
     failed = None
     try:
         dcfg, kcfg, model_cfg = load_configs(args, method)
+        budget = (default_budget_bytes(device) if args.memory_budget_gb is None else
+                  None if args.memory_budget_gb == 0 else int(args.memory_budget_gb * 2**30))
+        opts = RunOptions(model_cfg=model_cfg, memory_budget=budget, seed=args.seed, sigma=args.sigma,
+                          true_kernel=args.true_kernel, save_npy=args.save_npy, save_progress=args.save_progress,
+                          overwrite=args.overwrite)
         settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)
-        samples = list_inputs(args.input_dir)
+        samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))
         if ranks.main:
             out.check()
             out.claim(settings, args.overwrite)
