@@ -16,8 +16,12 @@ import torch
 from diffusion_em.blur import BlurOperator
 from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
 from guided_diffusion.denoiser import EpsDenoiser
-from guided_diffusion.sampler import ddpm_step, ddpm_update, final_image, needs_grad, predict_x0, step_indices
+from guided_diffusion.sampler import (branch, branch_start, ddpm_step, ddpm_update, final_image, initial_noise,
+                                      needs_grad, predict_x0, step_indices)
 from kernel_denoiser.kernels import recenter as recenter_kernel
+
+
+OUTPUTS = ("sample", "mean")
 
 
 class DivergenceError(RuntimeError):
@@ -34,6 +38,13 @@ class EMResult:
     @property
     def x_mean(self) -> torch.Tensor:
         return self.x.mean(0, keepdim=True)
+
+    def image(self, output: str = "sample") -> torch.Tensor:
+        """The result (1, C, H, W): 'sample' = the first particle, a posterior sample (the paper's output);
+        'mean' = the particle average, an estimate of the posterior mean (lower squared error)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        return self.x[:1] if output == "sample" else self.x_mean
 
 
 def saturation(x: torch.Tensor, lo: float = 0.02, hi: float = 0.98) -> float:
@@ -92,12 +103,13 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
                       guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
-                      progress: bool = False) -> EMResult:
+                      progress: bool = False, eta: float = 1.0, branch_fraction: float = 1.0) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
     `mcfg.pigdm_r2` adds ΠGDM's r_t² of the step to the M-step (paper App. D). `callback(info)` after each
-    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}.
+    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `eta` < 1: DDIM steps (Schedule.step_coefs); the
+    particles share one trajectory until the last `branch_fraction` of the steps (sampler.branch_start).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
         raise ValueError("mstep.pigdm_r2 needs ΠGDM guidance (it adds ΠGDM's r_t² to the M-step)")
@@ -106,8 +118,10 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
     sched = denoiser.schedule
     N = len(sched)
     trace, nfe = [], 0
-    x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+    start = branch_start(N, branch_fraction)
+    x = initial_noise(n_particles, y.shape[1:], start, generator, y.device)
     for n, i in enumerate(step_indices(N, progress)):
+        x = branch(x, n_particles) if n == start else x
         pred = predict_x0(denoiser, x, i, needs_grad(guidance))
         nfe += 1
         x0 = pred.x0.detach()
@@ -119,7 +133,7 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
         trace.append(_record(_where(n + 1, N, t), i, t, x0, op.kernel))
         if guard is not None:
             guard.check_step(trace[-1]["where"], x0, op.kernel)
-        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y)  # guided by the new kernel
+        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y, eta)  # guided by the new kernel
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
     return EMResult(x=final_image(denoiser, x), kernel=op.kernel[0, 0], nfe=nfe, trace=trace)
@@ -128,10 +142,11 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
 def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                  kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                  rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
-                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False) -> EMResult:
+                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False, eta: float = 1.0,
+                 branch_fraction: float = 1.0) -> EMResult:
     """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
 
-    `callback(info)` gets the Fast-EM keys plus "round" (0-based).
+    `callback(info)` gets the Fast-EM keys plus "round" (0-based); `eta`, `branch_fraction` as in Fast EM.
     """
     if mcfg.pigdm_r2:
         raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
@@ -139,12 +154,14 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
     sched = denoiser.schedule
     N = len(sched)
     trace, nfe = [], 0
+    start = branch_start(N, branch_fraction)
     x = None
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
-        x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+        x = initial_noise(n_particles, y.shape[1:], start, generator, y.device)
         for n, i in enumerate(step_indices(N, progress)):
-            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y)
+            x = branch(x, n_particles) if n == start else x
+            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y, eta)
             nfe += 1
             t = int(sched.timesteps[i])
             trace.append(_record(_where(n + 1, N, t, l, rounds), i, t, x0, op.kernel))

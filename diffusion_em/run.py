@@ -162,11 +162,11 @@ def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.G
             fixed = _fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=fixed, guard=ctx.guard,
-                                callback=callback, progress=True)
+                                callback=callback, progress=True, eta=d.eta, branch_fraction=d.branch_fraction)
     else:
         res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=ctx.guard,
-                           callback=callback, progress=True)
+                           callback=callback, progress=True, eta=d.eta, branch_fraction=d.branch_fraction)
     res = EMResult(x=io.crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
     ctx.guard.check_result(res, y, sigma)  # on the cropped result: padding is not data
     return res
@@ -218,7 +218,7 @@ def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
             print(f"{sample.name}: attempt {attempt + 1}: {e}", file=sys.stderr)
     if res is None:
         raise DivergenceError(f"{last_err} (after {attempts} attempts)")
-    x = res.x_mean[0]
+    x = res.image(ctx.dcfg.output)[0]
     k = res.kernel.detach().cpu().numpy()
     x_img = io.tensor_to_image(x.clamp(0, 1))
     out = ctx.save_dir

@@ -1,0 +1,104 @@
+"""The options that move the output towards the posterior mean: DDIM η, late-branching particles, output mode."""
+import math
+
+import pytest
+import torch
+
+from diffusion_em.blur import BlurOperator
+from diffusion_em.em import EMResult, fast_diffusion_em
+from diffusion_em.mstep import MStepConfig
+from guided_diffusion.denoiser import EpsDenoiser
+from guided_diffusion.guidance import PiGDM
+from guided_diffusion.sampler import branch_start, ddpm_update, predict_x0, sample
+from guided_diffusion.schedule import Schedule
+
+
+def _setup(tiny_unet, steps=6):
+    den = EpsDenoiser(tiny_unet, Schedule.create(steps))
+    op = BlurOperator.from_kernel(torch.ones(3, 3) / 9, (32, 32), 0.05)
+    y = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    return den, op, y
+
+
+def test_eta_one_is_the_ddpm_step_bitwise(tiny_unet):
+    den, op, y = _setup(tiny_unet)
+    s, i = den.schedule, 3
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    pred = predict_x0(den, x, i, track_grad=True)
+    got = ddpm_update(den, pred, i, torch.Generator().manual_seed(2), PiGDM(), op, y, eta=1.0)
+    g = torch.Generator().manual_seed(2)
+    ref = float(s.posterior_mean_coef1[i]) * pred.x0_model.detach() + float(s.posterior_mean_coef2[i]) * x
+    ref = ref + math.sqrt(float(s.posterior_variance[i])) * torch.randn(ref.shape, generator=g)
+    again = predict_x0(den, x, i, track_grad=True)  # guidance consumes the graph: a fresh one, same values
+    ref = ref + PiGDM().correction(again.x_t, again.x0, s, i, op, y)
+    assert torch.equal(got, ref)
+
+
+def test_ddim_coefficients():
+    s = Schedule.create(20)
+    for i in (1, 7, 19):
+        # η → 1 joins the DDPM posterior (the η = 1 branch is not taken for 1 − 1e-12)
+        a, b, sd = s.step_coefs(i, 1 - 1e-12)
+        assert a == pytest.approx(s.posterior_mean_coef1[i], rel=1e-6)
+        assert b == pytest.approx(s.posterior_mean_coef2[i], rel=1e-6)
+        assert sd == pytest.approx(math.sqrt(s.posterior_variance[i]), rel=1e-6)
+        # η = 0 with the exact x̂0 maps x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε to √ᾱ_{t−1} x0 + √(1−ᾱ_{t−1}) ε (same ε)
+        a, b, sd = s.step_coefs(i, 0.0)
+        ac, acp = s.alphas_cumprod[i], s.alphas_cumprod_prev[i]
+        x0, eps = 0.3, -1.7
+        assert sd == 0.0
+        assert a * x0 + b * (math.sqrt(ac) * x0 + math.sqrt(1 - ac) * eps) == pytest.approx(
+            math.sqrt(acp) * x0 + math.sqrt(1 - acp) * eps, rel=1e-9)
+    with pytest.raises(ValueError, match="eta"):
+        s.step_coefs(3, 1.5)
+
+
+def test_eta_zero_step_ignores_the_noise_source(tiny_unet):
+    den, op, y = _setup(tiny_unet)
+    x = torch.randn(1, 3, 32, 32)
+    step = lambda seed, eta: ddpm_update(den, predict_x0(den, x, 4, True), 4,  # noqa: E731
+                                         torch.Generator().manual_seed(seed), PiGDM(), op, y, eta=eta)
+    a, b, c = step(1, 0.0), step(2, 0.0), step(2, 0.5)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_branch_start():
+    assert branch_start(100, 1.0) == 0 and branch_start(100, 0.3) == 70
+    assert branch_start(100, 0.001) == 98  # at least two separate steps: the last one adds no noise
+    assert branch_start(1, 0.5) == 0
+    with pytest.raises(ValueError, match="branch"):
+        branch_start(10, 0.0)
+
+
+def test_particles_share_the_trajectory_until_they_branch(tiny_unet):
+    den, op, y = _setup(tiny_unet, steps=6)
+    seen = []
+    res = fast_diffusion_em(den, y, 0.05, PiGDM(), MStepConfig(J=1), 5, torch.Generator().manual_seed(0),
+                            n_particles=3, branch_fraction=0.5, guard=None, callback=seen.append)
+    assert [d["x"].shape[0] for d in seen] == [1, 1, 1, 3, 3, 3]  # branch_start(6, 0.5) = 3
+    assert res.x.shape[0] == 3 and not torch.allclose(res.x[0], res.x[1])
+    # the same seed gives the same particles and kernel
+    again = fast_diffusion_em(den, y, 0.05, PiGDM(), MStepConfig(J=1), 5, torch.Generator().manual_seed(0),
+                              n_particles=3, branch_fraction=0.5, guard=None)
+    assert torch.equal(res.x, again.x) and torch.equal(res.kernel, again.kernel)
+
+
+def test_branch_fraction_one_keeps_independent_particles(tiny_unet):
+    """fraction 1 draws x_T for all particles at once, exactly as before the option existed."""
+    den, op, y = _setup(tiny_unet, steps=4)
+    got = sample(den, (2, 3, 32, 32), torch.Generator().manual_seed(3), torch.device("cpu"), PiGDM(), op, y,
+                 branch_fraction=1.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    for i in range(3, -1, -1):
+        x = ddpm_update(den, predict_x0(den, x, i, True), i, g, PiGDM(), op, y)
+    assert torch.equal(got, ((x + 1) / 2).clamp(0, 1))
+
+
+def test_output_mean_is_the_particle_average():
+    x = torch.rand(4, 3, 8, 8)
+    r = EMResult(x=x, kernel=torch.ones(3, 3) / 9, nfe=1)
+    assert torch.equal(r.image("sample"), x[:1])
+    assert torch.allclose(r.image("mean")[0], sum(x[j] for j in range(4)) / 4, atol=1e-7)
+    with pytest.raises(ValueError, match="output"):
+        r.image("mode")
