@@ -23,7 +23,7 @@ METHODS = ("fast_em", "diffusion_em")
 GUIDANCES = ("pigdm", "dps")
 BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
 # keys that only mean something for one method or guidance: giving them for another is an error
-ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),),
+ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
             ("mstep", "pigdm_r2"): (("method", "fast_em"), ("guidance", "pigdm"))}
 # keys of earlier versions: where they went
 MOVED = {"schedule": "the β schedule belongs to the weights: set 'schedule' in the model config",

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from diffusion_em.blur import BlurOperator
-from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
+from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step, m_step_coarse
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import (branch, branch_start, ddpm_step, ddpm_update, final_image, initial_noise,
                                       needs_grad, predict_x0, step_indices)
@@ -127,7 +127,8 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
         x0 = pred.x0.detach()
         if fixed_kernel is None and n % mcfg.every == 0:  # the M-step, on this step's x̂0
             r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
-            k = m_step(y, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
+            update = m_step_coarse if n < round(mcfg.coarse * N) else m_step  # coarse-to-fine kernels
+            k = update(y, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
             op = op.with_kernel(recenter_kernel(k) if mcfg.recenter else k)
         t = int(sched.timesteps[i])
         trace.append(_record(_where(n + 1, N, t), i, t, x0, op.kernel))

@@ -31,7 +31,7 @@ def setup(tmp_path):
     save_kernel_denoiser(kd, str(tmp_path / "kd.pth"))
     (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 9, "denoiser_path": str(tmp_path / "kd.pth")}))
     cfgs = {}
-    for name in ("fastem_pigdm", "fastem_dps", "pigdm", "dps"):
+    for name in ("fastem_pigdm", "fastem_pigdm_paper", "fastem_dps", "pigdm", "dps"):
         d = yaml.safe_load((ROOT / "configs" / f"diffusion_config_{name}.yaml").read_text())
         d["steps"] = 4
         if d["method"] == "diffusion_em":
@@ -65,8 +65,8 @@ def _rows(out):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("name,method", [("fastem_pigdm", "fast_em"), ("fastem_dps", "fast_em"),
-                                         ("pigdm", "diffusion_em"), ("dps", "diffusion_em")])
+@pytest.mark.parametrize("name,method", [("fastem_pigdm", "fast_em"), ("fastem_pigdm_paper", "fast_em"),
+                                         ("fastem_dps", "fast_em"), ("pigdm", "diffusion_em"), ("dps", "diffusion_em")])
 def test_all_configs_end_to_end(setup, name, method):
     tmp, cfgs, data = setup
     out = tmp / f"out_{name}"
@@ -86,6 +86,22 @@ def test_all_configs_end_to_end(setup, name, method):
             assert np.isfinite(float(r[f]))
         expect_nfe = 4 if method == "fast_em" else 8
         assert int(r["nfe"]) == expect_nfe
+
+
+def test_output_mean_writes_the_particle_average(setup):
+    """output: mean saves the average of the particles (each saved as <name>_p<j>.png); sample the first one."""
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    for output in ("mean", "sample"):
+        p = tmp / f"diff_{output}.yaml"
+        p.write_text(yaml.safe_dump({**d, "n_particles": 3, "branch_fraction": 0.5, "output": output}))
+        out = tmp / f"out_{output}"
+        assert main(_args(tmp, p, data, out, "--save_npy", "--max_images", "1"), method="fast_em") == 0
+        parts = [np.asarray(Image.open(out / "images" / f"im0_p{j}.png"), np.float64) / 255 for j in range(3)]
+        got = np.load(out / "npy" / "im0.npy")
+        want = np.mean(parts, 0) if output == "mean" else parts[0]
+        assert np.abs(got - want).max() <= 1.5 / 255  # the particle PNGs are 8-bit
+        assert np.abs(parts[0] - parts[1]).max() > 2 / 255  # the particles differ
 
 
 def test_seeded_twice_identical_and_resume(setup):

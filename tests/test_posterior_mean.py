@@ -1,9 +1,12 @@
 """The options that move the output towards the posterior mean: DDIM η, late-branching particles, output mode."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from diffusion_em.config import ConfigError, load_diffusion_config
 from diffusion_em.blur import BlurOperator
 from diffusion_em.em import EMResult, fast_diffusion_em
 from diffusion_em.mstep import MStepConfig
@@ -11,6 +14,8 @@ from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import PiGDM
 from guided_diffusion.sampler import branch_start, ddpm_update, predict_x0, sample
 from guided_diffusion.schedule import Schedule
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _setup(tiny_unet, steps=6):
@@ -102,3 +107,45 @@ def test_output_mean_is_the_particle_average():
     assert torch.allclose(r.image("mean")[0], sum(x[j] for j in range(4)) / 4, atol=1e-7)
     with pytest.raises(ValueError, match="output"):
         r.image("mode")
+
+
+def test_coarse_m_steps_run_in_fast_em(tiny_unet):
+    """mstep.coarse: the first steps' M-steps run one scale down; the kernel stays valid and differs."""
+    den, op, y = _setup(tiny_unet, steps=4)
+    run = lambda c: fast_diffusion_em(den, y, 0.05, PiGDM(), MStepConfig(J=2, coarse=c), 9,  # noqa: E731
+                                      torch.Generator().manual_seed(0), guard=None)
+    fine, coarse = run(0.0), run(0.5)
+    assert coarse.kernel.shape == (9, 9) and float(coarse.kernel.sum()) == pytest.approx(1.0)
+    assert not torch.allclose(fine.kernel, coarse.kernel)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"output": "mode"}, "key 'output' must be one of"),
+    ({"eta": 1.5}, "key 'eta' must be in"),
+    ({"branch_fraction": 0.0}, "key 'branch_fraction' must be in"),
+    ({"mstep": {"coarse": 2.0}}, "key 'coarse' must be in"),
+])
+def test_new_config_keys_are_checked(tmp_path, change, message):
+    d = yaml.safe_load((ROOT / "configs" / "diffusion_config_fastem_pigdm.yaml").read_text())
+    for k, v in change.items():
+        d[k] = {**d[k], **v} if isinstance(v, dict) else v
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=message):
+        load_diffusion_config(p)
+
+
+def test_coarse_is_a_fast_em_key(tmp_path):
+    d = yaml.safe_load((ROOT / "configs" / "diffusion_config_pigdm.yaml").read_text())
+    d["mstep"]["coarse"] = 0.3
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match="key 'mstep.coarse' applies only to method 'fast_em'"):
+        load_diffusion_config(p)
+
+
+def test_paper_config_is_the_papers_algorithm():
+    """The paper's Fast EM ΠGDM stays one config away: one particle, its sample, DDPM steps, full-scale M-step."""
+    cfg = load_diffusion_config(ROOT / "configs" / "diffusion_config_fastem_pigdm_paper.yaml")
+    assert (cfg.method, cfg.guidance, cfg.steps, cfg.n_particles, cfg.output, cfg.eta, cfg.branch_fraction,
+            cfg.mstep.coarse) == ("fast_em", "pigdm", 100, 1, "sample", 1.0, 1.0, 0.0)
