@@ -18,8 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.em import DivergenceError  # noqa: E402
-from diffusion_em.run import build_context, build_parser, restore  # noqa: E402
-from util import io  # noqa: E402
+from diffusion_em.restore import boundary_mode, restore  # noqa: E402
+from diffusion_em.run import build_parser, restorer_from_args  # noqa: E402
+from util.images import image_to_tensor, tensor_to_image  # noqa: E402
+from util.inputs import list_inputs, load_sample  # noqa: E402
 from util.metrics import kernel_mse, psnr  # noqa: E402
 
 
@@ -29,15 +31,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ctx = build_context(args, "fast_em")
+    ctx = restorer_from_args(args, "fast_em")
     rows = []
-    samples = io.list_inputs(args.input_dir)[: args.max_images]
+    samples = list_inputs(args.input_dir)[: args.max_images]
     for index, sample in enumerate(samples):
-        s = io.load_sample(sample)
+        s = load_sample(sample)
         if s.x_true is None or s.k_true is None:
             print(f"{sample.name}: no ground truth, skipped", file=sys.stderr)
             continue
-        y = io.image_to_tensor(s.y, ctx.device)
+        y = image_to_tensor(s.y, ctx.device)
         k_true = torch.from_numpy(s.k_true)
         row = {"name": sample.name, "sigma255": round(s.sigma * 255, 2),
                "psnr_blurry": psnr(np.clip(s.y, 0, 1), s.x_true)}
@@ -46,12 +48,12 @@ def main(argv=None):
             gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + index * 1009)
             t0 = time.time()
             try:
-                res = restore(ctx, y, s.sigma, sample.kind, gen, k_true=k)
+                res = restore(ctx, y, s.sigma, gen, boundary=boundary_mode(ctx.dcfg.boundary, sample.kind), k_true=k)
             except DivergenceError as e:
                 row[f"psnr_{tag}"], row[f"error_{tag}"] = None, str(e)
                 continue
             row[f"seconds_{tag}"] = round(time.time() - t0, 1)
-            row[f"psnr_{tag}"] = psnr(io.tensor_to_image(res.x_mean[0]), s.x_true)
+            row[f"psnr_{tag}"] = psnr(tensor_to_image(res.image(ctx.dcfg.output)[0]), s.x_true)
             if tag == "blind":
                 row["kernel_mse"], row["kernel_mse_raw"] = kernel_mse(res.kernel.cpu().numpy(), s.k_true)
         print(json.dumps(row), flush=True)

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from kernel_denoiser.kernels import camera_shake_kernels, kernel_stats
-from util.io import load_pickle_sample
+from util.safe_pickle import load_pickle_sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")

@@ -27,7 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from util.fft import conv_circular  # noqa: E402
-from util.io import read_image, read_kernel, save_npy, save_png, save_text  # noqa: E402
+from util.geometry import pad_centred  # noqa: E402
+from util.images import read_image, read_kernel  # noqa: E402
+from util.outputs import save_npy, save_png, save_text  # noqa: E402
 
 SIZE = 256
 KSIZE = 33
@@ -35,14 +37,6 @@ FACES = ["00000", "00001", "00002"]  # not the paper_* faces: those are the auth
 # (source kind, kernel kind, σ·255): each σ appears twice, each kernel kind three times when generated
 PLAN = [("face", "levin", 5), ("face", "generated", 10), ("face", "levin", 20),
         ("bsds", "generated", 5), ("bsds", "levin", 10), ("bsds", "generated", 20)]
-
-
-def pad_centred(k: np.ndarray, size: int) -> np.ndarray:
-    """Zero-pad a kernel to size×size keeping its centre tap (s//2) at size//2."""
-    out = np.zeros((size, size), np.float64)
-    t0, t1 = size // 2 - k.shape[0] // 2, size // 2 - k.shape[1] // 2
-    out[t0:t0 + k.shape[0], t1:t1 + k.shape[1]] = k
-    return out / out.sum()
 
 
 def main(argv=None) -> int:
@@ -94,6 +88,7 @@ def main(argv=None) -> int:
             lid = int(levin_ids.pop(0))
             k0 = read_kernel(data / "kernels" / "levin09" / f"levin_{lid}.npy")
             k = pad_centred(k0.astype(np.float64), KSIZE)
+            k = k / k.sum()
             kdesc = f"Levin {lid} ({k0.shape[0]}×{k0.shape[1]} padded to 33×33)"
         sigma = s255 / 255.0
         xt = torch.from_numpy(x.astype(np.float64).transpose(2, 0, 1))

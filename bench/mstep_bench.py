@@ -30,27 +30,25 @@ import time
 import numpy as np
 import torch
 
-from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
-from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
+from diffusion_em.mstep import MStepConfig, m_step
+from kernel_denoiser.kernels import camera_shake_kernels
 from kernel_denoiser.network import load_kernel_denoiser
 from util.fft import conv_circular, o2p, p2o
-from util.io import read_image
+from util.geometry import dirac, pad_centred, project_simplex
+from util.images import read_image
 from util.metrics import kernel_mse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 
 
-def pad_centred(k: np.ndarray, s: int) -> np.ndarray:
-    out = np.zeros((s, s), np.float32)
-    r0, c0 = s // 2 - k.shape[0] // 2, s // 2 - k.shape[1] // 2
-    out[r0:r0 + k.shape[0], c0:c0 + k.shape[1]] = k / k.sum()
-    return out
+def _levin(i: int, s: int) -> np.ndarray:
+    k = np.load(os.path.join(SHARED, "data", "kernels", "levin09", f"levin_{i}.npy")).astype(np.float32)
+    return pad_centred(k / k.sum(), s)
 
 
 def load_kernels(s: int, n_generated: int, seed: int) -> list[tuple[str, np.ndarray]]:
-    ks = [(f"levin_{i}", pad_centred(np.load(os.path.join(SHARED, "data", "kernels", "levin09", f"levin_{i}.npy")), s))
-          for i in range(1, 9)]
+    ks = [(f"levin_{i}", _levin(i, s)) for i in range(1, 9)]
     gen = camera_shake_kernels(n_generated, s, np.random.default_rng(seed)) if n_generated else []
     ks += [(f"gen_{i}", k) for i, k in enumerate(gen)]
     return ks
@@ -82,8 +80,8 @@ def timing(den, reps: int, s: int) -> list[dict]:
                 ("naive_full_size", "joint", None), ("naive_full_size", "joint", den)]
     for impl, colour, d in variants:
         cfg = MStepConfig(colour=colour)
-        fn = (lambda: m_step(y, x, dirac_kernel(s), 0.02, cfg, d)) if impl == "ours" else \
-             (lambda: naive_m_step(y, x, dirac_kernel(s), 0.02, cfg, d))
+        fn = (lambda: m_step(y, x, dirac(s), 0.02, cfg, d)) if impl == "ours" else \
+             (lambda: naive_m_step(y, x, dirac(s), 0.02, cfg, d))
         with torch.no_grad():
             for _ in range(3):
                 fn()
@@ -142,7 +140,7 @@ def main(argv=None):
                 g = torch.Generator().manual_seed(10000 * fi + 10 * ki + si)
                 y = conv_circular(x, kt) + sigma * torch.randn(x.shape, generator=g)
                 for use_den in (True, False):
-                    K = dirac_kernel(s)
+                    K = dirac(s)
                     for _ in range(a.calls):
                         K = m_step(y, x, K, sigma, cfg, den if use_den else None)
                     aligned, raw = kernel_mse(K, k)

@@ -36,7 +36,8 @@ from guided_diffusion.guidance import PiGDM  # noqa: E402
 from guided_diffusion.schedule import Schedule  # noqa: E402
 from guided_diffusion.model_config import build_unet, load_model_config  # noqa: E402
 from guided_diffusion.unet import load_weights  # noqa: E402
-from util.io import list_inputs, load_sample, read_image, read_kernel  # noqa: E402
+from util.images import read_image, read_kernel  # noqa: E402
+from util.inputs import list_inputs, load_sample  # noqa: E402
 from util.metrics import psnr  # noqa: E402
 
 TESTSET_SOURCES = {"134049", "388018", "288024"}  # BSDS test images already in testset/: keep the extras distinct

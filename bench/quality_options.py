@@ -28,9 +28,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.config import diffusion_config_dict, diffusion_config_from_dict  # noqa: E402
 from diffusion_em.em import DivergenceError, Guard  # noqa: E402
-from diffusion_em.run import build_context, build_parser, restore  # noqa: E402
+from diffusion_em.restore import boundary_mode, restore  # noqa: E402
+from diffusion_em.run import build_parser, restorer_from_args  # noqa: E402
 from kernel_denoiser.kernels import kernel_stats  # noqa: E402
-from util import io  # noqa: E402
+from util.images import image_to_tensor, tensor_to_image  # noqa: E402
+from util.inputs import list_inputs, load_sample  # noqa: E402
 from util.metrics import aligned_scores, kernel_mse, psnr  # noqa: E402
 
 
@@ -59,51 +61,54 @@ def scores(img: np.ndarray, x_true: np.ndarray, ks: int) -> list:
     return [round(psnr(img, x_true), 3), round(aligned_scores(img, x_true, ks)["psnr_aligned"], 3)]
 
 
-def variant_context(ctx, overrides: dict):
-    """The run context with diffusion-config overrides (validated like a config file)."""
-    d = diffusion_config_dict(ctx.dcfg)
+def variant_restorer(base, overrides: dict):
+    """The restorer with diffusion-config overrides (validated like a config file; not 'steps')."""
+    if "steps" in overrides:
+        raise ValueError("'steps' is not a variant key (the schedule is built once): use --steps")
+    d = diffusion_config_dict(base.dcfg)
     for key, v in overrides.items():
         sec, _, name = key.rpartition(".")
         (d[sec] if sec else d)[name] = v
     dcfg = diffusion_config_from_dict(d, f"variant {overrides}")
     guard = Guard(max_residual=dcfg.guard_residual, max_saturation_excess=dcfg.guard_saturation)
-    return dataclasses.replace(ctx, dcfg=dcfg, guard=guard)
+    return dataclasses.replace(base, dcfg=dcfg, guard=guard)
 
 
 def run_cases(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = build_context(args, "fast_em")
+    base = restorer_from_args(args, "fast_em")
     variants = json.loads(args.variants)
-    samples = io.list_inputs(args.input_dir)
+    samples = list_inputs(args.input_dir)
     if args.names:
         samples = [s for s in samples if s.name in set(args.names.split(","))]
     samples = samples[: args.max_images]
     for index, sample in enumerate(samples):
-        s = io.load_sample(sample)
+        s = load_sample(sample)
         ks = int(max(s.k_true.shape))
         y_img = np.clip(s.y, 0, 1)
         x_tik, lam = tikhonov_oracle(s.y.astype(np.float64), s.k_true.astype(np.float64), s.x_true)
         case = {"name": sample.name, "sigma255": round(s.sigma * 255, 2), "kernel_size": ks,
                 "kernel_extent": kernel_stats(s.k_true)["extent"],
                 "blurry": scores(y_img, s.x_true, ks), "tikhonov": scores(x_tik, s.x_true, ks), "tikhonov_lam": lam}
-        y = io.image_to_tensor(s.y, base.device)
+        y = image_to_tensor(s.y, base.device)
         for vname, over in variants.items():
-            ctx = variant_context(base, over)
+            r = variant_restorer(base, over)
             row = {**case, "variant": vname, "overrides": over}
-            for tag, k in [("blind", None)] + ([("oracle", torch.from_numpy(s.k_true))] if args.oracle else []):
-                gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + index * 1009)
+            oracle = args.oracle and (not args.oracle_for or vname in args.oracle_for.split(","))
+            for tag, k in [("blind", None)] + ([("oracle", torch.from_numpy(s.k_true))] if oracle else []):
+                gen = torch.Generator(device=r.device).manual_seed(args.seed * 1_000_003 + index * 1009)
                 t0 = time.time()
                 try:
-                    res = restore(ctx, y, s.sigma, sample.kind, gen, k_true=k)
+                    res = restore(r, y, s.sigma, gen, boundary=boundary_mode(r.dcfg.boundary, sample.kind), k_true=k)
                 except DivergenceError as e:
                     row[f"{tag}_error"] = str(e)
                     continue
                 row[f"{tag}_seconds"] = round(time.time() - t0, 1)
                 row[f"{tag}_nfe"] = res.nfe
-                row[f"{tag}_sample"] = scores(io.tensor_to_image(res.image("sample")[0]), s.x_true, ks)
-                row[f"{tag}_mean"] = scores(io.tensor_to_image(res.image("mean")[0]), s.x_true, ks)
-                row[f"{tag}_output"] = row[f"{tag}_{ctx.dcfg.output}"]
+                row[f"{tag}_sample"] = scores(tensor_to_image(res.image("sample")[0]), s.x_true, ks)
+                row[f"{tag}_mean"] = scores(tensor_to_image(res.image("mean")[0]), s.x_true, ks)
+                row[f"{tag}_output"] = row[f"{tag}_{r.dcfg.output}"]
                 if tag == "blind":
                     row["kernel_mse"] = kernel_mse(res.kernel.cpu().numpy(), s.k_true)[0]
             print(json.dumps(row), flush=True)
@@ -150,6 +155,7 @@ def main(argv=None):
     p = build_parser("fast_em")
     p.add_argument("--variants", default='{"config": {}}', help="JSON {name: {config key: value}}")
     p.add_argument("--oracle", action="store_true", help="also run each variant with the true kernel")
+    p.add_argument("--oracle_for", default=None, help="comma-separated variants that get the oracle run (default: all)")
     p.add_argument("--names", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--table", default=None, help="print the tables of a JSON-lines file and exit")

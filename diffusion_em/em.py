@@ -14,17 +14,20 @@ from typing import Callable, Optional
 import torch
 
 from diffusion_em.blur import BlurOperator
-from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step, m_step_coarse
+from diffusion_em.boundary import data_mask, fill_padding, frame_mean
+from diffusion_em.mstep import MStepConfig, m_step, m_step_coarse
+from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import (branch, branch_start, ddpm_step, ddpm_update, final_image, initial_noise,
                                       needs_grad, predict_x0, step_indices)
-from kernel_denoiser.kernels import recenter as recenter_kernel
+from util.errors import ProjectError
+from util.geometry import recenter as recenter_kernel
 
 
 OUTPUTS = ("sample", "mean")
 
 
-class DivergenceError(RuntimeError):
+class DivergenceError(ProjectError, RuntimeError):
     """A run went bad (non-finite values, saturated result, data misfit far above the noise)."""
 
 
@@ -67,11 +70,19 @@ class Guard:
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
             raise DivergenceError(f"invalid kernel at {where}: sum {float(kernel.sum()):.4g}")
 
-    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float) -> None:
-        """Raise DivergenceError naming the first step where the trajectory went bad."""
+    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
+        """Raise DivergenceError naming the step where the trajectory went bad for good.
+
+        res.x and y on the (padded) domain the EM ran on; `box` = (top, left, h, w) of the data inside it.
+        Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
+        would wrap a non-periodic photo's borders into each other (a misfit of the check, not of the result).
+        """
         op = BlurOperator.from_kernel(res.kernel, tuple(y.shape[-2:]), sigma)
-        resid = float(((op.A(res.x) - y) ** 2).mean())
-        sat_excess = saturation(res.x) - saturation(y.clamp(0, 1))
+        r, x = op.A(res.x) - y, res.x
+        if box is not None:
+            r, x, y = crop(r, box), crop(x, box), crop(y, box)
+        resid = float((r ** 2).mean())
+        sat_excess = saturation(x) - saturation(y.clamp(0, 1))
         bad = []
         if not math.isfinite(resid) or resid > self.max_residual * sigma ** 2 + self.floor:
             bad.append(f"re-blur residual {resid:.3g} vs σ² {sigma ** 2:.3g}")
@@ -79,8 +90,13 @@ class Guard:
             bad.append(f"{100 * sat_excess:.0f}% more saturated pixels than the input")
         if bad:
             y_sat = saturation(y.clamp(0, 1))
-            first = next((s for s in res.trace if s["saturation"] - y_sat > self.max_saturation_excess), None)
-            where = f"; x̂0 first saturated at {first['where']}" if first else ""
+            # x̂0 of the first, pure-noise steps is always clipped: name the start of the final saturated streak
+            first = None
+            for s in reversed(res.trace):
+                if s["saturation"] - y_sat <= self.max_saturation_excess:
+                    break
+                first = s
+            where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
 
 
@@ -96,20 +112,24 @@ def _record(where: str, i: int, t: int, x0: torch.Tensor, kernel: torch.Tensor) 
 
 
 def _initial_kernel(s: int, y: torch.Tensor, k: Optional[torch.Tensor]) -> torch.Tensor:
-    return dirac_kernel(s, y.device, y.dtype) if k is None else k.to(y).reshape(1, 1, s, s)
+    return dirac(s, y.device, y.dtype) if k is None else k.to(y).reshape(1, 1, s, s)
 
 
 def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
                       guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
-                      progress: bool = False, eta: float = 1.0, branch_fraction: float = 1.0) -> EMResult:
+                      progress: bool = False, data_box: Optional[tuple] = None, eta: float = 1.0,
+                      branch_fraction: float = 1.0) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
     `mcfg.pigdm_r2` adds ΠGDM's r_t² of the step to the M-step (paper App. D). `callback(info)` after each
-    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `eta` < 1: DDIM steps (Schedule.step_coefs); the
-    particles share one trajectory until the last `branch_fraction` of the steps (sampler.branch_start).
+    step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `data_box` (top, left, h, w): y is observed there
+    only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
+    `eta` < 1: DDIM steps (Schedule.step_coefs); the particles share one trajectory until the last
+    `branch_fraction` of the steps (sampler.branch_start). `mcfg.coarse`: the first steps' M-steps run at
+    half resolution (mstep.m_step_coarse).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
         raise ValueError("mstep.pigdm_r2 needs ΠGDM guidance (it adds ΠGDM's r_t² to the M-step)")
@@ -118,6 +138,7 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
     sched = denoiser.schedule
     N = len(sched)
     trace, nfe = [], 0
+    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     start = branch_start(N, branch_fraction)
     x = initial_noise(n_particles, y.shape[1:], start, generator, y.device)
     for n, i in enumerate(step_indices(N, progress)):
@@ -127,14 +148,16 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
         x0 = pred.x0.detach()
         if fixed_kernel is None and n % mcfg.every == 0:  # the M-step, on this step's x̂0
             r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
+            y_m = y if mask is None else fill_padding(y, mask, op.A(x0))
             update = m_step_coarse if n < round(mcfg.coarse * N) else m_step  # coarse-to-fine kernels
-            k = update(y, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
+            k = update(y_m, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
             op = op.with_kernel(recenter_kernel(k) if mcfg.recenter else k)
         t = int(sched.timesteps[i])
         trace.append(_record(_where(n + 1, N, t), i, t, x0, op.kernel))
         if guard is not None:
             guard.check_step(trace[-1]["where"], x0, op.kernel)
-        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y, eta)  # guided by the new kernel
+        y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
+        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y_g, eta)  # guided by the new kernel
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
     return EMResult(x=final_image(denoiser, x), kernel=op.kernel[0, 0], nfe=nfe, trace=trace)
@@ -143,11 +166,13 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
 def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                  kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                  rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
-                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False, eta: float = 1.0,
-                 branch_fraction: float = 1.0) -> EMResult:
+                 callback: Optional[Callable[[dict], None]] = None, progress: bool = False,
+                 data_box: Optional[tuple] = None, eta: float = 1.0, branch_fraction: float = 1.0) -> EMResult:
     """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
 
-    `callback(info)` gets the Fast-EM keys plus "round" (0-based); `eta`, `branch_fraction` as in Fast EM.
+    `callback(info)` gets the Fast-EM keys plus "round" (0-based). `data_box` as in Fast EM; the guidance
+    fills the padding with the previous step's prediction (each step returns its x̂0 after the update).
+    `eta`, `branch_fraction` as in Fast EM.
     """
     if mcfg.pigdm_r2:
         raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
@@ -157,12 +182,15 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
     trace, nfe = [], 0
     start = branch_start(N, branch_fraction)
     x = None
+    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
         x = initial_noise(n_particles, y.shape[1:], start, generator, y.device)
+        y_g = y if mask is None else fill_padding(y, mask, frame_mean(y, mask))  # no x̂0 yet
         for n, i in enumerate(step_indices(N, progress)):
             x = branch(x, n_particles) if n == start else x
-            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y, eta)
+            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g, eta)
+            y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
             nfe += 1
             t = int(sched.timesteps[i])
             trace.append(_record(_where(n + 1, N, t, l, rounds), i, t, x0, op.kernel))
@@ -171,6 +199,7 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
             if callback is not None:
                 callback({"round": l, "i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
         x = final_image(denoiser, x)
-        k = m_step(y, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
+        y_m = y if mask is None else fill_padding(y, mask, op.A(x))
+        k = m_step(y_m, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
         k = recenter_kernel(k) if mcfg.recenter else k
     return EMResult(x=x, kernel=k[0, 0], nfe=nfe, trace=trace)

@@ -19,10 +19,12 @@ import sys
 import numpy as np
 import torch
 
-from diffusion_em.mstep import MStepConfig, dirac_kernel, m_step
-from kernel_denoiser.kernels import recenter
+from diffusion_em.mstep import MStepConfig, m_step
+from util.geometry import dirac
 from kernel_denoiser.network import load_kernel_denoiser
-from util.io import read_image, save_kernel_png, save_npy
+from util.geometry import edge_taper, recenter
+from util.images import read_image
+from util.outputs import save_kernel_png, save_npy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,18 +37,8 @@ def taper(img: np.ndarray, n: int) -> np.ndarray:
     """Blend the image (H,W,C) into its mean over n border pixels (raised-cosine ramp): makes it ~periodic."""
     if n <= 0:
         return img
-    H, W = img.shape[:2]
-
-    def ramp(L):
-        r = np.ones(L)
-        m = min(n, L // 2)
-        t = 0.5 - 0.5 * np.cos(np.pi * (np.arange(m) + 0.5) / m)
-        r[:m], r[L - m:] = t, t[::-1]
-        return r
-
-    w = ramp(H)[:, None, None] * ramp(W)[None, :, None]
-    mean = img.mean((0, 1), keepdims=True)
-    return (w * img + (1 - w) * mean).astype(np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float64))
+    return edge_taper(x, n).numpy().transpose(1, 2, 0).astype(np.float32)
 
 
 def resolve_denoiser(spec: str, size: int, device):
@@ -69,7 +61,7 @@ def estimate(sharp: np.ndarray, blurry: np.ndarray, sigma: float, cfg: MStepConf
         raise UsageError(f"--kernel_size {kernel_size} is larger than the image ({W}x{H})")
     x = torch.from_numpy(np.ascontiguousarray(sharp.transpose(2, 0, 1)))[None].to(device)
     y = torch.from_numpy(np.ascontiguousarray(blurry.transpose(2, 0, 1)))[None].to(device)
-    k = dirac_kernel(kernel_size, device=device)
+    k = dirac(kernel_size, device=device)
     for _ in range(calls):
         k = m_step(y, x, k, sigma, cfg, denoiser)
     return k[0, 0]

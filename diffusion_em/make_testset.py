@@ -41,7 +41,9 @@ from PIL import Image
 
 from kernel_denoiser.kernels import camera_shake_kernels, kernel_stats
 from util.fft import conv_circular
-from util.io import IMAGE_EXTS, ImageReadError, read_image, save_npy, save_png, save_text
+from util.geometry import pad_centred
+from util.images import IMAGE_EXTS, ImageReadError, read_image
+from util.outputs import save_npy, save_png, save_text
 from util.kernel_files import list_kernel_files, read_kernels
 
 BOUNDARIES = ("circular", "valid")
@@ -62,11 +64,7 @@ def _case_rng(seed: int, *key: int) -> np.random.Generator:
 def _odd_square(k: np.ndarray) -> np.ndarray:
     """Zero-pad a kernel to an odd square so its centre tap (s//2, s//2) is well defined."""
     s = max(k.shape)
-    s += 1 - s % 2
-    out = np.zeros((s, s))
-    t0, t1 = s // 2 - k.shape[0] // 2, s // 2 - k.shape[1] // 2
-    out[t0:t0 + k.shape[0], t1:t1 + k.shape[1]] = k
-    return out
+    return pad_centred(np.asarray(k, np.float64), s + 1 - s % 2)
 
 
 def file_kernels(specs: list) -> list:

@@ -31,10 +31,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kernel_denoiser.kernels import dirac, project_simplex, recenter
 from util.fft import o2p, p2o
+from util.geometry import project_simplex
 
-__all__ = ["MStepConfig", "m_step", "m_step_coarse", "resize_kernel", "dirac_kernel", "recenter", "MStepState"]
+__all__ = ["MStepConfig", "m_step", "m_step_coarse", "resize_kernel", "MStepState"]
 
 COLOUR_MODES = ("joint", "per_channel_mean")
 
@@ -63,11 +63,6 @@ class MStepConfig:
     @property
     def denoiser_sigma(self) -> float:
         return (self.lam / self.beta) ** 0.5
-
-
-def dirac_kernel(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Initial kernel: centred Dirac (1, 1, s, s)."""
-    return dirac(size, device=device, dtype=dtype)
 
 
 def _fft_size(n: int) -> int:

@@ -1,12 +1,13 @@
-"""The blind-deblurring job behind `test_FastDiffEM.py` and `test_DiffEM.py`: build, loop over images, write.
+"""The blind-deblurring job behind `test_FastDiffEM.py` and `test_DiffEM.py`: check, load, loop, write.
 
-Separable on purpose: `build_context` (models and configs), `process_one` (one image → one metrics row,
-all outputs written atomically), `run_all` (any list of samples: a shard of a larger set works the same).
+`main` checks the flags, the configs and the output folder before any model loads; `process_one` turns one
+sample into one metrics row (its outputs written atomically); `run_all` takes any list of samples (a shard
+of a larger set works the same). Only the project's own errors (util.errors.ProjectError) become `failed`
+rows: anything else is a bug and stops the run.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
@@ -17,41 +18,31 @@ from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 
+from diffusion_em import grayscale
 from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
-from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
-from guided_diffusion.denoiser import EpsDenoiser
-from guided_diffusion.guidance import make_guidance
-from guided_diffusion.model_config import ModelConfig, build_unet, load_model_config
-from guided_diffusion.schedule import Schedule
-from guided_diffusion.unet import CheckpointError, load_weights
+from diffusion_em.restore import (ROOT, Restorer, boundary_mode, load_restorer, repo_path, restore,
+                                  restore_with_retries)
+from diffusion_em.results import FIELDS, ResultsFolder, summarise
+from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
-from kernel_denoiser.network import load_kernel_denoiser
-from util import io
-from util.metrics import blurry_scores, evaluate, lpips_available, lpips_distance, psnr
+from util.errors import InputError, ProjectError
+from util.images import image_to_tensor, tensor_to_image
+from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
+from util.metrics import evaluate, lpips_available
 
-FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
-          "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
-          "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts")
+__all__ = ["FIELDS", "build_parser", "load_configs", "restorer_from_args", "restore", "process_one", "run_all", "main"]
+
 DEFAULT_CONFIGS = {"fast_em": "configs/diffusion_config_fastem_pigdm.yaml",
                    "diffusion_em": "configs/diffusion_config_pigdm.yaml"}
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _repo_path(p: Optional[str]) -> Optional[str]:
-    """Config paths are relative to the repository root unless absolute or present from the cwd."""
-    if p is None or os.path.isabs(p) or os.path.exists(p):
-        return p
-    return str(ROOT / p)
+SCRIPTS = {"fast_em": "test_FastDiffEM.py", "diffusion_em": "test_DiffEM.py"}
 
 
 def build_parser(method: str) -> argparse.ArgumentParser:
-    script = "test_FastDiffEM.py" if method == "fast_em" else "test_DiffEM.py"
     what = ("Fast Diffusion EM: one diffusion run, kernel M-step at every step" if method == "fast_em"
             else "Diffusion EM: L rounds of full posterior sampling, then a kernel M-step")
-    p = argparse.ArgumentParser(prog=script, description=f"Blind deblurring with {what}.",
+    p = argparse.ArgumentParser(prog=SCRIPTS[method], description=f"Blind deblurring with {what}.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--img_model_config", default="configs/model_config_bundled.yaml",
                    help="UNet config with model_path (configs/model_config.yaml = DPS FFHQ-256 checkpoint)")
@@ -73,7 +64,8 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--save_progress", action="store_true", help="save x̂0 frames and a kernel-evolution GIF")
     p.add_argument("--save_npy", action="store_true", help="also save the restored image as float32 .npy")
     p.add_argument("--max_images", type=int, default=None, help="process at most this many images")
-    p.add_argument("--overwrite", action="store_true", help="redo images already finished in metrics.csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo finished images; with other settings than the folder's, replace its record")
     p.add_argument("--true_kernel", action="store_true",
                    help="oracle: use the ground-truth kernel, M-step off (the non-blind ΠGDM*/DPS* bound)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
@@ -81,174 +73,143 @@ def build_parser(method: str) -> argparse.ArgumentParser:
 
 
 def resolve_device(name: str, gpu: int) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.accelerator.is_available():
-        return torch.device(torch.accelerator.current_accelerator().type, gpu)
-    return torch.device("cpu")
+    """The device to run on; InputError naming the flag when it does not exist on this machine."""
+    if name == "auto":
+        if torch.accelerator.is_available():
+            name = f"{torch.accelerator.current_accelerator().type}:{gpu}"
+        else:
+            return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: not a device name (use auto, cpu, cuda, cuda:1, mps, ...)") from None
+    if dev.type == "cpu":
+        return dev
+    if not torch.accelerator.is_available() or torch.accelerator.current_accelerator().type != dev.type:
+        have = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "none"
+        raise InputError(f"--device {name}: no {dev.type} device on this machine (accelerator: {have}); "
+                         f"use --device cpu or auto")
+    if dev.index is not None and dev.index >= torch.accelerator.device_count():
+        raise InputError(f"--device {name}: only {torch.accelerator.device_count()} {dev.type} device(s) here")
+    return dev
 
 
-@dataclass
-class Context:
-    denoiser: EpsDenoiser
-    guidance: object
-    dcfg: DiffusionConfig
-    kcfg: KernelConfig
-    model_cfg: ModelConfig
-    kernel_denoiser: Optional[torch.nn.Module]
-    device: torch.device
-    seed: int
-    save_dir: Path
-    args: argparse.Namespace
-    guard: Guard = Guard()
+def check_flags(args: argparse.Namespace, method: str) -> None:
+    """Flag values that cannot work, refused before anything loads (InputError naming the flag)."""
+    if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
+        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}")
+    for flag in ("threads", "max_images", "steps", "n_particles"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise InputError(f"--{flag} {v}: must be >= 1")
+    if args.gpu < 0:
+        raise InputError(f"--gpu {args.gpu}: must be >= 0")
+    if args.true_kernel and method != "fast_em":
+        raise InputError("--true_kernel is a test_FastDiffEM.py option (Diffusion EM would re-estimate the kernel)")
 
 
-def build_context(args: argparse.Namespace, method: str) -> Context:
-    overrides = {}
-    if args.n_particles is not None:
-        overrides["n_particles"] = args.n_particles
-    if args.steps is not None:
-        overrides["steps"] = args.steps
-    dcfg = load_diffusion_config(_repo_path(args.diffusion_config), overrides)
+def load_configs(args: argparse.Namespace, method: str) -> tuple:
+    """(DiffusionConfig with the flags' overrides, KernelConfig, ModelConfig); no model is loaded."""
+    overrides = {k: getattr(args, k) for k in ("n_particles", "steps") if getattr(args, k) is not None}
+    dcfg = load_diffusion_config(repo_path(args.diffusion_config), overrides)
     if dcfg.method != method:
-        other = "test_FastDiffEM.py" if dcfg.method == "fast_em" else "test_DiffEM.py"
-        raise ConfigError(f"{args.diffusion_config}: method '{dcfg.method}' belongs to {other}, not this script")
-    kcfg = load_kernel_config(_repo_path(args.kernel_config))
-    model_cfg = load_model_config(_repo_path(args.img_model_config))
-    device = resolve_device(args.device, args.gpu)
-    model_path = _repo_path(model_cfg.model_path)
-    if not model_path:
-        raise ConfigError(f"{args.img_model_config}: missing key 'model_path'")
-    model = load_weights(build_unet(model_cfg), model_path).to(device)
-    sched = Schedule.create(dcfg.steps, model_cfg.schedule)  # the schedule the weights were trained with
-    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dcfg.precision]
-    denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised, autocast_dtype=autocast)
-    guidance = make_guidance(dcfg.guidance, zeta=dcfg.zeta)
-    kd = None
-    if kcfg.denoiser_path is not None:
-        kd = load_kernel_denoiser(_repo_path(kcfg.denoiser_path), device=device)
-    guard = Guard(max_residual=dcfg.guard_residual, max_saturation_excess=dcfg.guard_saturation)
-    return Context(denoiser=denoiser, guidance=guidance, dcfg=dcfg, kcfg=kcfg, model_cfg=model_cfg,
-                   kernel_denoiser=kd, device=device, seed=args.seed, save_dir=Path(args.save_dir), args=args,
-                   guard=guard)
+        raise ConfigError(f"{args.diffusion_config}: method '{dcfg.method}' belongs to {SCRIPTS[dcfg.method]}, "
+                          f"not this script")
+    return dcfg, load_kernel_config(repo_path(args.kernel_config)), load_model_config(repo_path(args.img_model_config))
 
 
-def _boundary(ctx: Context, kind: str) -> str:
-    if ctx.dcfg.boundary != "auto":
-        return ctx.dcfg.boundary
-    return "taper" if kind == "photo" else "circular"  # synthetic sets were blurred circularly
+def restorer_from_args(args: argparse.Namespace, method: str) -> Restorer:
+    """Configs from the flags, then the models (for tools that reuse this script's flags, e.g. bench/)."""
+    dcfg, kcfg, model_cfg = load_configs(args, method)
+    return load_restorer(dcfg, kcfg, model_cfg, resolve_device(args.device, args.gpu), args.img_model_config)
 
 
-def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
-    """Pad for the boundary model and for the UNet; return the padded y and the crop box back."""
-    box0 = (0, 0) + tuple(y.shape[-2:])
-    if mode != "circular":
-        y, box0 = io.pad_for_boundary(y, pad, mode)
-    y, _ = io.pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")  # bottom/right: box0 still crops
-    return y, box0
+@dataclass(frozen=True)
+class RunOptions:
+    """What a run does with each image beyond restoring it (from the command line)."""
+    seed: int = 0
+    sigma: Optional[float] = None          # σ for every image, overriding meta.csv / estimates
+    true_kernel: bool = False              # oracle: the ground-truth kernel, M-step off
+    save_npy: bool = False
+    save_progress: bool = False
+    overwrite: bool = False
 
 
-def restore(ctx: Context, y: torch.Tensor, sigma: float, kind: str, gen: torch.Generator,
-            k_true: Optional[torch.Tensor] = None, callback=None) -> EMResult:
-    """Deblur one observation (1, C, H, W) in [0, 1]: pad, run the configured EM, crop back."""
-    d, s = ctx.dcfg, ctx.kcfg.kernel_size
-    mode = _boundary(ctx, kind)
-    yp, box = _prepare(y, mode, s, ctx.denoiser.model.size_multiple)
-    if min(yp.shape[-2:]) < s:
-        raise ValueError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
-    if d.method == "fast_em":
-        fixed = None
-        if k_true is not None:
-            fixed = _fit_kernel(k_true.to(yp), s)
-        res = fast_diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
-                                n_particles=d.n_particles, fixed_kernel=fixed, guard=ctx.guard,
-                                callback=callback, progress=True, eta=d.eta, branch_fraction=d.branch_fraction)
-    else:
-        res = diffusion_em(ctx.denoiser, yp, sigma, ctx.guidance, d.mstep, s, gen, ctx.kernel_denoiser,
-                           n_particles=d.n_particles, rounds=d.em_rounds, guard=ctx.guard,
-                           callback=callback, progress=True, eta=d.eta, branch_fraction=d.branch_fraction)
-    res = EMResult(x=io.crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
-    ctx.guard.check_result(res, y, sigma)  # on the cropped result: padding is not data
-    return res
+def settings_record(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelConfig, opts: RunOptions,
+                    input_dir: str) -> dict:
+    """What decides a run's results: configs, seed, σ override, oracle flag, inputs (not output-only flags)."""
+    return {"diffusion": diffusion_config_dict(dcfg), "kernel": as_dict(kcfg), "model": as_dict(model_cfg),
+            "seed": opts.seed, "sigma": opts.sigma, "true_kernel": opts.true_kernel,
+            "input_dir": str(Path(input_dir).resolve())}
 
 
-def _fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
-    """Zero-pad or crop a kernel to s×s keeping its centre tap (a//2, b//2) at (s//2, s//2); renormalise."""
-    out = k.new_zeros(s, s)
-    src, dst = [], []
-    for a in k.shape[-2:]:
-        off = s // 2 - a // 2
-        lo, hi = max(0, off), min(s, off + a)
-        dst.append(slice(lo, hi))
-        src.append(slice(lo - off, hi - off))
-    out[dst[0], dst[1]] = k[src[0], src[1]]
-    return out / out.sum()
+def _progress_recorder(steps: int):
+    """(callback, x̂0 frames, kernel frames): ~20 frames of x̂0 (first particle) and the kernel."""
+    frames, kernels = [], []
+    every = max(1, steps // 20)
+
+    def record(info):
+        if info["i"] % every == 0:
+            frames.append(tensor_to_image(info["x0"][:1].clamp(0, 1)))
+            kernels.append(info["kernel"][0, 0].detach().cpu().numpy())
+    return record, frames, kernels
 
 
-def process_one(ctx: Context, sample: io.Sample, index: int) -> dict:
+def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int) -> dict:
     """Deblur one sample and write its outputs; returns its metrics row (status ok)."""
     t0 = time.time()
-    loaded = io.load_sample(sample)
-    sigma, source = io.resolve_sigma(loaded, ctx.args.sigma)
+    loaded = load_sample(sample)
+    sigma, source = resolve_sigma(loaded, opts.sigma)
     if source == "estimated":
-        print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image", file=sys.stderr)
-    y = io.image_to_tensor(loaded.y, ctx.device)
-    k_true = torch.from_numpy(loaded.k_true) if loaded.k_true is not None else None
-    if ctx.args.true_kernel and k_true is None:
-        raise ValueError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
-    frames, kernels = [], []
-    every = max(1, ctx.dcfg.steps // 20)
+        print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image "
+              f"(rule: util/noise.py)", file=sys.stderr)
+    gray = grayscale.is_grayscale(loaded.y)
+    sigma_run = grayscale.replicated_sigma(sigma, loaded.y.shape[2]) if gray else sigma
+    if opts.true_kernel and loaded.k_true is None:
+        raise InputError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
+    y = image_to_tensor(loaded.y, r.device)
+    callback, frames, kernels = _progress_recorder(r.dcfg.steps) if opts.save_progress else (None, [], [])
 
-    def record(info):  # ~20 frames of x̂0 (first particle) and the kernel
-        if info["i"] % every == 0:
-            frames.append(io.tensor_to_image(info["x0"][:1].clamp(0, 1)))
-            kernels.append(info["kernel"][0, 0].detach().cpu().numpy())
-    callback = record if ctx.args.save_progress else None
-
-    res, attempts, last_err = None, 0, None
-    for attempt in range(ctx.dcfg.retries + 1):
-        attempts += 1
-        gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1_000_003 + index * 1009 + attempt)
+    def on_retry(attempt, e):
+        print(f"{sample.name}: attempt {attempt + 1}: {e}", file=sys.stderr)
         frames.clear(), kernels.clear()
-        try:
-            res = restore(ctx, y, sigma, sample.kind, gen, k_true if ctx.args.true_kernel else None, callback)
-            break
-        except DivergenceError as e:
-            last_err = e
-            print(f"{sample.name}: attempt {attempt + 1}: {e}", file=sys.stderr)
-    if res is None:
-        raise DivergenceError(f"{last_err} (after {attempts} attempts)")
-    x = res.image(ctx.dcfg.output)[0]
+
+    res, attempts = restore_with_retries(
+        r, y, sigma_run, lambda attempt: torch.Generator(device=r.device).manual_seed(
+            opts.seed * 1_000_003 + index * 1009 + attempt), on_retry,
+        boundary=boundary_mode(r.dcfg.boundary, sample.kind),
+        k_true=torch.from_numpy(loaded.k_true) if opts.true_kernel else None, callback=callback)
+    x_img = tensor_to_image(res.image(r.dcfg.output)[0].clamp(0, 1))
+    particles = [tensor_to_image(p) for p in res.x]
+    y_obs, x_true = loaded.y, loaded.x_true
+    if gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
+        x_img, y_obs, particles = grayscale.to_gray(x_img), y_obs[..., :1], [grayscale.to_gray(p) for p in particles]
+        x_true = None if x_true is None else grayscale.to_gray(x_true)
     k = res.kernel.detach().cpu().numpy()
-    x_img = io.tensor_to_image(x.clamp(0, 1))
-    out = ctx.save_dir
-    name = sample.name
-    io.save_png(out / "images" / f"{name}.png", x_img)
-    if res.x.shape[0] > 1:
-        for j in range(res.x.shape[0]):
-            io.save_png(out / "images" / f"{name}_p{j}.png", io.tensor_to_image(res.x[j]))
-    if ctx.args.save_npy:
-        io.save_npy(out / "npy" / f"{name}.npy", x_img)
-    io.save_npy(out / "kernels" / f"{name}.npy", k.astype(np.float32))
-    io.save_kernel_png(out / "kernels" / f"{name}.png", k)
-    io.save_png(out / "montage" / f"{name}.png",
-                io.make_montage(np.clip(loaded.y, 0, 1), x_img, loaded.x_true, k, loaded.k_true))
-    if frames:
-        io.save_gif(out / "progress" / f"{name}_x0.gif", frames)
-        io.save_gif(out / "progress" / f"{name}_kernel.gif",
-                    [io.kernel_to_image(kk, 6) for kk in kernels])
-    m = evaluate(x_img, loaded.y, k, sigma, loaded.x_true, loaded.k_true)
-    row = {"name": name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
-           "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
-    if loaded.x_true is not None:
-        ks = max((loaded.k_true if loaded.k_true is not None else k).shape)
-        row.update(blurry_scores(np.clip(loaded.y, 0, 1), loaded.x_true, ks))
-        if res.x.shape[0] > 1:
-            row["psnr_particles"] = ";".join(f"{psnr(io.tensor_to_image(p), loaded.x_true):.3f}" for p in res.x)
-        ok, _ = lpips_available()
-        if ok:
-            row["lpips"], _ = lpips_distance(x_img, loaded.x_true)
-    return row
+    out.write_image(sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, frames, kernels)
+    m = evaluate(x_img, y_obs, k, sigma, x_true, loaded.k_true, particles=particles)
+    return {"name": sample.name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
+            "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
+
+
+def run_all(r: Restorer, opts: RunOptions, out: ResultsFolder, samples: list) -> list:
+    """Process samples, skipping finished ones; a sample failing with a project error gets a row, the run goes on."""
+    from tqdm.auto import tqdm
+    done = set() if opts.overwrite else {n for n, row in out.previous_rows().items() if row.get("status") == "ok"}
+    rows = []
+    for index, sample in enumerate(tqdm(samples, desc="images")):
+        if sample.name in done:
+            print(f"{sample.name}: already done (use --overwrite to redo)", file=sys.stderr)
+            continue
+        try:
+            row = process_one(r, opts, out, sample, index)
+        except ProjectError as e:
+            msg = " ".join(str(e).split())
+            print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
+            row = {"name": sample.name, "status": "failed", "message": msg}
+        out.append(row)
+        rows.append(row)
+    return rows
 
 
 def _versions() -> dict:
@@ -257,82 +218,50 @@ def _versions() -> dict:
                                 text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         commit = None
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+    return {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
             "git_commit": commit}
-
-
-def run_all(ctx: Context, samples: list) -> list:
-    """Process samples, skipping finished ones; a failed image gets a row and the run goes on."""
-    from tqdm.auto import tqdm
-    metrics = ctx.save_dir / "metrics.csv"
-    done = set() if ctx.args.overwrite else io.read_done_names(metrics) if metrics.exists() else set()
-    rows = []
-    for index, sample in enumerate(tqdm(samples, desc="images")):
-        if sample.name in done:
-            print(f"{sample.name}: already done (use --overwrite to redo)", file=sys.stderr)
-            continue
-        try:
-            row = process_one(ctx, sample, index)
-        except (io.ImageReadError, DivergenceError, ValueError, OSError) as e:
-            msg = " ".join(str(e).split())
-            print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
-            row = {"name": sample.name, "status": "failed", "message": msg}
-        io.append_csv_row(metrics, FIELDS, row)
-        rows.append(row)
-    return rows
-
-
-def summarise(ctx: Context, metrics_csv: Path) -> dict:
-    import csv
-    with open(metrics_csv, newline="") as f:
-        last = {r["name"]: r for r in csv.DictReader(f)}
-    ok = [r for r in last.values() if r["status"] == "ok"]
-    means = {}
-    for k in ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
-              "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe"):
-        vals = [float(r[k]) for r in ok if r.get(k) not in (None, "", "None")]
-        means[k] = float(np.mean(vals)) if vals else None
-    lp_ok, lp_reason = lpips_available()
-    return {"images": len(last), "ok": len(ok), "failed": len(last) - len(ok), "means": means,
-            "lpips": "computed" if lp_ok else f"skipped: {lp_reason}",
-            "device": str(ctx.device), "seed": ctx.seed, "versions": _versions(),
-            "config": _resolved_config(ctx)}
-
-
-def _resolved_config(ctx: Context) -> dict:
-    """All three configs as used, plus the command-line arguments (saved as config.yaml and in summary.json)."""
-    return {"diffusion": diffusion_config_dict(ctx.dcfg), "kernel": as_dict(ctx.kcfg),
-            "model": as_dict(ctx.model_cfg), "args": vars(ctx.args)}
 
 
 def main(argv=None, method: str = "fast_em") -> int:
     args = build_parser(method).parse_args(argv)
-    if args.sigma is not None and not 0 <= args.sigma < 1:
-        print(f"error: --sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}",
-              file=sys.stderr)
+    try:
+        check_flags(args, method)
+        device = resolve_device(args.device, args.gpu)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    opts = RunOptions(seed=args.seed, sigma=args.sigma, true_kernel=args.true_kernel, save_npy=args.save_npy,
+                      save_progress=args.save_progress, overwrite=args.overwrite)
+    out = ResultsFolder(args.save_dir)
     try:
-        ctx = build_context(args, method)
-        samples = io.list_inputs(args.input_dir)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        dcfg, kcfg, model_cfg = load_configs(args, method)
+        settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)
+        samples = list_inputs(args.input_dir)
+        out.check()
+        out.claim(settings, args.overwrite)
+        r = load_restorer(dcfg, kcfg, model_cfg, device, args.img_model_config)
+    except ProjectError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.max_images is not None:
         samples = samples[: args.max_images]
-    ctx.save_dir.mkdir(parents=True, exist_ok=True)
-    io.save_text(ctx.save_dir / "config.yaml", yaml.safe_dump(_resolved_config(ctx), sort_keys=False))
-    rows = run_all(ctx, samples)
-    metrics = ctx.save_dir / "metrics.csv"
-    if not metrics.exists():
+    lp_ok, lp_reason = lpips_available()
+    record = {"settings": settings, "device": str(r.device), "threads": torch.get_num_threads(),
+              "versions": _versions(), "args": vars(args)}
+    out.write_config(record)
+    previous = out.previous_rows()
+    rows = run_all(r, opts, out, samples)
+    everything = {**previous, **{row["name"]: row for row in rows}}  # the last row per image
+    if not everything:
         print("nothing to do", file=sys.stderr)
         return 0
-    summary = summarise(ctx, metrics)
-    io.save_json(ctx.save_dir / "summary.json", summary)
+    summary = {**summarise(everything), "lpips": "computed" if lp_ok else f"skipped: {lp_reason}", **record}
+    out.write_summary(summary)
     m = summary["means"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     print(f"{summary['ok']}/{summary['images']} images ok; mean PSNR {fmt(m['psnr'], '.2f')} dB "
           f"(blurry {fmt(m['psnr_blurry'], '.2f')}), SSIM {fmt(m['ssim'], '.3f')}, "
-          f"kernel MSE {fmt(m['kernel_mse'], '.2e')}, {fmt(m['seconds'], '.1f')} s/image -> {ctx.save_dir}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+          f"kernel MSE {fmt(m['kernel_mse'], '.2e')}, {fmt(m['seconds'], '.1f')} s/image -> {out.path}")
+    return 0 if all(row["status"] == "ok" for row in rows) else 1

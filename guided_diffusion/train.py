@@ -18,7 +18,6 @@ With `learn_sigma: true` configs only the ε channels are trained (the samplers 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import signal
 import sys
@@ -31,9 +30,11 @@ import torch.nn.functional as F
 
 from guided_diffusion.schedule import get_betas
 from guided_diffusion.model_config import build_unet, load_model_config
-from guided_diffusion.unet import CheckpointError, load_weights
+from guided_diffusion.unet import load_weights
 from util.config import as_dict
-from util.io import IMAGE_EXTS, _atomic_write, read_image
+from util.images import IMAGE_EXTS, read_image
+from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from util.csvlog import append_csv_row, read_csv_rows, truncate_csv
 
 CKPT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
@@ -100,6 +101,7 @@ class EMA:
 
 
 VAL_T = (20, 56, 114, 250)  # noise std ≈ 10, 25, 50, 110 /255 in [0,1] units (linear schedule)
+VAL_FIELDS = ("step", "seconds", *[f"t{t}" for t in VAL_T], "mean", "best")
 
 
 def load_val_crops(folder, n: int, size: int) -> torch.Tensor:
@@ -140,50 +142,18 @@ def lr_at(step: int, base_lr: float, warmup: int) -> float:
 
 
 # ============================================================================================== files
-def atomic_torch_save(obj, path) -> None:
-    """torch.save through util.io's atomic writer (temp file, fsync, rename)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def load_checkpoint(path) -> dict:
+def load_training_checkpoint(path) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no training checkpoint to resume from")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "ema", "opt", "step", "rng"):
-        if key not in ck:
-            raise CheckpointError(f"{path}: not a training checkpoint (no '{key}')")
-    return ck
+    return load_checkpoint(path, "training checkpoint", ("model", "ema", "opt", "step", "rng"))
 
 
 def export_ema(checkpoint_path, out_path, dtype: torch.dtype = torch.float32) -> Path:
     """Write the EMA weights of a training checkpoint as a plain state_dict (loads with unet.load_weights)."""
-    ck = load_checkpoint(checkpoint_path)
+    ck = load_training_checkpoint(checkpoint_path)
     sd = {k: (v.to(dtype) if v.dtype.is_floating_point else v).contiguous() for k, v in ck["ema"].items()}
-    atomic_torch_save(sd, out_path)
+    save_checkpoint(sd, out_path)
     return Path(out_path)
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past `step` (written after the checkpoint we resume from), so the log has no repeats."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    keep = [r for r in rows if int(r["step"]) <= step]
-    if len(keep) != len(rows):
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-            w.writeheader()
-            w.writerows(keep)
-
-
-def append_log(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        if new:
-            w.writeheader()
-        w.writerow(row)
 
 
 # ============================================================================================== training
@@ -269,7 +239,7 @@ def train(a) -> dict:
     step, seconds = 0, 0.0
 
     if a.resume:
-        ck = load_checkpoint(ckpt_path)
+        ck = load_training_checkpoint(ckpt_path)
         if ck.get("world", 1) != world:
             raise CheckpointError(f"{ckpt_path}: saved with {ck.get('world', 1)} ranks, now {world}; exact resume needs the same")
         if ck.get("schedule", "linear") != cfg.schedule:
@@ -281,7 +251,7 @@ def train(a) -> dict:
         step, seconds = int(ck["step"]), float(ck.get("seconds", 0.0))
         g.set_state(ck["rng"][rank])
         if rank == 0:
-            truncate_log(log_path, step)
+            truncate_csv(log_path, lambda r: int(r["step"]) <= step)  # rows past the checkpoint are redone
 
     images = load_images(a.data, a.crop)
     betas = get_betas(cfg.schedule, 1000)  # the samplers read the same key, so training and sampling agree
@@ -293,8 +263,7 @@ def train(a) -> dict:
     best_path, val_log = out / "best_ema.pt", out / "val.csv"
     best = {"score": -float("inf")}
     if val_crops is not None and a.resume and val_log.is_file():
-        with open(val_log) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        rows = [r for r in read_csv_rows(val_log) if int(r["step"]) <= step]
         if rows and best_path.is_file():
             best["score"] = max(float(r["mean"]) for r in rows)
     t_last_val = time.time()
@@ -306,13 +275,9 @@ def train(a) -> dict:
         if is_best:
             best["score"] = r["mean"]
             sd = {k: v.float().contiguous() for k, v in ema.shadow.items()}
-            atomic_torch_save(sd, best_path)
-        new = not val_log.is_file()
-        with open(val_log, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["step", "seconds", *[f"t{t}" for t in VAL_T], "mean", "best"])
-            w.writerow([step, f"{seconds:.1f}", *[f"{r[f't{t}']:.3f}" for t in VAL_T], f"{r['mean']:.3f}", int(is_best)])
+            save_checkpoint(sd, best_path)
+        append_csv_row(val_log, VAL_FIELDS, {"step": step, "seconds": f"{seconds:.1f}", "mean": f"{r['mean']:.3f}",
+                                             "best": int(is_best), **{f"t{t}": f"{r[f't{t}']:.3f}" for t in VAL_T}})
         print(f"[train] val step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in r.items()) + (" (best)" if is_best else ""), flush=True)
 
     net = model
@@ -332,7 +297,7 @@ def train(a) -> dict:
             states = [None] * world
             dist.all_gather_object(states, g.get_state())
         if rank == 0:
-            atomic_torch_save({"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
+            save_checkpoint({"model": model.state_dict(), "ema": ema.shadow, "opt": opt.state_dict(),
                                "step": step, "seconds": seconds, "rng": states, "world": world,
                                "config": as_dict(cfg), "schedule": cfg.schedule, "args": {k: v for k, v in vars(a).items() if not isinstance(v, list)}},
                               ckpt_path)
@@ -385,7 +350,7 @@ def train(a) -> dict:
                 mean /= world
             last_loss = float(mean)
             if rank == 0:
-                append_log(log_path, {"step": step, "loss": f"{last_loss:.6f}", "lr": f"{lr:.3g}", "seconds": f"{seconds:.1f}"})
+                append_csv_row(log_path, LOG_FIELDS, {"step": step, "loss": f"{last_loss:.6f}", "lr": f"{lr:.3g}", "seconds": f"{seconds:.1f}"})
                 bar.set_postfix(loss=f"{last_loss:.4f}")
             loss_acc, n_acc = 0.0, 0
         if do_stop or flags[2]:

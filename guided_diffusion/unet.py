@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from util.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+
 MODEL_KEYS = (
     "image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma", "class_cond",
     "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample",
@@ -281,50 +283,18 @@ def create_model(image_size: int, num_channels: int, num_res_blocks: int, channe
         resblock_updown=resblock_updown, use_new_attention_order=use_new_attention_order)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable, or does not fit the architecture."""
-
-
 def read_state_dict(path) -> dict:
     """Load a plain state_dict safely (weights_only). Accepts {'state_dict'|'ema'|'model': sd} wrappers."""
-    import os
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 — any failure here means "not a loadable checkpoint"
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-    if isinstance(obj, dict):
-        for key in ("ema", "state_dict", "model"):
-            if key in obj and isinstance(obj[key], dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    obj = load_checkpoint(path)
+    for key in ("ema", "state_dict", "model"):
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state_dict of tensors")
     return obj
 
 
-def check_state_dict(model: nn.Module, sd: dict, source: str = "checkpoint") -> None:
-    """Strict name-and-shape check; raise naming the first mismatching tensors."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-             for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing (first: {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected (first: {', '.join(unexpected[:3])})")
-    if wrong:
-        problems.append(f"{len(wrong)} with wrong shape (first: {'; '.join(wrong[:3])})")
-    if problems:
-        raise CheckpointError(f"{source}: architecture mismatch: " + "; ".join(problems))
-
-
 def load_weights(model: nn.Module, path) -> nn.Module:
     """Load weights strictly into a built model; never falls back to random weights."""
-    sd = read_state_dict(path)
-    check_state_dict(model, sd, str(path))
-    model.load_state_dict(sd, strict=True)
-    return model
+    return load_state_dict_strict(model, read_state_dict(path), str(path))

@@ -1,4 +1,4 @@
-"""Random camera-shake kernels, kernel re-centring and the simplex projection.
+"""Random camera-shake kernels and their statistics (kernel geometry lives in util.geometry).
 
 Generator model (`camera_shake_kernels`)
 -----------------------------------------
@@ -25,14 +25,12 @@ so that the light-weighted centre of mass lands exactly on the kernel centre (s/
 preserves mass and first moments exactly, so the kernel's centre of mass *is* the centre). An optional
 small Gaussian optical blur (`optics_sigma`) thickens the line. Kernels sum to 1.
 
-`recenter` and `project_simplex` are batched torch ops that run on the tensor's device.
 """
 from __future__ import annotations
 
 from typing import Union
 
 import numpy as np
-import torch
 
 RNG = Union[np.random.Generator, int, None]
 
@@ -150,78 +148,3 @@ def kernel_stats(k: np.ndarray, rel_thresh: float = 1e-3) -> dict:
     r, c = np.nonzero(m)
     return {"taps": int(m.sum()), "extent_r": int(r.max() - r.min() + 1), "extent_c": int(c.max() - c.min() + 1),
             "extent": int(max(r.max() - r.min(), c.max() - c.min()) + 1), "peak": float(k.max())}
-
-
-# ----------------------------------------------------------------------------- torch, batched, on device
-
-def center_of_mass(k: torch.Tensor) -> torch.Tensor:
-    """Centre of mass (..., 2) [row, col] of kernels (..., s1, s2) (taps assumed non-negative)."""
-    s1, s2 = k.shape[-2:]
-    m = k.sum((-2, -1)).clamp_min(torch.finfo(k.dtype).tiny)
-    r = torch.arange(s1, device=k.device, dtype=k.dtype)
-    c = torch.arange(s2, device=k.device, dtype=k.dtype)
-    return torch.stack([(k.sum(-1) * r).sum(-1) / m, (k.sum(-2) * c).sum(-1) / m], -1)
-
-
-def _shift_axis(k: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Shift kernels (B, s1, s2) by t (B,) pixels along dim (1 or 2): bilinear, zero fill, non-negative."""
-    n = k.shape[dim]
-    f = torch.floor(t)
-    a = (t - f)  # fractional part in [0, 1)
-    src = torch.arange(n, device=k.device)
-
-    def integer_shift(sh: torch.Tensor) -> torch.Tensor:
-        idx = src[None, :] - sh.long()[:, None]  # out[j] = in[j - sh]
-        valid = ((idx >= 0) & (idx < n)).to(k.dtype)
-        idx = idx.clamp(0, n - 1)
-        if dim == 1:
-            return torch.gather(k, 1, idx[:, :, None].expand(-1, -1, k.shape[2])) * valid[:, :, None]
-        return torch.gather(k, 2, idx[:, None, :].expand(-1, k.shape[1], -1)) * valid[:, None, :]
-
-    shape = (-1, 1, 1)
-    return (1 - a).reshape(shape) * integer_shift(f) + a.reshape(shape) * integer_shift(f + 1)
-
-
-def recenter(k: torch.Tensor) -> torch.Tensor:
-    """Move each kernel's centre of mass to (s1//2, s2//2); batched over leading dims, on k's device.
-
-    Separable integer + bilinear sub-pixel shift: it moves the first moment exactly, keeps taps
-    non-negative (a convex combination of shifted copies, unlike the authors' cubic-spline shift) and the
-    sum is restored exactly (mass pushed over the border by a far off-centre kernel is rescaled back).
-    Negative input taps are clipped first (the centre of mass needs a non-negative kernel).
-    """
-    lead = k.shape[:-2]
-    s1, s2 = k.shape[-2:]
-    kb = k.reshape(-1, s1, s2)
-    total = kb.sum((-2, -1), keepdim=True)
-    kb = kb.clamp_min(0)
-    com = center_of_mass(kb)
-    out = _shift_axis(kb, (s1 // 2) - com[:, 0], 1)
-    out = _shift_axis(out, (s2 // 2) - com[:, 1], 2)
-    s_out = out.sum((-2, -1), keepdim=True)
-    out = torch.where(s_out > 0, out * (total / s_out.clamp_min(torch.finfo(k.dtype).tiny)), kb)
-    return out.reshape(*lead, s1, s2)
-
-
-def project_simplex(k: torch.Tensor, total: float = 1.0) -> torch.Tensor:
-    """Exact Euclidean projection of each kernel (..., s1, s2) onto {k ≥ 0, Σk = total}.
-
-    Sort-based algorithm (Held et al. 1974; Duchi et al. 2008): the projection is max(k − θ, 0) with the
-    unique θ making it sum to `total`, found from the sorted taps in O(N log N); batched, on k's device.
-    """
-    shape = k.shape
-    v = k.reshape(-1, shape[-2] * shape[-1])
-    u, _ = torch.sort(v, dim=1, descending=True)
-    css = torch.cumsum(u, dim=1) - total
-    j = torch.arange(1, v.shape[1] + 1, device=k.device, dtype=k.dtype)
-    cond = (u - css / j) > 0
-    rho = cond.to(torch.int64).cumsum(1).argmax(1, keepdim=True)  # last index where cond holds
-    theta = css.gather(1, rho) / (rho + 1).to(k.dtype)
-    return (v - theta).clamp_min(0).reshape(shape)
-
-
-def dirac(size: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Centred Dirac kernel (1, 1, size, size)."""
-    k = torch.zeros(1, 1, size, size, device=device, dtype=dtype)
-    k[..., size // 2, size // 2] = 1.0
-    return k

@@ -18,11 +18,12 @@ the default architecture.
 from __future__ import annotations
 
 import json
-import os
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
+
+from util.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
 
 DEFAULT_ARCH = {"in_nc": 2, "out_nc": 1, "nc": 32, "nb": 5, "dilations": None, "scale": 1.0}
 
@@ -66,58 +67,31 @@ class FDnCNN(nn.Module):
 
 
 def save_kernel_denoiser(net: FDnCNN, path: str, meta: Optional[dict] = None) -> None:
-    """Write {"arch", "state_dict", "meta"}; atomic (tmp + rename) so a killed job never leaves half a file."""
+    """Write {"arch", "state_dict", "meta"}, atomically."""
     # meta through JSON: only plain types survive, so the file stays loadable with weights_only=True
     meta = json.loads(json.dumps(meta or {}, default=str))
-    obj = {"arch": json.loads(json.dumps(net.arch)), "meta": meta,
-           "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save_checkpoint({"arch": json.loads(json.dumps(net.arch)), "meta": meta,
+                     "state_dict": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}, path)
 
 
 def _check_arch(arch: dict, path: str) -> dict:
     unknown = set(arch) - set(DEFAULT_ARCH)
     if unknown:
-        raise ValueError(f"{path}: unknown architecture key(s) {sorted(unknown)}")
+        raise CheckpointError(f"{path}: unknown architecture key(s) {sorted(unknown)}")
     return {**DEFAULT_ARCH, **arch}
-
-
-def load_state_dict_strict(net: nn.Module, sd: dict, path: str = "<state_dict>") -> None:
-    """Strict load that names the first missing, unexpected or mis-shaped tensor."""
-    expected = net.state_dict()
-    for name, t in expected.items():
-        if name not in sd:
-            raise ValueError(f"{path}: architecture mismatch: tensor '{name}' {tuple(t.shape)} missing in the file")
-        if not isinstance(sd[name], torch.Tensor):
-            raise ValueError(f"{path}: entry '{name}' is not a tensor")
-        if tuple(sd[name].shape) != tuple(t.shape):
-            raise ValueError(f"{path}: architecture mismatch: tensor '{name}' has shape {tuple(sd[name].shape)} "
-                             f"in the file, the model expects {tuple(t.shape)}")
-    for name in sd:
-        if name not in expected:
-            raise ValueError(f"{path}: architecture mismatch: unexpected tensor '{name}' in the file")
-    net.load_state_dict(sd, strict=True)
 
 
 def load_kernel_denoiser(path: str, device=None, arch: Optional[dict] = None) -> FDnCNN:
     """Load a kernel denoiser in eval mode, never falling back to random weights.
 
     Accepts our {"arch", "state_dict"} files and bare state_dicts (the authors' file; `arch` overrides the
-    default architecture for those). Raises FileNotFoundError / ValueError with a one-line reason.
+    default architecture for those). Raises CheckpointError with a one-line reason.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"kernel denoiser checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any unpickling failure means "not a checkpoint"
-        raise ValueError(f"{path}: not a loadable torch checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a checkpoint (top-level object is {type(obj).__name__}, expected a dict)")
+    obj = load_checkpoint(path, "kernel denoiser checkpoint")
     if "state_dict" in obj and isinstance(obj["state_dict"], dict):
         file_arch = obj.get("arch", {})
         if not isinstance(file_arch, dict):
-            raise ValueError(f"{path}: 'arch' entry is not a dict")
+            raise CheckpointError(f"{path}: 'arch' entry is not a dict")
         sd = obj["state_dict"]
         a = _check_arch({**file_arch, **(arch or {})}, path)
     else:

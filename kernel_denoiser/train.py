@@ -28,8 +28,10 @@ import time
 import numpy as np
 import torch
 
-from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
-from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, load_state_dict_strict, save_kernel_denoiser
+from kernel_denoiser.kernels import camera_shake_kernels
+from util.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from util.geometry import project_simplex
+from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, save_kernel_denoiser
 
 EVAL_SIGMAS = (1e-3, 3.16e-3, 1e-2)
 
@@ -136,7 +138,7 @@ def main(argv=None):
     log_path = a.out + ".log"
     step, losses, elapsed = 0, [], 0.0
     if os.path.isfile(ckpt):
-        st = torch.load(ckpt, map_location="cpu", weights_only=True)
+        st = load_checkpoint(ckpt, "kernel-denoiser training checkpoint", ("arch", "state_dict", "opt", "step"))
         if st["arch"] != net.arch:
             raise SystemExit(f"{ckpt}: checkpoint architecture {st['arch']} differs from the requested {net.arch}")
         load_state_dict_strict(net, st["state_dict"], ckpt)
@@ -151,10 +153,8 @@ def main(argv=None):
         print(f"initialised from {a.init}")
 
     def save_ckpt():
-        obj = {"arch": net.arch, "state_dict": net.state_dict(), "opt": opt.state_dict(), "step": step,
-               "losses": losses, "elapsed": elapsed}
-        torch.save(obj, ckpt + ".tmp")
-        os.replace(ckpt + ".tmp", ckpt)
+        save_checkpoint({"arch": net.arch, "state_dict": net.state_dict(), "opt": opt.state_dict(), "step": step,
+                         "losses": losses, "elapsed": elapsed}, ckpt)
 
     held = heldout_kernels(a.size)
     levin = levin_kernels(a.size, a.shared)

@@ -7,9 +7,10 @@ import yaml
 
 from diffusion_em.config import (ConfigError, diffusion_config_dict, diffusion_config_from_dict,
                                  load_diffusion_config, load_kernel_config)
-from diffusion_em.mstep import m_step, dirac_kernel, MStepConfig
+from diffusion_em.mstep import MStepConfig, m_step
 from guided_diffusion.model_config import build_unet, load_model_config
 from kernel_denoiser.network import load_kernel_denoiser
+from util.geometry import dirac
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -37,7 +38,7 @@ def test_shipped_kernel_configs_run_an_m_step_with_their_denoiser(path, one_thre
     den = load_kernel_denoiser(str(ROOT / cfg.denoiser_path))
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, 2 * s, 2 * s, generator=g)
-    k = m_step(x, x, dirac_kernel(s), 0.02, MStepConfig(J=1), den)
+    k = m_step(x, x, dirac(s), 0.02, MStepConfig(J=1), den)
     assert k.shape == (1, 1, s, s) and abs(float(k.sum()) - 1) < 1e-4
 
 
@@ -108,7 +109,7 @@ def test_diffusion_config_errors_name_the_key(tmp_path, make, change, message):
 
 def test_the_schedule_comes_from_the_model_config(tmp_path, tiny_unet, tiny_unet_config):
     """Training read `schedule` from the model config while sampling used the diffusion config's: one source now."""
-    from diffusion_em.run import build_context, build_parser
+    from diffusion_em.run import build_parser, restorer_from_args
     from guided_diffusion.schedule import Schedule
 
     torch.save(tiny_unet.state_dict(), tmp_path / "unet.pt")
@@ -117,6 +118,6 @@ def test_the_schedule_comes_from_the_model_config(tmp_path, tiny_unet, tiny_unet
     diff = _write(tmp_path, {**_fast(), "steps": 7}, "d.yaml")
     args = build_parser("fast_em").parse_args(["--img_model_config", str(model), "--kernel_config", str(kernel),
                                                "--diffusion_config", str(diff), "--device", "cpu"])
-    ctx = build_context(args, "fast_em")
+    ctx = restorer_from_args(args, "fast_em")
     assert (ctx.denoiser.schedule.alphas_cumprod == Schedule.create(7, "cosine").alphas_cumprod).all()
     assert not (ctx.denoiser.schedule.alphas_cumprod == Schedule.create(7, "linear").alphas_cumprod).all()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diffusion_em.em import DivergenceError, Guard, diffusion_em, fast_diffusion_em
+from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
 from diffusion_em.mstep import MStepConfig
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import DPS, PiGDM
@@ -28,8 +28,29 @@ def test_divergence_message_counts_steps_forwards():
     y = _y()
     res = fast_diffusion_em(den, y, 0.02, PiGDM(), MStepConfig(J=1), 5, torch.Generator().manual_seed(0),
                             guard=None)
-    with pytest.raises(DivergenceError, match=r"first saturated at step 1/5 \(t=999\)"):
+    with pytest.raises(DivergenceError, match=r"saturated from step 1/5 \(t=999\) on"):
         Guard().check_result(res, y, 0.02)
+
+
+def test_divergence_names_the_final_saturated_streak_not_the_noisy_start():
+    """x̂0 of the first steps (pure noise, clipped) is always saturated; naming step 1 said nothing."""
+    y = _y()
+    sat = [0.9, 0.5, 0.0, 0.0, 0.3, 0.6]
+    trace = [{"where": f"step {n + 1}/6", "saturation": s} for n, s in enumerate(sat)]
+    res = EMResult(x=torch.ones(1, 3, 24, 24), kernel=torch.ones(1, 1) , nfe=6, trace=trace)
+    with pytest.raises(DivergenceError, match=r"saturated from step 5/6 on"):
+        Guard().check_result(res, y, 0.02)
+
+
+def test_guard_judges_the_data_region_only():
+    """A padded band full of saturated pixels and misfit is not data: with its box the result passes."""
+    y = torch.full((1, 3, 30, 30), 0.5)
+    x = torch.ones(1, 3, 30, 30)
+    x[..., 5:25, 5:25] = 0.5
+    res = EMResult(x=x, kernel=torch.ones(1, 1), nfe=1, trace=[])
+    with pytest.raises(DivergenceError):
+        Guard().check_result(res, y, 0.02)
+    Guard().check_result(res, y, 0.02, box=(5, 5, 20, 20))
 
 
 def test_diffusion_em_divergence_names_round_and_step():

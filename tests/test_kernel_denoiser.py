@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_denoiser.kernels import camera_shake_kernels, project_simplex
+from kernel_denoiser.kernels import camera_shake_kernels
+from util.geometry import project_simplex
 from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, save_kernel_denoiser
+from util.checkpoint import CheckpointError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: thread start-up dominates
@@ -72,26 +74,41 @@ def test_mismatched_checkpoints_are_refused_with_the_tensor_name(tmp_path):
     bad_shape = _random_sd(layout)
     bad_shape["model.4.weight"] = torch.zeros(16, 32, 3, 3)
     torch.save(bad_shape, tmp_path / "a.pth")
-    with pytest.raises(ValueError, match=r"model\.4\.weight"):
+    with pytest.raises(CheckpointError, match=r"wrong shape.*model\.4\.weight"):
         load_kernel_denoiser(str(tmp_path / "a.pth"))
     missing = _random_sd(layout)
     del missing["model.8.bias"]
     torch.save(missing, tmp_path / "b.pth")
-    with pytest.raises(ValueError, match=r"model\.8\.bias.*missing"):
+    with pytest.raises(CheckpointError, match=r"missing.*model\.8\.bias"):
         load_kernel_denoiser(str(tmp_path / "b.pth"))
     extra = _random_sd(layout)
     extra["model.10.weight"] = torch.zeros(1)
     torch.save(extra, tmp_path / "c.pth")
-    with pytest.raises(ValueError, match=r"unexpected tensor 'model\.10\.weight'"):
+    with pytest.raises(CheckpointError, match=r"unexpected.*model\.10\.weight"):
         load_kernel_denoiser(str(tmp_path / "c.pth"))
     (tmp_path / "d.pth").write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="not a loadable"):
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         load_kernel_denoiser(str(tmp_path / "d.pth"))
     torch.save([1, 2, 3], tmp_path / "e.pth")
-    with pytest.raises(ValueError, match="not a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         load_kernel_denoiser(str(tmp_path / "e.pth"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError, match="not found"):
         load_kernel_denoiser(str(tmp_path / "missing.pth"))
+
+
+class _Hostile:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_hostile_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """The refusal used to be five lines repeating torch's advice to retry with weights_only=False."""
+    torch.save({"state_dict": _Hostile()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_kernel_denoiser(str(tmp_path / "evil.pth"))
+    msg = str(e.value)
+    assert "\n" not in msg and "weights_only" not in msg and "evil.pth" in msg and "refused" in msg
+    assert "never run" not in capsys.readouterr().out
 
 
 def test_our_format_roundtrip_with_dilations_and_scale(tmp_path):
@@ -106,7 +123,7 @@ def test_our_format_roundtrip_with_dilations_and_scale(tmp_path):
     torch.testing.assert_close(net2(k, 0.003), net.eval()(k, 0.003))
     # the same weights under the plain default architecture must be refused, not half-loaded
     torch.save(obj["state_dict"], tmp_path / "plain.pth")
-    with pytest.raises(ValueError, match="architecture mismatch"):
+    with pytest.raises(CheckpointError, match="architecture mismatch"):
         load_kernel_denoiser(str(tmp_path / "plain.pth"))
 
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernel_denoiser.kernels import (camera_shake_kernels, center_of_mass, kernel_stats, project_simplex,
-                                     recenter)
+from kernel_denoiser.kernels import camera_shake_kernels, kernel_stats
+from util.geometry import center_of_mass, project_simplex, recenter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: thread start-up dominates

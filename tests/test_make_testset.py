@@ -10,7 +10,8 @@ from scipy.io import savemat
 from scipy.signal import convolve2d
 
 from diffusion_em import make_testset as MT
-from util.io import ImageReadError, list_inputs, load_sample
+from util.images import ImageReadError
+from util.inputs import list_inputs, load_sample
 from util.kernel_files import read_kernels
 
 

@@ -140,13 +140,16 @@ def test_evaluate_fields():
     x = _img(24, 24)
     k = np.zeros((5, 5))
     k[2, 2] = 1
-    full = M.evaluate(x, x, k, 0.01, x_true=x, k_true=k)
-    assert set(full) == set(M.METRIC_FIELDS)
+    full = M.evaluate(x, x, k, 0.01, x_true=x, k_true=k, particles=[x, 0.5 * x])
+    assert set(full) == set(M.ALL_FIELDS) == set(M.METRIC_FIELDS) | set(M.BLURRY_FIELDS) | {"psnr_particles", "lpips"}
+    assert full["psnr_blurry"] == math.inf and full["psnr_particles"].split(";")[0] == "inf"
+    assert float(full["psnr_particles"].split(";")[1]) == pytest.approx(M.psnr(0.5 * x, x), abs=1e-3)
     assert full["psnr"] == math.inf and full["ssim"] == pytest.approx(1.0) and full["kernel_mse"] == 0.0
     assert full["reblur_error"] == pytest.approx(-1e-4)
     assert full["psnr_aligned"] is None  # 24 px: too small for the 15-px border crop
     photo = M.evaluate(x, x, k, 0.01)
     assert photo["psnr"] is None and photo["kernel_mse"] is None and photo["reblur_error"] is not None
+    assert photo["psnr_blurry"] is None and photo["psnr_particles"] is None and photo["lpips"] is None
     big = _img(64, 64)
     shifted = np.roll(big, (1, -2), (0, 1))
     full = M.evaluate(shifted, shifted, k, 0.0, x_true=big, k_true=k)

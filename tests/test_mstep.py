@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_em.mstep import MStepConfig, data_step, dirac_kernel, m_step, m_step_coarse, precompute, resize_kernel
+from diffusion_em.mstep import MStepConfig, data_step, m_step, m_step_coarse, precompute, resize_kernel
+from util.geometry import dirac
 from kernel_denoiser.kernels import camera_shake_kernels
 from util.fft import conv_circular, o2p, p2o
 from util.metrics import kernel_mse
@@ -60,7 +61,7 @@ def test_noise_free_recovery_without_prior_sigma_zero():
     k = _true_kernel()
     x = _textured(1, 3, 64, 64, 2)
     y = conv_circular(x, k)
-    est = m_step(y, x, dirac_kernel(33, dtype=torch.float64), 0.0, MStepConfig(J=1))
+    est = m_step(y, x, dirac(33, dtype=torch.float64), 0.0, MStepConfig(J=1))
     assert kernel_mse(est, k)[0] <= 1e-7
     assert kernel_mse(est, k)[1] <= 1e-20  # exact up to float64 round-off, without any shift
 
@@ -73,7 +74,7 @@ def test_noise_free_recovery_with_prox_from_dirac(colour):
     x = _textured(1, 3, 64, 64, 3)
     y = conv_circular(x, k)
     cfg = MStepConfig(colour=colour)
-    K = m_step(y, x, dirac_kernel(33, dtype=torch.float64), 20 / 255, cfg)
+    K = m_step(y, x, dirac(33, dtype=torch.float64), 20 / 255, cfg)
     assert kernel_mse(K, k)[0] > 1e-7  # one call is not enough: the prox really holds K back
     for _ in range(7):
         K = m_step(y, x, K, 20 / 255, cfg)
@@ -86,17 +87,17 @@ def test_noisy_recovery_float32_beats_dirac():
     x = _textured(1, 3, 64, 64, 4, torch.float32)
     g = torch.Generator().manual_seed(0)
     y = conv_circular(x, k) + 10 / 255 * torch.randn(x.shape, generator=g)
-    K = dirac_kernel(33)
+    K = dirac(33)
     for _ in range(10):
         K = m_step(y, x, K, 10 / 255, MStepConfig())
     assert K.dtype == torch.float32 and K.shape == (1, 1, 33, 33)
-    assert kernel_mse(K, k)[0] < 0.1 * kernel_mse(dirac_kernel(33), k)[0]
+    assert kernel_mse(K, k)[0] < 0.1 * kernel_mse(dirac(33), k)[0]
 
 
 def test_output_is_a_valid_kernel_in_the_input_layout():
     x = _textured(3, 3, 48, 48, 5, torch.float32)
     y = _textured(1, 3, 48, 48, 6, torch.float32)
-    k2d = dirac_kernel(33)[0, 0]
+    k2d = dirac(33)[0, 0]
     out = m_step(y, x, k2d, 0.05, MStepConfig(J=2))
     assert out.shape == (33, 33) and out.dtype == torch.float32 and out.device == y.device
     assert (out >= 0).all() and abs(out.sum().item() - 1) < 1e-5
@@ -111,7 +112,7 @@ def test_denoiser_is_called_with_sqrt_lambda_over_beta():
 
     x = _textured(1, 3, 40, 40, 7, torch.float32)
     cfg = MStepConfig(lam=4.0, beta=1e4, J=3)
-    out = m_step(x, x, dirac_kernel(33), 0.02, cfg, denoiser=fake_denoiser)
+    out = m_step(x, x, dirac(33), 0.02, cfg, denoiser=fake_denoiser)
     assert len(calls) == 3
     for shape, sig, zmin, zsum in calls:
         assert shape == (1, 1, 33, 33) and sig == pytest.approx(0.02)  # sqrt(4/1e4)
@@ -122,7 +123,7 @@ def test_denoiser_is_called_with_sqrt_lambda_over_beta():
 def test_pigdm_r2_has_an_effect():
     x = _textured(1, 3, 48, 48, 8)
     y = _textured(1, 3, 48, 48, 9)
-    k0 = dirac_kernel(33, dtype=torch.float64)
+    k0 = dirac(33, dtype=torch.float64)
     a = m_step(y, x, k0, 0.05, MStepConfig(J=1), r2=0.01)
     c = m_step(y, x, k0, 0.05, MStepConfig(J=1))
     assert (a - c).abs().max() > 1e-6
@@ -144,11 +145,11 @@ def test_config_is_strict_and_frozen():
 def test_errors():
     x = torch.rand(1, 3, 20, 20)
     with pytest.raises(ValueError, match="larger than the image"):
-        m_step(x, x, dirac_kernel(33), 0.01, MStepConfig())
+        m_step(x, x, dirac(33), 0.01, MStepConfig())
     with pytest.raises(ValueError, match="previous kernel"):
         m_step(x, x, torch.ones(1, 1, 9, 11) / 99, 0.01, MStepConfig())
     with pytest.raises(ValueError, match="matching y"):
-        m_step(x, torch.rand(1, 3, 20, 21), dirac_kernel(9), 0.01, MStepConfig())
+        m_step(x, torch.rand(1, 3, 20, 21), dirac(9), 0.01, MStepConfig())
 
 
 def test_estimate_kernel_cli(tmp_path, capsys):
@@ -170,7 +171,7 @@ def test_estimate_kernel_cli(tmp_path, capsys):
 
 
 def test_resize_kernel_keeps_the_centre_and_the_mass():
-    d = resize_kernel(dirac_kernel(33, dtype=torch.float64), 17)
+    d = resize_kernel(dirac(33, dtype=torch.float64), 17)
     assert d.shape == (1, 1, 17, 17) and d[0, 0, 8, 8] == 1  # the centre tap maps to the centre tap
     k = _true_kernel(3)
     back = resize_kernel(resize_kernel(k[None, None], 17), 33)[0, 0]
@@ -184,7 +185,7 @@ def test_coarse_m_step_recovers_a_large_smooth_kernel():
     k = torch.from_numpy(camera_shake_kernels(1, 33, rng=5, extent=(0.75, 0.75), optics_sigma=(1.0, 1.0))[0]).double()
     x = _textured(1, 3, 96, 96, 7)
     y = conv_circular(x, k) + 1 / 255 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
-    K = dirac_kernel(33, dtype=torch.float64)
+    K = dirac(33, dtype=torch.float64)
     for _ in range(8):
         K = m_step_coarse(y, x, K, 1 / 255, MStepConfig())
     assert K.shape == (1, 1, 33, 33) and float(K.sum()) == pytest.approx(1.0)

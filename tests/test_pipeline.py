@@ -2,6 +2,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,21 +13,22 @@ from PIL import Image
 from diffusion_em.run import main
 from guided_diffusion.unet import create_model
 from kernel_denoiser.network import FDnCNN, save_kernel_denoiser
-from tests.conftest import ROOT, TINY_UNET
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE = 32
 
 
 @pytest.fixture
-def setup(tmp_path):
+def setup(tmp_path, tiny_unet_config):
     """Tiny weights + configs (few steps, 9×9 kernels) + a 2-image test-set folder."""
     torch.manual_seed(0)
-    unet = create_model(**TINY_UNET)
+    unet = create_model(**tiny_unet_config)
     for p in unet.parameters():  # the zero-initialised output layers would make ε ≡ 0
         if p.dim() > 1 and p.abs().sum() == 0:
             torch.nn.init.normal_(p, std=0.02)
     torch.save(unet.state_dict(), tmp_path / "unet.pt")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**TINY_UNET, "model_path": str(tmp_path / "unet.pt")}))
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**tiny_unet_config, "model_path": str(tmp_path / "unet.pt")}))
     kd = FDnCNN()
     save_kernel_denoiser(kd, str(tmp_path / "kd.pth"))
     (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 9, "denoiser_path": str(tmp_path / "kd.pth")}))
@@ -74,7 +76,7 @@ def test_all_configs_end_to_end(setup, name, method):
     rows = _rows(out)
     assert [r["name"] for r in rows] == ["im0", "im1"]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["diffusion"]["method"] == method and summary["images"] == 2
+    assert summary["settings"]["diffusion"]["method"] == method and summary["images"] == 2
     assert (out / "config.yaml").exists()
     for r in rows:
         assert r["status"] == "ok", r["message"]
@@ -144,7 +146,8 @@ def test_photo_folder_estimates_sigma(setup, capsys):
     assert main(_args(tmp, cfgs["fastem_pigdm"], photos, out), method="fast_em") == 0
     rows = _rows(out)
     assert all(r["status"] == "ok" and r["sigma_source"] == "estimated" and r["psnr"] == "" for r in rows)
-    assert np.asarray(Image.open(out / "images" / "grey.png")).shape == (30, 36, 3)
+    assert np.asarray(Image.open(out / "images" / "grey.png")).shape == (30, 36)  # grayscale in, grayscale out
+    assert np.asarray(Image.open(out / "images" / "rgba.png")).shape == (32, 32, 3)
     assert "estimated" in capsys.readouterr().err
 
 
@@ -164,16 +167,18 @@ def test_authors_pickles(setup):
 
 def test_true_kernel_equals_nonblind_sampler(setup):
     from diffusion_em.nonblind import deblur_nonblind
-    from diffusion_em.run import build_context, build_parser, restore
-    from util import io
+    from diffusion_em.restore import restore
+    from diffusion_em.run import build_parser, restorer_from_args
+    from util.images import image_to_tensor
+    from util.inputs import list_inputs, load_sample
 
     tmp, cfgs, data = setup
     args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
-    ctx = build_context(args, "fast_em")
-    s = io.load_sample(io.list_inputs(data)[0])
-    y = io.image_to_tensor(s.y)
+    ctx = restorer_from_args(args, "fast_em")
+    s = load_sample(list_inputs(data)[0])
+    y = image_to_tensor(s.y)
     k = torch.from_numpy(s.k_true)
-    em = restore(ctx, y, s.sigma, "folder", torch.Generator().manual_seed(7), k_true=k)
+    em = restore(ctx, y, s.sigma, torch.Generator().manual_seed(7), boundary="circular", k_true=k)
     k9 = torch.nn.functional.pad(k, (2, 2, 2, 2))  # the 5×5 kernel centred in the 9×9 support
     assert torch.allclose(em.kernel, k9, atol=1e-7)  # fixed kernel: never touched by an M-step
     nb = deblur_nonblind(ctx.denoiser, y, em.kernel, s.sigma, ctx.guidance, torch.Generator().manual_seed(7))
@@ -206,3 +211,15 @@ def test_divergence_guard_fails_garbage_with_a_message(setup):
     assert r["status"] == "failed" and "diverged" in r["message"] and "after 2 attempts" in r["message"]
     assert not (out / "images" / "im0.png").exists()  # never written as a success
 
+
+
+def test_a_bug_is_a_crash_not_a_failed_row(setup, monkeypatch):
+    """The loop caught ValueError and OSError, so a programming error became a 'failed' row and exit 1."""
+    import diffusion_em.run as run
+    tmp, cfgs, data = setup
+
+    def broken_metric(*a, **k):
+        raise ValueError("a bug in the metrics code")
+    monkeypatch.setattr(run, "evaluate", broken_metric)
+    with pytest.raises(ValueError, match="a bug in the metrics code"):
+        main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--max_images", "1"), method="fast_em")

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from guided_diffusion.unet import CheckpointError, create_model, load_weights
-from tests.conftest import TINY_UNET, shared_path
+from guided_diffusion.unet import create_model, load_weights
+from util.checkpoint import CheckpointError
 
 
-def test_reference_fixture_reproduced():
+def test_reference_fixture_reproduced(shared_path):
     ref = torch.load(shared_path("reference", "unet_reference_small.pt"), weights_only=True)
     model = create_model(**ref["config"])
     model.load_state_dict(ref["state_dict"], strict=True)
@@ -20,7 +20,7 @@ def test_reference_fixture_reproduced():
 
 
 @pytest.mark.parametrize("name", ["ffhq_10m", "imagenet256_uncond"])
-def test_public_checkpoint_layout(name):
+def test_public_checkpoint_layout(name, shared_path):
     manifest = json.loads(shared_path("reference", "guided_diffusion_checkpoint_manifest.json").read_text())[name]
     with torch.device("meta"):  # no memory for 550M parameters
         model = create_model(**manifest["config"])
@@ -30,14 +30,14 @@ def test_public_checkpoint_layout(name):
     assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
 
 
-def test_loader_errors(tmp_path, tiny_unet):
+def test_loader_errors(tmp_path, tiny_unet, tiny_unet_config):
     with pytest.raises(CheckpointError, match="not found"):
         load_weights(tiny_unet, tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"this is not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         load_weights(tiny_unet, bad)
-    other = create_model(**{**TINY_UNET, "num_channels": 64})
+    other = create_model(**{**tiny_unet_config, "num_channels": 64})
     wrong = tmp_path / "wrong.pt"
     torch.save(other.state_dict(), wrong)
     with pytest.raises(CheckpointError, match="wrong shape.*time_embed.0.weight"):
@@ -49,7 +49,7 @@ def test_loader_errors(tmp_path, tiny_unet):
         load_weights(tiny_unet, wrong)
     good = tmp_path / "good.pt"
     torch.save(tiny_unet.state_dict(), good)
-    fresh = create_model(**TINY_UNET)
+    fresh = create_model(**tiny_unet_config)
     load_weights(fresh, good)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), tiny_unet.state_dict().values()))
 
@@ -69,9 +69,9 @@ def test_any_size_and_batch(tiny_unet):
         tiny_unet(torch.randn(1, 3, 33, 32), torch.tensor([1]))
 
 
-def test_new_attention_order_differs_but_runs():
+def test_new_attention_order_differs_but_runs(tiny_unet_config):
     torch.manual_seed(0)
-    cfg = {**TINY_UNET, "num_head_channels": 16}
+    cfg = {**tiny_unet_config, "num_head_channels": 16}
     new = create_model(**{**cfg, "use_new_attention_order": True})
     for p in new.parameters():  # zero-initialised output layers would make both outputs 0
         if p.dim() > 1 and p.abs().sum() == 0:

@@ -12,8 +12,10 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from util.errors import ProjectError
 
-class ConfigError(ValueError):
+
+class ConfigError(ProjectError, ValueError):
     """A configuration file or value is invalid; the message names the file and the key."""
 
 

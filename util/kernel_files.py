@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from util.io import ImageReadError, _read_npy_array, read_image
+from util.images import ImageReadError, read_image, read_npy_array
 
 KERNEL_EXTS = (".npy", ".png", ".mat")
 MAT_NAMES = ("f", "k", "kernel", "kernels", "psf", "h", "K", "PSF")  # Levin's files use `f`
@@ -75,7 +75,7 @@ def read_kernels(path) -> list:
         raise ImageReadError(f"{p}: no such file")
     ext = p.suffix.lower()
     if ext == ".npy":
-        a = _read_npy_array(p).astype(np.float64)
+        a = read_npy_array(p).astype(np.float64)
         while a.ndim > 3 and a.shape[0] == 1:
             a = a[0]
         arrays = [a] if a.ndim == 2 else list(a) if a.ndim == 3 else None

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .fft import conv_circular
+from .geometry import pad_centred
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -88,15 +89,6 @@ def _drop_unit_dims(a):
     return a
 
 
-def _pad_centred(k: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Zero-pad so the centre tap (s//2) lands on the centre of the new size (S//2), as DESIGN §2 centres."""
-    out = np.zeros(shape, dtype=k.dtype)
-    t0 = shape[0] // 2 - k.shape[0] // 2
-    t1 = shape[1] // 2 - k.shape[1] // 2
-    out[t0:t0 + k.shape[0], t1:t1 + k.shape[1]] = k
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- images
 def psnr(x: ArrayLike, y: ArrayLike) -> float:
     """PSNR in dB of images in [0, 1] (both clipped), data range 1; +inf when identical after clipping."""
@@ -131,7 +123,7 @@ def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple
     kt = _kernel_to_np(k_true, "k_true")
     n_taps = ke.size
     shape = (max(ke.shape[0], kt.shape[0]), max(ke.shape[1], kt.shape[1]))
-    ke, kt = _pad_centred(ke, shape), _pad_centred(kt, shape)
+    ke, kt = pad_centred(ke, shape), pad_centred(kt, shape)
     m = max_shift
     # compare on a frame enlarged by m so no mass of the shifted kernel falls off the edge
     ke_big = np.pad(ke, m)
@@ -279,6 +271,7 @@ def success_rates(ratios, thresholds=(2.0, 3.0)) -> dict:
 METRIC_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "shift_y", "shift_x", "kernel_mse",
                  "kernel_mse_raw", "reblur_error")
 BLURRY_FIELDS = ("psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned")
+ALL_FIELDS = METRIC_FIELDS + BLURRY_FIELDS + ("psnr_particles", "lpips")
 
 
 def _fits_alignment(img: ArrayLike, kernel_size: int) -> bool:
@@ -287,11 +280,29 @@ def _fits_alignment(img: ArrayLike, kernel_size: int) -> bool:
 
 def evaluate(x_est: ArrayLike, y: ArrayLike, k_est: ArrayLike, sigma: float,
              x_true: Optional[ArrayLike] = None, k_true: Optional[ArrayLike] = None,
-             max_shift: int = 4) -> dict:
-    """Every DESIGN §5 metric of one restored image, keyed by METRIC_FIELDS; None where the ground truth
-    needed is unknown (real photos). The re-blur error needs no ground truth and is always computed.
-    Aligned scores use the true kernel's size (else the estimate's) for border and search range, and are
-    None for images too small for the border crop (under 2·border + 11 px)."""
+             max_shift: int = 4, particles: Optional[list] = None) -> dict:
+    """Every metric of one restored image, keyed by ALL_FIELDS; None where the ground truth needed is
+    unknown (real photos). The re-blur error needs no ground truth and is always computed. Aligned scores
+    use the true kernel's size (else the estimate's) for border and search range, and are None for images
+    too small for the border crop (under 2·border + 11 px). With ground truth: the blurry input's scores,
+    each particle's PSNR (';'-joined, when there are several) and LPIPS when available."""
+    out = dict.fromkeys(ALL_FIELDS)
+    out.update(_restoration_scores(x_est, y, k_est, sigma, x_true, k_true, max_shift))
+    if x_true is not None:
+        ks = max((k_true if k_true is not None else k_est).shape[-2:])
+        out.update(blurry_scores(np.clip(to_numpy_image(y), 0, 1), x_true, ks))
+        if particles is not None and len(particles) > 1:
+            out["psnr_particles"] = ";".join(f"{psnr(p, x_true):.3f}" for p in particles)
+        rgb = lambda a: np.repeat(a, 3, 2) if np.shape(a)[-1] == 1 else a  # noqa: E731 — LPIPS wants RGB
+        out["lpips"], _ = lpips_distance(rgb(to_numpy_image(x_est)), rgb(to_numpy_image(x_true)))
+    return out
+
+
+def to_numpy_image(a: ArrayLike) -> np.ndarray:
+    return a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+def _restoration_scores(x_est, y, k_est, sigma, x_true, k_true, max_shift) -> dict:
     out = dict.fromkeys(METRIC_FIELDS)
     if x_true is not None:
         out["psnr"], out["ssim"] = psnr(x_est, x_true), ssim(x_est, x_true)

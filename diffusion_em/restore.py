@@ -1,0 +1,134 @@
+"""Deblurring one observation with ready models: the algorithm side of the runner (no files, no argparse).
+
+`load_restorer` builds the models from the three configs; `restore` pads one observation for the boundary
+model and the UNet, runs the configured EM driver and crops back; `restore_with_retries` redraws the noise
+when the divergence guard fails a run.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from diffusion_em.config import DiffusionConfig, KernelConfig
+from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
+from guided_diffusion.denoiser import EpsDenoiser
+from guided_diffusion.guidance import make_guidance
+from guided_diffusion.model_config import ModelConfig, build_unet
+from guided_diffusion.schedule import Schedule
+from guided_diffusion.unet import load_weights
+from kernel_denoiser.network import load_kernel_denoiser
+from util.config import ConfigError
+from util.errors import InputError
+from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def repo_path(p: Optional[str]) -> Optional[str]:
+    """Paths in configs are relative to the repository root unless absolute or present from the cwd."""
+    if p is None or os.path.isabs(p) or os.path.exists(p):
+        return p
+    return str(ROOT / p)
+
+
+@dataclass(frozen=True)
+class Restorer:
+    """Ready models and settings for deblurring observations one at a time."""
+    denoiser: EpsDenoiser
+    guidance: object
+    kernel_denoiser: Optional[torch.nn.Module]
+    dcfg: DiffusionConfig
+    kernel_size: int
+    device: torch.device
+    guard: Guard
+
+
+def load_restorer(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelConfig, device: torch.device,
+                  model_config_name: str = "model config") -> Restorer:
+    """Load the UNet and the kernel denoiser (strict, weights_only) and assemble the sampler's pieces."""
+    if not model_cfg.model_path:
+        raise ConfigError(f"{model_config_name}: missing key 'model_path'")
+    model = load_weights(build_unet(model_cfg), repo_path(model_cfg.model_path)).to(device)
+    sched = Schedule.create(dcfg.steps, model_cfg.schedule)  # the schedule the weights were trained with
+    denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised, autocast_dtype=AUTOCAST[dcfg.precision])
+    kd = None
+    if kcfg.denoiser_path is not None:
+        kd = load_kernel_denoiser(repo_path(kcfg.denoiser_path), device=device)
+    guard = Guard(max_residual=dcfg.guard_residual, max_saturation_excess=dcfg.guard_saturation)
+    return Restorer(denoiser=denoiser, guidance=make_guidance(dcfg.guidance, zeta=dcfg.zeta), kernel_denoiser=kd,
+                    dcfg=dcfg, kernel_size=kcfg.kernel_size, device=device, guard=guard)
+
+
+def boundary_mode(setting: str, kind: str) -> str:
+    """The boundary model for an input kind: `auto` is circular for synthetic sets (blurred circularly),
+    `taper` for plain photos."""
+    if setting != "auto":
+        return setting
+    return "taper" if kind == "photo" else "circular"
+
+
+def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
+    """Pad for the boundary model and for the UNet; return the padded y and the crop box back."""
+    box0 = (0, 0) + tuple(y.shape[-2:])
+    if mode != "circular":
+        y, box0 = pad_for_boundary(y, pad, mode)
+    y, _ = pad_to_multiple(y, multiple, "circular" if mode == "circular" else "reflect")  # bottom/right: box0 still crops
+    return y, box0
+
+
+def fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
+    """A kernel zero-padded or cropped, centred, to s×s and renormalised (the oracle run's fixed kernel)."""
+    out = pad_centred(k, s)
+    return out / out.sum()
+
+
+def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
+            k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None) -> EMResult:
+    """Deblur one observation (1, C, H, W) in [0, 1] on r.device: pad, run the configured EM, crop back.
+
+    boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see `boundary_mode`); k_true: the oracle kernel
+    (M-step off, the non-blind bound); callback: per-step dict (see the drivers). Raises DivergenceError when
+    the guard fails the result (judged on the data region: padding is not data).
+    """
+    d, s = r.dcfg, r.kernel_size
+    yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
+    if min(yp.shape[-2:]) < s:
+        raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
+    if d.method == "fast_em":
+        fixed = None if k_true is None else fit_kernel(k_true.to(yp), s)
+        res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
+                                n_particles=d.n_particles, fixed_kernel=fixed, guard=r.guard,
+                                callback=callback, progress=True, data_box=box, eta=d.eta,
+                                branch_fraction=d.branch_fraction)
+    else:
+        if k_true is not None:
+            raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
+                             "re-estimate it")
+        res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
+                           n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
+                           callback=callback, progress=True, data_box=box, eta=d.eta,
+                           branch_fraction=d.branch_fraction)
+    r.guard.check_result(res, yp, sigma, box)  # on the data region only
+    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
+
+
+def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],
+                         on_retry: Callable[[int, DivergenceError], None] = lambda attempt, e: None,
+                         **options) -> tuple:
+    """`restore` with fresh noise (generator_for(attempt)) after a divergence, up to dcfg.retries more times.
+
+    Returns (EMResult, attempts); raises DivergenceError naming the attempts when every one failed.
+    """
+    last = None
+    for attempt in range(r.dcfg.retries + 1):
+        try:
+            return restore(r, y, sigma, generator_for(attempt), **options), attempt + 1
+        except DivergenceError as e:
+            last = e
+            on_retry(attempt, e)
+    raise DivergenceError(f"{last} (after {r.dcfg.retries + 1} attempts)")

@@ -1,0 +1,140 @@
+"""A results folder: its settings record, its metrics log, one image's outputs and the summary.
+
+The folder is checked (a writable folder, a metrics.csv with our header) before any model is loaded. Results
+record the settings that made them (`config.yaml`, key `settings`): a rerun into the same folder resumes
+only with the same settings; other settings are refused unless `--overwrite`, which first moves the old
+record aside (`*.replaced-<time>`), so a record never describes results it did not make.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from util.csvlog import append_csv_row, read_csv_rows
+from util.errors import ProjectError
+from util.outputs import (kernel_to_image, make_montage, save_gif, save_json, save_kernel_png, save_npy, save_png,
+                          save_text)
+
+FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
+          "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
+          "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts")
+MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
+               "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
+RECORD_FILES = ("config.yaml", "metrics.csv", "summary.json")
+
+
+class OutputError(ProjectError, OSError):
+    """The output folder cannot hold this run's results; the message names the folder or file."""
+
+
+def _differences(old, new, prefix: str = "") -> list:
+    """'key: old → new' for every leaf that differs between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} → {new!r}"]
+
+
+class ResultsFolder:
+    """The output folder of one run (`--save_dir`)."""
+
+    def __init__(self, path, fields=FIELDS):
+        self.path = Path(path)
+        self.fields = tuple(fields)
+        self.metrics = self.path / "metrics.csv"
+
+    def check(self) -> None:
+        """Refuse a folder that cannot take our files: a file in the way, no write permission, a foreign
+        metrics.csv. Creates the folder. Raises OutputError naming the problem."""
+        p = self.path
+        for parent in [p, *p.parents]:
+            if parent.exists() and not parent.is_dir():
+                raise OutputError(f"{parent}: is a file, not a folder; choose another --save_dir")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise OutputError(f"{p}: cannot write results there ({e.strerror or e})") from None
+        if self.metrics.is_file() and self.metrics.stat().st_size > 0:
+            with open(self.metrics, newline="", errors="replace") as f:
+                header = f.readline().strip().split(",")
+            if tuple(header) != self.fields:
+                raise OutputError(f"{self.metrics}: holds another header ({','.join(header[:4])},...); it is not "
+                                  f"this version's metrics log: move it away or choose another --save_dir")
+
+    def recorded_settings(self) -> Optional[dict]:
+        cfg = self.path / "config.yaml"
+        if not cfg.is_file():
+            return None
+        try:
+            data = yaml.safe_load(cfg.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            return {"unreadable": str(cfg)}
+        return data.get("settings", {"unrecorded": True}) if isinstance(data, dict) else {"unreadable": str(cfg)}
+
+    def claim(self, settings: dict, overwrite: bool) -> None:
+        """Make the folder's record describe `settings`: resume when they match; refuse when they do not,
+        unless `overwrite`, which moves the old record aside first."""
+        old = self.recorded_settings()
+        has_results = self.metrics.is_file() and self.metrics.stat().st_size > 0
+        if old is not None and old != settings and (has_results or (self.path / "summary.json").exists()):
+            diff = _differences(old, settings)
+            if not overwrite:
+                shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+                raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "
+                                  f"those settings to resume, --overwrite to replace them, or choose another --save_dir")
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            for name in RECORD_FILES:
+                f = self.path / name
+                if f.exists():
+                    os.replace(f, self.path / f"{name}.replaced-{stamp}")
+
+    def write_config(self, record: dict) -> None:
+        save_text(self.path / "config.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
+
+    def previous_rows(self) -> dict:
+        """The last row per image name in metrics.csv."""
+        return {r["name"]: r for r in read_csv_rows(self.metrics) if r.get("name")}
+
+    def append(self, row: dict) -> None:
+        append_csv_row(self.metrics, self.fields, row)
+
+    def write_image(self, name: str, x_img: np.ndarray, particles: list, kernel: np.ndarray, y: np.ndarray,
+                    x_true: Optional[np.ndarray], k_true: Optional[np.ndarray], save_npy_too: bool,
+                    frames: list = (), kernel_frames: list = ()) -> None:
+        """One image's outputs, each written atomically."""
+        out = self.path
+        save_png(out / "images" / f"{name}.png", x_img)
+        if len(particles) > 1:
+            for j, p in enumerate(particles):
+                save_png(out / "images" / f"{name}_p{j}.png", p)
+        if save_npy_too:
+            save_npy(out / "npy" / f"{name}.npy", x_img)
+        save_npy(out / "kernels" / f"{name}.npy", kernel.astype(np.float32))
+        save_kernel_png(out / "kernels" / f"{name}.png", kernel)
+        save_png(out / "montage" / f"{name}.png", make_montage(np.clip(y, 0, 1), x_img, x_true, kernel, k_true))
+        if frames:
+            save_gif(out / "progress" / f"{name}_x0.gif", list(frames))
+            save_gif(out / "progress" / f"{name}_kernel.gif", [kernel_to_image(k, 6) for k in kernel_frames])
+
+    def write_summary(self, summary: dict) -> None:
+        save_json(self.path / "summary.json", summary)
+
+
+def summarise(rows: dict) -> dict:
+    """Counts and means over the ok rows (one per image name)."""
+    ok = [r for r in rows.values() if r.get("status") == "ok"]
+    means = {}
+    for k in MEAN_FIELDS:
+        vals = [float(r[k]) for r in ok if r.get(k) not in (None, "", "None")]
+        means[k] = float(np.mean(vals)) if vals else None
+    return {"images": len(rows), "ok": len(ok), "failed": len(rows) - len(ok), "means": means}

@@ -1,0 +1,164 @@
+"""Discovering a run's inputs and reading one sample: test-set folders, photo folders, the authors' pickles.
+
+`list_inputs` only locates files; `load_sample` reads one sample and raises ImageReadError naming the
+faulty file, touching no other sample; `resolve_sigma` says which σ a sample uses and where it came from.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from util.errors import InputError
+from util.images import IMAGE_EXTS, PathLike, fail, read_image, read_kernel
+from util.noise import estimate_noise_sigma
+from util.safe_pickle import PICKLE_EXT, load_pickle_sample
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input to deblur. For kind='pickle', `blurry` is the pickle file (it holds everything)."""
+    name: str
+    blurry: Path
+    sharp: Optional[Path] = None
+    kernel: Optional[Path] = None
+    sigma: Optional[float] = None
+    kind: str = "folder"  # 'folder' | 'photo' | 'pickle'
+
+
+@dataclass(frozen=True)
+class LoadedSample:
+    """A sample read into memory: y unclipped H×W×3, x_true clipped H×W×3, k_true normalised."""
+    name: str
+    y: np.ndarray
+    x_true: Optional[np.ndarray] = None
+    k_true: Optional[np.ndarray] = None
+    sigma: Optional[float] = None
+
+
+def _visible_files(d: Path) -> list:
+    return sorted((f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")), key=lambda f: f.name)
+
+
+def _by_stem(files: Iterable[Path], exts: Sequence[str], where: Path) -> dict:
+    out: dict = {}
+    for f in files:
+        if f.suffix.lower() in exts:
+            if f.stem in out:
+                raise InputError(f"{where}: two inputs share the name '{f.stem}' ({out[f.stem].name}, {f.name})")
+            out[f.stem] = f
+    return out
+
+
+def read_meta_csv(path: PathLike) -> dict:
+    """meta.csv with columns name,sigma (σ in [0, 1] units) -> {name: sigma}. Errors name file and line."""
+    p = Path(path)
+    try:
+        with open(p, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or not {"name", "sigma"} <= set(reader.fieldnames):
+                raise fail(p, f"expected a header 'name,sigma', got {reader.fieldnames}")
+            out = {}
+            for row in reader:
+                line = reader.line_num
+                name = (row.get("name") or "").strip()
+                if not name:
+                    raise fail(p, f"line {line}: empty name")
+                try:
+                    s = float(row["sigma"])
+                except (TypeError, ValueError):
+                    raise fail(p, f"line {line}: sigma '{row.get('sigma')}' is not a number") from None
+                if not (math.isfinite(s) and 0 <= s < 1):
+                    raise fail(p, f"line {line}: sigma {s} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
+                out[name] = s
+            return out
+    except UnicodeDecodeError:
+        raise fail(p, "not a text CSV file") from None
+
+
+def list_inputs(input_dir: PathLike) -> list:
+    """Discover the inputs of a run, sorted by name (DESIGN §4).
+
+    - `<dir>/blurry/` exists: test-set folder; sharp/<name>.* and kernel/<name>.npy are attached when
+      present, σ from meta.csv when listed.
+    - otherwise `*.pickle` files: the authors' format (kind 'pickle'); image files beside them are photos.
+    - otherwise image files: real photos (kind 'photo'), σ from meta.csv when present, else None
+      (the caller estimates it).
+    - a single image or pickle file is accepted as a one-sample input.
+    Files are only located here, not read: a broken file fails later, in load_sample, alone.
+    """
+    root = Path(input_dir)
+    if root.is_file():
+        ext = root.suffix.lower()
+        if ext == PICKLE_EXT:
+            return [Sample(root.stem, root, kind="pickle")]
+        if ext in IMAGE_EXTS:
+            return [Sample(root.stem, root, kind="photo")]
+        raise InputError(f"{root}: not an image or .pickle file")
+    if not root.is_dir():
+        raise InputError(f"{root}: input folder does not exist")
+    meta_path = root / "meta.csv"
+    meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
+
+    if (root / "blurry").is_dir():
+        blurry = _by_stem(_visible_files(root / "blurry"), IMAGE_EXTS, root / "blurry")
+        sharp = _by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp") if (root / "sharp").is_dir() else {}
+        kern = _by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel") if (root / "kernel").is_dir() else {}
+        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder") for n, f in blurry.items()]
+    else:
+        files = _visible_files(root)
+        pickles = _by_stem(files, (PICKLE_EXT,), root)
+        photos = _by_stem(files, IMAGE_EXTS, root)
+        clash = sorted(set(pickles) & set(photos))
+        if clash:
+            raise InputError(f"{root}: names used by both a pickle and an image: {clash}")
+        samples = [Sample(n, f, sigma=meta.get(n), kind="pickle") for n, f in pickles.items()]
+        samples += [Sample(n, f, sigma=meta.get(n), kind="photo") for n, f in photos.items()]
+    if not samples:
+        raise InputError(f"{root}: no inputs found (expected blurry/<name>.{{png,jpg,tif,npy}}, "
+                         f"image files, or *.pickle)")
+    return sorted(samples, key=lambda s: s.name)
+
+
+def load_sample(sample: Sample) -> LoadedSample:
+    """Read one sample's files. Raises ImageReadError naming the faulty file; touches no other sample."""
+    if sample.kind == "pickle":
+        d = load_pickle_sample(sample.blurry)
+        y = d["L"][0].permute(1, 2, 0).numpy().copy()
+        x = d["H"][0].permute(1, 2, 0).clamp(0, 1).numpy().copy()
+        k = d["kernel"][0, 0].double()
+        if not k.sum() > 0:
+            raise fail(sample.blurry, "kernel sum is not positive")
+        k = (k / k.sum()).float().numpy()
+        # a σ from meta.csv overrides the pickle's own (lets a user correct it)
+        sigma = sample.sigma if sample.sigma is not None else d["sigma"]
+        return LoadedSample(sample.name, y, x, k, sigma)
+    y = read_image(sample.blurry, clip=False)
+    x = None
+    if sample.sharp is not None:
+        x = read_image(sample.sharp, clip=True)
+        if x.shape != y.shape:
+            raise fail(sample.sharp, f"sharp image is {x.shape[:2]} but the blurry one is {y.shape[:2]}")
+    k = read_kernel(sample.kernel) if sample.kernel is not None else None
+    if k is not None and (k.shape[0] > y.shape[0] or k.shape[1] > y.shape[1]):
+        raise fail(sample.kernel, f"kernel {k.shape} is larger than the image {y.shape[:2]}")
+    return LoadedSample(sample.name, y, x, k, sample.sigma)
+
+
+def resolve_sigma(sample: LoadedSample, override: Optional[float] = None) -> tuple:
+    """σ to use for a sample and where it came from: ('override' | 'given' | 'estimated').
+
+    Order: an explicit override (e.g. --sigma), then σ from meta.csv / the pickle, else the blind
+    estimate of `estimate_noise_sigma` on the observation (report it: it is a guess).
+    """
+    if override is not None:
+        if not (math.isfinite(override) and 0 <= override < 1):
+            raise InputError(f"sigma override {override} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
+        return float(override), "override"
+    if sample.sigma is not None:
+        return float(sample.sigma), "given"
+    return estimate_noise_sigma(sample.y), "estimated"

@@ -1,0 +1,111 @@
+"""The authors' test-set pickles, read with a restricted unpickler: never `pickle.load`.
+
+Only the three globals those files use are admitted (tensor rebuilding from bytes, OrderedDict); anything
+else is refused with one line naming the file and the refused global.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import math
+import pickle
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from util.images import PathLike, fail
+
+PICKLE_EXT = ".pickle"
+
+
+def _safe_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad, backward_hooks, metadata=None):
+    """torch._utils._rebuild_tensor_v2, admitted only with plain arguments (no hooks, no metadata)."""
+    if not isinstance(storage, (torch.UntypedStorage, torch.TypedStorage)):
+        raise pickle.UnpicklingError(f"tensor rebuild got a {type(storage).__name__} instead of a storage")
+    if backward_hooks:
+        raise pickle.UnpicklingError("tensor rebuild with backward hooks refused")
+    if metadata:
+        raise pickle.UnpicklingError("tensor rebuild with metadata refused")
+    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, bool(requires_grad),
+                                           collections.OrderedDict())
+
+
+def _safe_load_from_bytes(b):
+    """torch.storage._load_from_bytes, but its inner torch.save stream is read with weights_only=True."""
+    if not isinstance(b, (bytes, bytearray)):
+        raise pickle.UnpicklingError(f"storage payload must be bytes, got {type(b).__name__}")
+    try:
+        return torch.load(io.BytesIO(bytes(b)), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False, the opposite of what to do with untrusted data
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"refused global '{m.group(1)}'" if m else "non-tensor content"
+        raise pickle.UnpicklingError(f"embedded tensor stream: {what} (only tensor data is allowed)") from None
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits exactly the three globals of the authors' test-set pickles (DESIGN §3); refuses the rest."""
+
+    _ALLOWED: dict = {
+        ("torch._utils", "_rebuild_tensor_v2"): _safe_rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): _safe_load_from_bytes,
+        ("collections", "OrderedDict"): collections.OrderedDict,
+    }
+
+    def find_class(self, module, name):
+        fn = self._ALLOWED.get((module, name))
+        if fn is None:
+            raise pickle.UnpicklingError(f"refused global '{module}.{name}' (only tensor rebuilding is allowed)")
+        return fn
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refused persistent id (not a plain pickle of tensors)")
+
+
+def load_pickle_sample(path: PathLike) -> dict:
+    """Load one of the authors' samples with the restricted unpickler: never plain pickle.load.
+
+    Returns dict(H=sharp 1×3×H×W float32 tensor, L=blurry (unclipped) tensor of the same shape,
+    kernel=1×1×s×s tensor exactly as stored (NOT normalised; sums are 1.02–1.12 in the authors'
+    files), sigma=float). Refused globals, a wrong structure or missing keys raise ImageReadError.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise fail(p, "no such file")
+    if p.stat().st_size == 0:
+        raise fail(p, "empty file (0 bytes)")
+    try:
+        with open(p, "rb") as f:
+            obj = _RestrictedUnpickler(f).load()
+    except pickle.UnpicklingError as e:  # torch's messages span many lines: keep the first
+        raise fail(p, f"unsafe or invalid pickle: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+    except Exception as e:  # truncated stream, bad opcodes, failing inner torch.load...
+        raise fail(p, f"unreadable pickle ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(obj, dict):
+        raise fail(p, f"expected a dict, got {type(obj).__name__}")
+    missing = [k for k in ("H", "L", "kernel", "sigma") if k not in obj]
+    if missing:
+        raise fail(p, f"missing key(s) {missing}")
+    out = {}
+    for k in ("H", "L", "kernel"):
+        v = obj[k]
+        if isinstance(v, np.ndarray):
+            v = torch.from_numpy(v)
+        if not isinstance(v, torch.Tensor):
+            raise fail(p, f"'{k}' is a {type(v).__name__}, expected a tensor")
+        v = v.detach().to(torch.float32)
+        if not torch.isfinite(v).all():
+            raise fail(p, f"'{k}' contains NaN or inf")
+        out[k] = v
+    if out["H"].ndim != 4 or out["H"].shape[:2] != (1, 3) or out["L"].shape != out["H"].shape:
+        raise fail(p, f"expected H and L of shape 1×3×H×W, got {tuple(out['H'].shape)} and {tuple(out['L'].shape)}")
+    if out["kernel"].ndim != 4 or out["kernel"].shape[:2] != (1, 1):
+        raise fail(p, f"expected a 1×1×s×s kernel, got {tuple(out['kernel'].shape)}")
+    sigma = obj["sigma"]
+    sigma = float(sigma.item() if isinstance(sigma, (torch.Tensor, np.ndarray)) else sigma)
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise fail(p, f"invalid sigma {sigma}")
+    out["sigma"] = sigma
+    return out
