@@ -10,7 +10,7 @@ with a seed disjoint from training) × σ ∈ {5, 10, 20}/255: y = k ⊛ x (circ
 clipped); the M-step is then called `--calls` times (J = 10 HQS iterations each) starting from the centred
 Dirac, feeding back its kernel, as Fast EM does across diffusion steps — here with the true sharp image as
 x (n = 1). No re-centring (x is registered with y; re-centring would move Levin's off-centre kernels).
-Score: DESIGN §5 kernel MSE (util.metrics.kernel_mse: normalised, best integer shift within ±4 px,
+Score: docs/algorithm.md §5 kernel MSE (util.metrics.kernel_mse: normalised, best integer shift within ±4 px,
 / number of taps of the estimate), mean and worst, with the trained denoiser and without any prior.
 
 Timing: one M-step call (J = 10) at 256×256 RGB, n = 1, 1 thread, median of `--reps` calls, with and

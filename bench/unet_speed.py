@@ -1,13 +1,23 @@
-"""UNet speed: forward and forward+input-gradient of the FFHQ-256 config (random weights), one JSON line per setting.
+"""UNet speed levers, side by side: forward and forward+input-gradient, one JSON line per variant.
 
-    python bench/unet_speed.py                       # CPU (and CUDA when present), batch 1 and 4
-    python bench/unet_speed.py --batch 1 --repeats 3 --devices cpu
+    python bench/unet_speed.py --model ffhq --threads 1 --batch 1 --repeats 5 \
+        --variants original_style ours_nchw ours_conv1x1_off ours ours_bf16 ours_compiled ours_compiled_bf16
 
-Each setting is timed `--repeats` times after one warm-up, all settings interleaved repeat by repeat (a busy
-machine slows them alike); we print min and median seconds per call and the ratio to `original_style`.
-`impl=ours` is guided_diffusion/unet.py as used by the samplers (parameters frozen, SDPA attention).
-`impl=original_style` emulates the original's costs in the same process for a side-by-side ratio:
-explicit einsum attention wrapped in gradient checkpointing and parameters that require grad.
+All variants are built in one process and timed interleaved, repeat by repeat (a busy machine slows them
+alike); we print min and median seconds per call and the ratios of both to `original_style`.
+Random weights (speed does not depend on their values).
+
+Variants (`--variants`):
+- `original_style`: a faithful in-process copy of the original guided-diffusion/DPS costs: NCHW, einsum attention
+  with float32 softmax wrapped in gradient checkpointing (the original always checkpoints attention), parameters
+  that require grad, 1×1 convolutions through nn.Conv2d. Same weights and layer graph as ours.
+- `ours_nchw`: guided_diffusion/unet.py as the samplers use it (frozen, SDPA), NCHW.
+- `ours_conv1x1_off`: channels-last, but 1×1 skip convolutions through nn.Conv2d (the lever measured by `ours`).
+- `ours`: the default path: frozen, channels-last, SDPA, 1×1 convolutions as one GEMM.
+- `ours_bf16`: `ours` under CPU/GPU bf16 autocast.
+- `ours_compiled`, `ours_compiled_bf16`: `torch.compile` (inductor) of `ours`; the first call's extra time is
+  reported as `compile_s`, and `break_even_calls` = compile_s / (ours − compiled) per-call saving
+  (a 100-step Fast EM image makes 100 forward+input-gradient calls).
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.utils.checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,6 +38,17 @@ from guided_diffusion import unet as U  # noqa: E402
 from guided_diffusion.model_config import load_model_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+MODELS = {"ffhq": "configs/model_config.yaml", "bundled": "configs/model_config_bundled.yaml"}
+# name: (original-style costs, channels_last, autocast dtype, 1x1 convs as GEMM, torch.compile)
+VARIANTS = {
+    "original_style": (True, False, None, False, False),
+    "ours_nchw": (False, False, None, True, False),
+    "ours_conv1x1_off": (False, True, None, False, False),
+    "ours": (False, True, None, True, False),
+    "ours_bf16": (False, True, torch.bfloat16, True, False),
+    "ours_compiled": (False, True, None, True, True),
+    "ours_compiled_bf16": (False, True, torch.bfloat16, True, True),
+}
 
 
 def _attn_original(self, x):
@@ -48,90 +70,107 @@ def _attn_original(self, x):
     return inner(x)
 
 
-def build(impl: str, device, channels_last: bool):
-    cfg = load_model_config(ROOT / "configs" / "model_config.yaml").unet_kwargs()
+def build(model: str, original: bool, channels_last: bool, gemm1x1: bool, device) -> nn.Module:
+    cfg = load_model_config(ROOT / MODELS.get(model, model)).unet_kwargs()
     torch.manual_seed(0)
     m = U.create_model(**cfg).to(device).eval()
     for p in m.parameters():  # random non-zero weights: speed does not depend on values
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
-    m.requires_grad_(impl == "original_style")
-    if impl == "original_style":
-        for mod in m.modules():
-            if isinstance(mod, U.AttentionBlock):
-                mod.forward = _attn_original.__get__(mod)
+    m.requires_grad_(original)
+    for mod in m.modules():
+        if original and isinstance(mod, U.AttentionBlock):
+            mod.forward = _attn_original.__get__(mod)
+        if not gemm1x1 and isinstance(mod, U.Conv1x1):
+            mod.forward = nn.Conv2d.forward.__get__(mod)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
 
 
-def time_call(fn, repeats: int, device, warm: bool = True) -> list:
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    if warm:
-        fn()
-        sync()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return out
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_call(m, x0, t, channels_last: bool, dtype, mode: str):
+    x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
+    dev = x0.device.type
+
+    def ctx():
+        return torch.autocast(dev, dtype=dtype) if dtype else torch.autocast(dev, enabled=False)
+
+    def fwd():
+        with torch.no_grad(), ctx():
+            m(x, t)
+
+    def fwd_grad():
+        xx = x.detach().requires_grad_(True)
+        with ctx():
+            out = m(xx, t)
+        torch.autograd.grad(out.float().sum(), xx)
+    return fwd if mode == "forward" else fwd_grad
+
+
+def timed(fn, device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--model", default="ffhq", help="ffhq | bundled | a model config path")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
-    ap.add_argument("--modes", nargs="+", default=["forward", "forward+input_grad"])
-    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast on the CPU (AMX/AVX-512-BF16 CPUs)")
+    ap.add_argument("--modes", nargs="+", default=["forward+input_grad"], choices=["forward", "forward+input_grad"])
+    ap.add_argument("--variants", nargs="+", default=["original_style", "ours_nchw", "ours"], choices=list(VARIANTS))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    names = ["original_style"] + [v for v in args.variants if v != "original_style"]  # the baseline first
     for dev_name in devices:
         device = torch.device(dev_name)
-        # variants are timed interleaved, repeat by repeat, so a busy machine slows them alike
-        variants = [("original_style", False, None), ("ours", False, None), ("ours", True, None)]
-        if device.type == "cuda" or args.bf16:
-            variants += [("ours", True, torch.bfloat16)]
-        models = {(impl, cl): build(impl, device, cl) for impl, cl in {(v[0], v[1]) for v in variants}}
+        models = {}
+        for n in names:
+            orig, cl, _, g1, comp = VARIANTS[n]
+            m = build(args.model, orig, cl, g1, device)
+            models[n] = torch.compile(m) if comp else m
         for B in args.batch:
             x0 = torch.randn(B, 3, args.size, args.size, device=device)
             t = torch.full((B,), 500, device=device)
             for mode in args.modes:
-                def make(impl, cl, dt):
-                    m = models[(impl, cl)]
-                    x = x0.contiguous(memory_format=torch.channels_last) if cl else x0
-
-                    def ctx():
-                        return torch.autocast(device.type, dtype=dt) if dt else torch.autocast(device.type, enabled=False)
-
-                    def fwd():
-                        with torch.no_grad(), ctx():
-                            m(x, t)
-
-                    def fwd_grad():
-                        xx = x.detach().requires_grad_(True)
-                        with ctx():
-                            out = m(xx, t)
-                        torch.autograd.grad(out.float().sum(), xx)
-                    return fwd if mode == "forward" else fwd_grad
-                fns = [make(*v) for v in variants]
-                times = [[] for _ in variants]
-                for fn in fns:  # warm-up
-                    time_call(fn, 0, device)
+                fns = {n: make_call(models[n], x0, t, VARIANTS[n][1], VARIANTS[n][2], mode) for n in names}
+                first = {n: timed(fns[n], device) for n in names}  # warm-up; includes compilation
+                times = {n: [] for n in names}
                 for _ in range(args.repeats):
-                    for j, fn in enumerate(fns):
-                        times[j] += time_call(fn, 1, device, warm=False)
-                base = statistics.median(times[0])
-                for (impl, cl, dt), ts in zip(variants, times):
-                    print(json.dumps({"impl": impl, "device": dev_name, "dtype": "bf16" if dt else "fp32",
-                                      "channels_last": cl, "batch": B, "size": args.size, "mode": mode,
-                                      "min_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
-                                      "vs_original_style": round(statistics.median(ts) / base, 3),
-                                      "threads": torch.get_num_threads(), "load1": round(os.getloadavg()[0], 2)}),
-                          flush=True)
+                    for n in names:
+                        times[n].append(timed(fns[n], device))
+                base_min, base_med = min(times["original_style"]), statistics.median(times["original_style"])
+                ours_med = statistics.median(times["ours"]) if "ours" in times else None
+                for n in names:
+                    ts = times[n]
+                    rec = {"variant": n, "model": args.model, "device": dev_name,
+                           "dtype": "bf16" if VARIANTS[n][2] else "fp32", "channels_last": VARIANTS[n][1],
+                           "batch": B, "size": args.size, "mode": mode, "repeats": len(ts),
+                           "min_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
+                           "min_vs_original": round(min(ts) / base_min, 3),
+                           "median_vs_original": round(statistics.median(ts) / base_med, 3),
+                           "first_call_s": round(first[n], 2),
+                           "threads": torch.get_num_threads(), "load1": round(os.getloadavg()[0], 2)}
+                    if VARIANTS[n][4]:
+                        comp_s = first[n] - statistics.median(ts)
+                        rec["compile_s"] = round(comp_s, 1)
+                        eager = statistics.median(times["ours_bf16" if VARIANTS[n][2] else "ours"]) \
+                            if ("ours_bf16" if VARIANTS[n][2] else "ours") in times else ours_med
+                        saving = (eager - statistics.median(ts)) if eager else None
+                        rec["break_even_calls"] = round(comp_s / saving) if saving and saving > 0 else None
+                    print(json.dumps(rec), flush=True)
 
 
 if __name__ == "__main__":

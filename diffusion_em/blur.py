@@ -43,7 +43,7 @@ class BlurOperator:
         return torch.fft.irfft2(torch.fft.rfft2(y) * self.K.conj(), s=self.shape)
 
     def pigdm_solve(self, y: torch.Tensor, x0: torch.Tensor, r2) -> torch.Tensor:
-        """ΠGDM vector u = Aᵀ (r² A Aᵀ + σ² I)⁻¹ (y − A x0), diagonal in Fourier (DESIGN §1).
+        """ΠGDM vector u = Aᵀ (r² A Aᵀ + σ² I)⁻¹ (y − A x0), diagonal in Fourier (docs/algorithm.md §1).
 
         r2 is a float or a tensor broadcastable to (B, 1, 1, 1).
         """

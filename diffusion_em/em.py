@@ -1,4 +1,4 @@
-"""The EM drivers: Fast Diffusion EM and Diffusion EM (DESIGN §1), plus the divergence guard.
+"""The EM drivers: Fast Diffusion EM and Diffusion EM (docs/algorithm.md §1), plus the divergence guard.
 
 Both receive a ready denoiser, guidance rule, M-step settings, the measurement and a generator; they do
 no I/O. `n` particles run as one batch and share one kernel (the M-step averages over them).
@@ -18,7 +18,7 @@ from diffusion_em.boundary import data_mask, fill_padding, frame_mean
 from diffusion_em.mstep import MStepConfig, m_step, m_step_coarse
 from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
-from guided_diffusion.sampler import (branch, branch_start, ddpm_step, ddpm_update, final_image, initial_noise,
+from guided_diffusion.sampler import (branch, branch_start, ddpm_step, ddpm_update, final_image, gaussian,
                                       needs_grad, predict_x0, step_indices)
 from util.errors import ProjectError
 from util.geometry import recenter as recenter_kernel
@@ -37,6 +37,7 @@ class EMResult:
     kernel: torch.Tensor            # (s, s), sums to 1
     nfe: int                        # UNet evaluations
     trace: list = field(default_factory=list)   # per-step dicts: where, i, t, saturation of x̂0, kernel max
+    reblur_mse: Optional[float] = None  # mean (k⊛x − y)² over the observed frame (set by the runner's guard)
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -50,8 +51,14 @@ class EMResult:
         return self.x[:1] if output == "sample" else self.x_mean
 
 
-def saturation(x: torch.Tensor, lo: float = 0.02, hi: float = 0.98) -> float:
-    """Fraction of pixels saturated in every channel (white or black), averaged over the batch."""
+CLIP_LO, CLIP_HI = 0.5 / 255, 1 - 0.5 / 255  # values an 8-bit writer turns into 0 or 255
+
+
+def saturation(x: torch.Tensor, lo: float = CLIP_LO, hi: float = CLIP_HI) -> float:
+    """Fraction of pixels clipped to black or white in every channel, averaged over the batch.
+
+    Clipped, not merely dark: the Levin captures have their black level at 0.02–0.035 and a quarter of
+    their pixels below 0.06, so the former test (≤ 0.02) counted a slightly dark shadow as saturation."""
     return float(((x >= hi).all(1) | (x <= lo).all(1)).float().mean())
 
 
@@ -70,8 +77,9 @@ class Guard:
         if not torch.isfinite(kernel).all() or abs(float(kernel.sum()) - 1) > 1e-3:
             raise DivergenceError(f"invalid kernel at {where}: sum {float(kernel.sum()):.4g}")
 
-    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> None:
-        """Raise DivergenceError naming the step where the trajectory went bad for good.
+    def check_result(self, res: EMResult, y: torch.Tensor, sigma: float, box: Optional[tuple] = None) -> float:
+        """Raise DivergenceError naming the step where the trajectory went bad for good; else return the
+        mean squared re-blur residual it judged.
 
         res.x and y on the (padded) domain the EM ran on; `box` = (top, left, h, w) of the data inside it.
         Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
@@ -98,6 +106,7 @@ class Guard:
                 first = s
             where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
+        return resid
 
 
 def _where(n: int, N: int, t: int, round_: Optional[int] = None, rounds: Optional[int] = None) -> str:
@@ -115,6 +124,30 @@ def _initial_kernel(s: int, y: torch.Tensor, k: Optional[torch.Tensor]) -> torch
     return dirac(s, y.device, y.dtype) if k is None else k.to(y).reshape(1, 1, s, s)
 
 
+@dataclass(frozen=True)
+class StackedOperator:
+    """Several images' blur operators side by side in one batch: image b owns rows [b·n, (b+1)·n) (its n
+    particles) and is handled by its own operator (kernel, σ), exactly as when it runs alone.
+
+    Guidance receives y with the same rows (each image's observation repeated per particle)."""
+    ops: tuple
+    n: int = 1
+
+    def _rows(self, b: int) -> slice:
+        return slice(b * self.n, (b + 1) * self.n)
+
+    @property
+    def kernel(self) -> torch.Tensor:
+        return torch.cat([op.kernel for op in self.ops])
+
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([op.A(x[self._rows(b)]) for b, op in enumerate(self.ops)])
+
+    def pigdm_solve(self, y: torch.Tensor, x0: torch.Tensor, r2) -> torch.Tensor:
+        rows = [self._rows(b) for b in range(len(self.ops))]
+        return torch.cat([op.pigdm_solve(y[r][:1], x0[r], r2) for op, r in zip(self.ops, rows)])
+
+
 def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
@@ -129,38 +162,89 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
     only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
     `eta` < 1: DDIM steps (Schedule.step_coefs); the particles share one trajectory until the last
     `branch_fraction` of the steps (sampler.branch_start). `mcfg.coarse`: the first steps' M-steps run at
-    half resolution (mstep.m_step_coarse).
+    half resolution (mstep.m_step_coarse). Raises DivergenceError when the guard fails.
+    """
+    res = fast_diffusion_em_batch(denoiser, [y], [sigma], guidance, mcfg, kernel_size, [generator], kernel_denoiser,
+                                  n_particles, [k_init], [fixed_kernel], guard, [callback], progress, [data_box],
+                                  eta, branch_fraction)[0]
+    if isinstance(res, DivergenceError):
+        raise res
+    return res
+
+
+def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guidance, mcfg: MStepConfig,
+                            kernel_size: int, generators: list, kernel_denoiser=None, n_particles: int = 1,
+                            k_inits: Optional[list] = None, fixed_kernels: Optional[list] = None,
+                            guard: Optional[Guard] = Guard(), callbacks: Optional[list] = None,
+                            progress: bool = False, data_boxes: Optional[list] = None, eta: float = 1.0,
+                            branch_fraction: float = 1.0) -> list:
+    """Fast EM on B images of one size in one UNet batch, each with its own kernel, σ, M-step and generator.
+
+    Equals B separate `fast_diffusion_em` runs (same generators): only the UNet evaluation is shared.
+    ys: B tensors (1, C, H, W); k_inits / fixed_kernels / callbacks / data_boxes: None or B entries (each may
+    be None).
+    Returns B entries: an EMResult, or the DivergenceError that stopped that image (the others go on).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
         raise ValueError("mstep.pigdm_r2 needs ΠGDM guidance (it adds ΠGDM's r_t² to the M-step)")
-    k0 = fixed_kernel if fixed_kernel is not None else k_init
-    op = BlurOperator.from_kernel(_initial_kernel(kernel_size, y, k0), tuple(y.shape[-2:]), sigma)
+    B = len(ys)
+    if len({tuple(y.shape) for y in ys}) != 1 or ys[0].shape[0] != 1:
+        raise ValueError(f"a batch needs images (1, C, H, W) of one size, got {[tuple(y.shape) for y in ys]}")
+    k_inits, fixed_kernels = k_inits or [None] * B, fixed_kernels or [None] * B
+    callbacks = callbacks or [None] * B
+    shape = tuple(ys[0].shape[-2:])
+    masks = [data_mask(shape, box, ys[0].device, ys[0].dtype) for box in (data_boxes or [None] * B)]
+    ops = [BlurOperator.from_kernel(_initial_kernel(kernel_size, y, f if f is not None else k0), shape, s)
+           for y, s, k0, f in zip(ys, sigmas, k_inits, fixed_kernels)]
     sched = denoiser.schedule
     N = len(sched)
-    trace, nfe = [], 0
-    mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
+    traces, out = [[] for _ in range(B)], [None] * B
+    live = list(range(B))  # images still running; a diverged one leaves the batch
     start = branch_start(N, branch_fraction)
-    x = initial_noise(n_particles, y.shape[1:], start, generator, y.device)
+    p = n_particles if start == 0 else 1  # rows per image: one shared trajectory until the particles branch
+    x = gaussian((B * p,) + tuple(ys[0].shape[1:]), generators, ys[0].device)
+    def observed(b, x0_b):  # y on the frame, k ⊛ x̂0 on the padding around it (none for circular data)
+        return ys[b] if masks[b] is None else fill_padding(ys[b], masks[b], ops[b].A(x0_b))
+
     for n, i in enumerate(step_indices(N, progress)):
-        x = branch(x, n_particles) if n == start else x
+        if n == start and p != n_particles:
+            x, p = branch(x, n_particles), n_particles
         pred = predict_x0(denoiser, x, i, needs_grad(guidance))
-        nfe += 1
         x0 = pred.x0.detach()
-        if fixed_kernel is None and n % mcfg.every == 0:  # the M-step, on this step's x̂0
-            r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
-            y_m = y if mask is None else fill_padding(y, mask, op.A(x0))
-            update = m_step_coarse if n < round(mcfg.coarse * N) else m_step  # coarse-to-fine kernels
-            k = update(y_m, x0, op.kernel, sigma, mcfg, kernel_denoiser, r2=r2)
-            op = op.with_kernel(recenter_kernel(k) if mcfg.recenter else k)
         t = int(sched.timesteps[i])
-        trace.append(_record(_where(n + 1, N, t), i, t, x0, op.kernel))
-        if guard is not None:
-            guard.check_step(trace[-1]["where"], x0, op.kernel)
-        y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
-        x = ddpm_update(denoiser, pred, i, generator, guidance, op, y_g, eta)  # guided by the new kernel
-        if callback is not None:
-            callback({"i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
-    return EMResult(x=final_image(denoiser, x), kernel=op.kernel[0, 0], nfe=nfe, trace=trace)
+        rows = [slice(j * p, (j + 1) * p) for j in range(len(live))]
+        keep = []
+        for j, b in enumerate(live):
+            if fixed_kernels[b] is None and n % mcfg.every == 0:  # the M-step, on this image's x̂0
+                r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
+                update = m_step_coarse if n < round(mcfg.coarse * N) else m_step  # coarse-to-fine kernels
+                k = update(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)
+                ops[b] = ops[b].with_kernel(recenter_kernel(k) if mcfg.recenter else k)
+            traces[b].append(_record(_where(n + 1, N, t), i, t, x0[rows[j]], ops[b].kernel))
+            try:
+                if guard is not None:
+                    guard.check_step(traces[b][-1]["where"], x0[rows[j]], ops[b].kernel)
+                keep.append(j)
+            except DivergenceError as e:
+                out[b] = e
+        if not keep:
+            live = []
+            break
+        op = StackedOperator(tuple(ops[b] for b in live), p)
+        y_rows = torch.cat([observed(b, x0[rows[j]]) for j, b in enumerate(live)]).repeat_interleave(p, 0)
+        x = ddpm_update(denoiser, pred, i, [generators[b] for b in live], guidance, op, y_rows, eta)
+        for j in keep:
+            if callbacks[live[j]] is not None:
+                callbacks[live[j]]({"i": i, "t": t, "x": x[rows[j]], "x0": x0[rows[j]], "kernel": ops[live[j]].kernel})
+        if len(keep) < len(live):  # a diverged image leaves the batch (samples never mix: the rest is unchanged)
+            x = torch.cat([x[rows[j]] for j in keep])
+            live = [live[j] for j in keep]
+    if live:
+        x = final_image(denoiser, x)
+        for j, b in enumerate(live):
+            out[b] = EMResult(x=x[j * n_particles:(j + 1) * n_particles], kernel=ops[b].kernel[0, 0], nfe=N,
+                              trace=traces[b])
+    return out
 
 
 def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
@@ -185,10 +269,10 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
     mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
-        x = initial_noise(n_particles, y.shape[1:], start, generator, y.device)
+        x = torch.randn(((n_particles if start == 0 else 1),) + tuple(y.shape[1:]), generator=generator, device=y.device)
         y_g = y if mask is None else fill_padding(y, mask, frame_mean(y, mask))  # no x̂0 yet
         for n, i in enumerate(step_indices(N, progress)):
-            x = branch(x, n_particles) if n == start else x
+            x = branch(x, n_particles) if n == start and start > 0 else x
             x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g, eta)
             y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
             nfe += 1

@@ -2,9 +2,9 @@
 
     python -m diffusion_em.estimate_kernel --sharp S --blurry B --sigma 0.01 --kernel_size 33 --out k.npy
 
-Runs the M-step (DESIGN §1) with the sharp image as the known x, `--calls` times from a centred Dirac
+Runs the M-step (docs/algorithm.md §1) with the sharp image as the known x, `--calls` times from a centred Dirac
 (J HQS iterations each), writes the kernel (float32, sum 1) to `--out` and a magnified PNG preview next to
-it (`k.png`). Inputs: png/jpg/tif/.npy (DESIGN §4; .npy = float32 H×W×3 in [0,1]). The blur model is
+it (`k.png`). Inputs: png/jpg/tif/.npy (docs/algorithm.md §4; .npy = float32 H×W×3 in [0,1]). The blur model is
 circular; for real photographs use `--taper N` to fade both images to their mean over N pixels at the
 borders, which removes most of the wrap-around mismatch. The kernel keeps the sharp→blurry registration
 (no re-centring) unless `--recenter` is given. `--denoiser auto` uses models/kernel_denoiser_<s>.pth when

@@ -1,4 +1,4 @@
-"""M-step: kernel update by half-quadratic splitting with a plug-and-play kernel denoiser (DESIGN §1).
+"""M-step: kernel update by half-quadratic splitting with a plug-and-play kernel denoiser (docs/algorithm.md §1).
 
 Given y (1,C,H,W) and n image estimates x_i (n,C,H,W), both in [0,1], J times from the previous kernel K:
 

@@ -26,6 +26,9 @@ from util.errors import InputError
 from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
 
 ROOT = Path(__file__).resolve().parents[1]
+# σ below this runs at this value: ΠGDM's solve divides by r²|K|² + σ², which is 0 at the last step when σ = 0
+# (NaN). 1e-3 ≈ 0.26/255, the quantisation noise of 8-bit images: a noiseless input is never cleaner than that.
+SIGMA_FLOOR = 1e-3
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -91,11 +94,13 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
             k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None) -> EMResult:
     """Deblur one observation (1, C, H, W) in [0, 1] on r.device: pad, run the configured EM, crop back.
 
-    boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see `boundary_mode`); k_true: the oracle kernel
+    σ below SIGMA_FLOOR runs at the floor. boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see
+    `boundary_mode`); k_true: the oracle kernel
     (M-step off, the non-blind bound); callback: per-step dict (see the drivers). Raises DivergenceError when
     the guard fails the result (judged on the data region: padding is not data).
     """
     d, s = r.dcfg, r.kernel_size
+    sigma = max(float(sigma), SIGMA_FLOOR)
     yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
     if min(yp.shape[-2:]) < s:
         raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
@@ -113,8 +118,8 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
                            callback=callback, progress=True, data_box=box, eta=d.eta,
                            branch_fraction=d.branch_fraction)
-    r.guard.check_result(res, yp, sigma, box)  # on the data region only
-    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace)
+    resid = r.guard.check_result(res, yp, sigma, box)  # on the data region only
+    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid)
 
 
 def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],

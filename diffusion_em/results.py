@@ -23,10 +23,26 @@ from util.outputs import (kernel_to_image, make_montage, save_gif, save_json, sa
 
 FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
           "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
-          "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts")
+          "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts",
+          "reblur_rms_frame", "flag")
 MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
                "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
 RECORD_FILES = ("config.yaml", "metrics.csv", "summary.json")
+POOR_FIT = 3.0  # a result whose re-blur misfits the observed frame by more than 3σ (RMS) does not explain it
+
+
+def quality_flags(row: dict, sigma: float) -> list:
+    """Why a finished result may be worse than its input, so that it is never reported silently:
+    'worse_than_blurry' (aligned PSNR below the blurry input's, when the sharp image is known) and
+    'poor_fit' (re-blur RMS on the observed frame above POOR_FIT·σ: the restoration does not explain y)."""
+    flags = []
+    pa, pb = row.get("psnr_aligned"), row.get("psnr_blurry_aligned")
+    if pa is not None and pb is not None and pa < pb:
+        flags.append("worse_than_blurry")
+    rms = row.get("reblur_rms_frame")
+    if rms is not None and rms > POOR_FIT * sigma:
+        flags.append("poor_fit")
+    return flags
 
 
 class OutputError(ProjectError, OSError):

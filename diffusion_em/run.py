@@ -22,12 +22,13 @@ import torch
 from diffusion_em import grayscale
 from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
-from diffusion_em.restore import (ROOT, Restorer, boundary_mode, load_restorer, repo_path, restore,
+from diffusion_em.budget import check_budget, default_budget_bytes
+from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, load_restorer, repo_path, restore,
                                   restore_with_retries)
-from diffusion_em.results import FIELDS, ResultsFolder, summarise
+from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
-from util.errors import InputError, ProjectError
+from util.errors import InputError, ProjectError, ResourceError
 from util.images import image_to_tensor, tensor_to_image
 from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
 from util.metrics import evaluate, lpips_available
@@ -69,6 +70,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--true_kernel", action="store_true",
                    help="oracle: use the ground-truth kernel, M-step off (the non-blind ΠGDM*/DPS* bound)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--memory_budget_gb", type=float, default=None,
+                   help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
+                        "0: no check)")
     return p
 
 
@@ -98,6 +102,8 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
     """Flag values that cannot work, refused before anything loads (InputError naming the flag)."""
     if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
         raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}")
+    if args.memory_budget_gb is not None and not (np.isfinite(args.memory_budget_gb) and args.memory_budget_gb >= 0):
+        raise InputError(f"--memory_budget_gb {args.memory_budget_gb}: must be >= 0 (0: no check)")
     for flag in ("threads", "max_images", "steps", "n_particles"):
         v = getattr(args, flag)
         if v is not None and v < 1:
@@ -127,6 +133,8 @@ def restorer_from_args(args: argparse.Namespace, method: str) -> Restorer:
 @dataclass(frozen=True)
 class RunOptions:
     """What a run does with each image beyond restoring it (from the command line)."""
+    model_cfg: Optional[ModelConfig] = None  # for the memory estimate
+    memory_budget: Optional[int] = None      # bytes; None: no check
     seed: int = 0
     sigma: Optional[float] = None          # σ for every image, overriding meta.csv / estimates
     true_kernel: bool = False              # oracle: the ground-truth kernel, M-step off
@@ -155,11 +163,48 @@ def _progress_recorder(steps: int):
     return record, frames, kernels
 
 
-def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int) -> dict:
-    """Deblur one sample and write its outputs; returns its metrics row (status ok)."""
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
+def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int,
+                known: Optional[dict] = None) -> dict:
+    """Deblur one sample and write its outputs; returns its metrics row (status ok). `known` receives what is
+    learnt before a failure (σ and its source) so a failed row can still report it."""
+    known = {} if known is None else known
+    try:
+        return _process(r, opts, out, sample, index, known)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        if r.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
+                            f"--memory_budget_gb so such inputs are refused before they start") from None
+
+
+def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) -> None:
+    """Refuse before any diffusion: an image smaller than the kernel, or one over the memory budget."""
+    H, W = y.shape[:2]
+    if min(H, W) < r.kernel_size:
+        raise InputError(f"{sample.blurry}: image {W}×{H} is smaller than the {r.kernel_size}×{r.kernel_size} kernel "
+                         f"(use a smaller --kernel_config)")
+    if opts.model_cfg is not None:
+        try:
+            check_budget(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget)
+        except ResourceError as e:
+            raise ResourceError(f"{sample.blurry}: {e}") from None
+
+
+def _process(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int, known: dict) -> dict:
     t0 = time.time()
     loaded = load_sample(sample)
     sigma, source = resolve_sigma(loaded, opts.sigma)
+    if sigma < SIGMA_FLOOR:
+        source = f"{source}; ran at the floor {SIGMA_FLOOR:g}"
+    known.update(sigma=sigma, sigma_source=source)
+    _check_size(r, opts, sample, loaded.y)
     if source == "estimated":
         print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image "
               f"(rule: util/noise.py)", file=sys.stderr)
@@ -188,8 +233,13 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     k = res.kernel.detach().cpu().numpy()
     out.write_image(sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, frames, kernels)
     m = evaluate(x_img, y_obs, k, sigma, x_true, loaded.k_true, particles=particles)
-    return {"name": sample.name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
-            "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts}
+    row = {"name": sample.name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
+           "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts,
+           "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
+    row["flag"] = ";".join(quality_flags(row, sigma))
+    if row["flag"]:
+        print(f"{sample.name}: flagged {row['flag']}", file=sys.stderr)
+    return row
 
 
 def run_all(r: Restorer, opts: RunOptions, out: ResultsFolder, samples: list) -> list:
@@ -201,12 +251,13 @@ def run_all(r: Restorer, opts: RunOptions, out: ResultsFolder, samples: list) ->
         if sample.name in done:
             print(f"{sample.name}: already done (use --overwrite to redo)", file=sys.stderr)
             continue
+        known = {}
         try:
-            row = process_one(r, opts, out, sample, index)
+            row = process_one(r, opts, out, sample, index, known)
         except ProjectError as e:
             msg = " ".join(str(e).split())
             print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
-            row = {"name": sample.name, "status": "failed", "message": msg}
+            row = {"name": sample.name, "status": "failed", "message": msg, **known}
         out.append(row)
         rows.append(row)
     return rows
@@ -232,13 +283,16 @@ def main(argv=None, method: str = "fast_em") -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    opts = RunOptions(seed=args.seed, sigma=args.sigma, true_kernel=args.true_kernel, save_npy=args.save_npy,
-                      save_progress=args.save_progress, overwrite=args.overwrite)
     out = ResultsFolder(args.save_dir)
     try:
         dcfg, kcfg, model_cfg = load_configs(args, method)
+        budget = (default_budget_bytes(device) if args.memory_budget_gb is None else
+                  None if args.memory_budget_gb == 0 else int(args.memory_budget_gb * 2**30))
+        opts = RunOptions(model_cfg=model_cfg, memory_budget=budget, seed=args.seed, sigma=args.sigma,
+                          true_kernel=args.true_kernel, save_npy=args.save_npy, save_progress=args.save_progress,
+                          overwrite=args.overwrite)
         settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)
-        samples = list_inputs(args.input_dir)
+        samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))
         out.check()
         out.claim(settings, args.overwrite)
         r = load_restorer(dcfg, kcfg, model_cfg, device, args.img_model_config)

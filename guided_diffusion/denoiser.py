@@ -21,7 +21,7 @@ def to_model(x_phys: torch.Tensor) -> torch.Tensor:
 class EpsDenoiser:
     """Wraps an ε-predictor `model(x_t, t)` (≥3 output channels; the first 3 are ε).
 
-    x0(x_t, i) = (x_t − sqrt(1−ᾱ)·ε) / sqrt(ᾱ), clipped to [-1, 1] when `clip` (DESIGN §1).
+    x0(x_t, i) = (x_t − sqrt(1−ᾱ)·ε) / sqrt(ᾱ), clipped to [-1, 1] when `clip` (docs/algorithm.md §1).
     The model's parameters are frozen: guidance needs gradients w.r.t. the input only.
     `channels_last` runs the convolutions in NHWC (faster on CPU and GPU; bench/unet_speed.py), converting
     the model in place. `autocast_dtype` (e.g. torch.bfloat16) runs the UNet under autocast; ε is returned

@@ -54,7 +54,8 @@ class PiGDM:
 
 @dataclass(frozen=True)
 class DPS:
-    """DPS guidance (Chung et al. 2023): −ζ·sqrt(ᾱ_t)·∇_{x_t}‖y − A x̂0‖₂ (norm, not squared), in [0, 1] units."""
+    """DPS guidance (Chung et al. 2023): −ζ·∇_{x_t}‖y − A x̂0‖₂ (norm, not squared), in [0, 1] units, scaled
+    by sqrt(ᾱ_t) as in the Fast Diffusion EM authors' code (the factor is theirs, not DPS's)."""
     zeta: float = 1.0
     needs_grad = True
 

@@ -22,6 +22,15 @@ class Prediction(NamedTuple):
     x0: torch.Tensor
 
 
+def gaussian(shape: tuple, generator, device) -> torch.Tensor:
+    """N(0, I) of `shape`. With a list of generators (one per image of a batch), each draws its own equal
+    share of the rows, exactly as it would alone: a batched run then equals the one-by-one runs."""
+    if isinstance(generator, (list, tuple)):
+        rows = shape[0] // len(generator)
+        return torch.cat([torch.randn((rows,) + tuple(shape[1:]), generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
+
+
 def needs_grad(guidance) -> bool:
     return guidance is not None and getattr(guidance, "needs_grad", True)
 
@@ -44,7 +53,7 @@ def ddpm_update(denoiser: EpsDenoiser, pred: Prediction, i: int, generator: torc
     x = pred.x_t.detach()
     mean = a * pred.x0_model.detach() + b * x
     if i > 0 and std > 0:
-        mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+        mean = mean + std * gaussian(mean.shape, generator, mean.device)
     if guidance is not None:
         mean = mean + guidance.correction(pred.x_t, pred.x0, denoiser.schedule, i, op, y)
     return mean
@@ -69,14 +78,10 @@ def branch_start(N: int, fraction: float) -> int:
     return N - min(N, max(2, round(fraction * N)))
 
 
-def initial_noise(n: int, shape: tuple, start: int, generator: torch.Generator, device) -> torch.Tensor:
-    """x_T for n particles of `shape` (C, H, W), or for the one shared trajectory when they branch later."""
-    return torch.randn(((n if start == 0 else 1),) + tuple(shape), generator=generator, device=device)
-
-
 def branch(x: torch.Tensor, n: int) -> torch.Tensor:
-    """n copies of the shared trajectory x (1, …); they part with the next step's independent noise."""
-    return x if x.shape[0] == n else x.expand(n, *x.shape[1:]).clone()
+    """Each row of x (one shared trajectory per image) becomes n consecutive rows, the image's particles;
+    they part with the next step's independent noise."""
+    return x.repeat_interleave(n, 0)
 
 
 def step_indices(n: int, progress: bool = False):
@@ -104,9 +109,9 @@ def sample(denoiser: EpsDenoiser, shape: tuple, generator: torch.Generator, devi
     """
     N = len(denoiser.schedule)
     start = branch_start(N, branch_fraction)
-    x = initial_noise(shape[0], shape[1:], start, generator, device)
+    x = gaussian(((shape[0] if start == 0 else 1),) + tuple(shape[1:]), generator, device)
     for n, i in enumerate(step_indices(N, progress)):
-        x = branch(x, shape[0]) if n == start else x
+        x = branch(x, shape[0]) if n == start and start > 0 else x
         x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y, eta)
         if callback is not None:
             callback({"i": i, "t": int(denoiser.schedule.timesteps[i]), "x": x, "x0": x0,

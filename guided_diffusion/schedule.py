@@ -1,4 +1,4 @@
-"""Noise schedule and respacing (DESIGN §1).
+"""Noise schedule and respacing (docs/algorithm.md §1).
 
 The UNet is trained on T = 1000 steps; sampling keeps N of them, `round(i·(T−1)/(N−1))`, recomputes β from
 the kept ᾱ, and feeds the UNet the original timestep index. Everything here is float64 numpy; samplers

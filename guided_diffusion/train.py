@@ -1,4 +1,4 @@
-"""Train an ADM UNet as an ε-predictor on random crops of a folder of images (DESIGN §1 prior).
+"""Train an ADM UNet as an ε-predictor on random crops of a folder of images (docs/algorithm.md §1 prior).
 
 Same 1000-step β schedule as the samplers (linear unless the config says `schedule: cosine`), t uniform,
 loss ‖ε − ε_θ(x_t, t)‖² (the "simple" DDPM loss). Crops are drawn at random (with the 8 flips/rotations) from images preloaded as uint8;

@@ -1,4 +1,4 @@
-"""Kernel denoiser D(k, σ): a plain FDnCNN on blur kernels (DESIGN §3).
+"""Kernel denoiser D(k, σ): a plain FDnCNN on blur kernels (docs/algorithm.md §3).
 
 The default `FDnCNN(in_nc=2, out_nc=1, nc=32, nb=5)` has exactly the tensors of the authors'
 `kernel_denoiser_33.pth` (`reference/kernel_denoiser_manifest.json`): `model.{0,2,4,6,8}.{weight,bias}`,

@@ -3,8 +3,11 @@ material (skipped with a message when absent), a tiny UNet and its config, one-t
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -61,3 +64,42 @@ def random_tiny_unet():
 @pytest.fixture
 def tiny_unet():
     return random_tiny_unet()
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_unet_config):
+    """(folder, {name: diffusion config}, data folder): tiny random UNet and kernel-denoiser weights, their
+    configs (4 steps, 2 rounds, 9×9 kernels, guard off: a random UNet's output is garbage, plumbing only) and
+    a 2-image test-set folder (32×32, σ 0.02)."""
+    from guided_diffusion.unet import create_model
+    from kernel_denoiser.network import FDnCNN, save_kernel_denoiser
+    torch.manual_seed(0)
+    unet = create_model(**tiny_unet_config)
+    for p in unet.parameters():  # the zero-initialised output layers would make ε ≡ 0
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**tiny_unet_config, "model_path": str(tmp_path / "unet.pt")}))
+    save_kernel_denoiser(FDnCNN(), str(tmp_path / "kd.pth"))
+    (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 9, "denoiser_path": str(tmp_path / "kd.pth")}))
+    cfgs = {}
+    for name in ("fastem_pigdm", "fastem_pigdm_paper", "fastem_dps", "pigdm", "dps"):
+        d = yaml.safe_load((ROOT / "configs" / f"diffusion_config_{name}.yaml").read_text())
+        d["steps"] = 4
+        if d["method"] == "diffusion_em":
+            d["em_rounds"] = 2
+        d["guard_residual"], d["guard_saturation"] = 1e9, 1.0
+        cfgs[name] = tmp_path / f"diff_{name}.yaml"
+        cfgs[name].write_text(yaml.safe_dump(d))
+    data = tmp_path / "set"
+    g = np.random.default_rng(0)
+    for sub in ("blurry", "sharp", "kernel"):
+        (data / sub).mkdir(parents=True)
+    for i in range(2):
+        x = g.random((32, 32, 3)).astype(np.float32)
+        Image.fromarray((x * 255).astype(np.uint8)).save(data / "sharp" / f"im{i}.png")
+        k = g.random((5, 5)).astype(np.float32)
+        np.save(data / "kernel" / f"im{i}.npy", k / k.sum())
+        np.save(data / "blurry" / f"im{i}.npy", np.clip(x + 0.02 * g.standard_normal(x.shape), 0, 1).astype(np.float32))
+    (data / "meta.csv").write_text("name,sigma\nim0,0.02\nim1,0.02\n")
+    return tmp_path, cfgs, data

@@ -84,3 +84,18 @@ def test_pigdm_r2_changes_the_fast_em_kernel(tiny_unet):
     assert (run(True) - run(False)).abs().max() > 1e-6
     with pytest.raises(ValueError, match="needs ΠGDM"):
         fast_diffusion_em(den, _y(), 0.05, DPS(), MStepConfig(pigdm_r2=True), 5, torch.Generator())
+
+
+def test_check_result_returns_the_residual_it_judged():
+    y = torch.full((1, 3, 12, 12), 0.5)
+    res = EMResult(x=torch.full((1, 3, 12, 12), 0.51), kernel=torch.ones(1, 1), nfe=1, trace=[])
+    assert Guard().check_result(res, y, 0.02) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_dark_is_not_saturated_clipped_is():
+    from diffusion_em.em import saturation
+    x = torch.full((1, 3, 10, 10), 0.015)  # a dark shadow, as in the Levin captures
+    assert saturation(x) == 0.0
+    x[..., :5, :] = 0.0
+    x[..., 9, :] = 1.0
+    assert saturation(x) == pytest.approx(0.6)

@@ -329,7 +329,7 @@ def test_authors_pickles():
         assert 1.0 < float(d["kernel"].sum()) < 1.15  # stored unnormalised, as documented
         assert d["L"].min() < 0 or d["L"].max() > 1  # observation kept unclipped
         assert min(abs(d["sigma"] * 255 - s) for s in (5, 10, 20)) < 1e-4
-        # the stored pair follows DESIGN §2 (circular, centred) with the unnormalised kernel: L − k⊛H is the noise
+        # the stored pair follows docs/algorithm.md §2 (circular, centred) with the unnormalised kernel: L − k⊛H is the noise
         resid = d["L"] - conv_circular(d["H"], d["kernel"][0, 0])
         assert abs(resid.std().item() / d["sigma"] - 1) < 0.03
     samples = list_inputs(PICKLES)
@@ -557,7 +557,7 @@ def test_bundled_testset_is_consistent():
         ls = load_sample(s)
         assert ls.y.shape == (256, 256, 3) and ls.x_true.shape == (256, 256, 3) and ls.k_true.shape == (33, 33)
         assert min(abs(ls.sigma * 255 - v) for v in (5, 10, 20)) < 1e-9
-        # y = k ⊛ x + n with the stored kernel, circular (DESIGN §2): the residual is the noise of std σ
+        # y = k ⊛ x + n with the stored kernel, circular (docs/algorithm.md §2): the residual is the noise of std σ
         x = torch.from_numpy(ls.x_true).permute(2, 0, 1).double()
         r = torch.from_numpy(ls.y).permute(2, 0, 1).double() - conv_circular(x, torch.from_numpy(ls.k_true).double())
         assert abs(r.std().item() / ls.sigma - 1) < 0.03, s.name

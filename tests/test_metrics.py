@@ -1,4 +1,4 @@
-"""Tests for util/metrics.py (DESIGN §5)."""
+"""Tests for util/metrics.py (docs/algorithm.md §5)."""
 from __future__ import annotations
 
 import math

@@ -24,7 +24,7 @@ def _textured(n, C, H, W, seed, dtype=torch.float64):
 
 
 def _naive_data_step(y, x, K, sigma, cfg, r2):
-    """DESIGN §1 formula at full image size, channel by channel, then crop."""
+    """docs/algorithm.md §1 formula at full image size, channel by channel, then crop."""
     H, W = y.shape[-2:]
     Y, X = torch.fft.rfft2(y), torch.fft.rfft2(x)
     num = (Y * X.conj()).mean(0)

@@ -11,49 +11,14 @@ import yaml
 from PIL import Image
 
 from diffusion_em.run import main
-from guided_diffusion.unet import create_model
-from kernel_denoiser.network import FDnCNN, save_kernel_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SIZE = 32
-
 
 @pytest.fixture
-def setup(tmp_path, tiny_unet_config):
-    """Tiny weights + configs (few steps, 9×9 kernels) + a 2-image test-set folder."""
-    torch.manual_seed(0)
-    unet = create_model(**tiny_unet_config)
-    for p in unet.parameters():  # the zero-initialised output layers would make ε ≡ 0
-        if p.dim() > 1 and p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.02)
-    torch.save(unet.state_dict(), tmp_path / "unet.pt")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**tiny_unet_config, "model_path": str(tmp_path / "unet.pt")}))
-    kd = FDnCNN()
-    save_kernel_denoiser(kd, str(tmp_path / "kd.pth"))
-    (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 9, "denoiser_path": str(tmp_path / "kd.pth")}))
-    cfgs = {}
-    for name in ("fastem_pigdm", "fastem_pigdm_paper", "fastem_dps", "pigdm", "dps"):
-        d = yaml.safe_load((ROOT / "configs" / f"diffusion_config_{name}.yaml").read_text())
-        d["steps"] = 4
-        if d["method"] == "diffusion_em":
-            d["em_rounds"] = 2
-        d["guard_residual"], d["guard_saturation"] = 1e9, 1.0  # a random UNet's output is garbage: plumbing only
-        p = tmp_path / f"diff_{name}.yaml"
-        p.write_text(yaml.safe_dump(d))
-        cfgs[name] = p
-    data = tmp_path / "set"
-    g = np.random.default_rng(0)
-    for sub in ("blurry", "sharp", "kernel"):
-        (data / sub).mkdir(parents=True)
-    for i in range(2):
-        x = g.random((SIZE, SIZE, 3)).astype(np.float32)
-        Image.fromarray((x * 255).astype(np.uint8)).save(data / "sharp" / f"im{i}.png")
-        k = g.random((5, 5)).astype(np.float32)
-        np.save(data / "kernel" / f"im{i}.npy", k / k.sum())
-        np.save(data / "blurry" / f"im{i}.npy", np.clip(x + 0.02 * g.standard_normal(x.shape), 0, 1).astype(np.float32))
-    (data / "meta.csv").write_text("name,sigma\nim0,0.02\nim1,0.02\n")
-    return tmp_path, cfgs, data
+def setup(tiny_run):
+    """Tiny weights + configs (few steps, 9×9 kernels) + a 2-image test-set folder (conftest.tiny_run)."""
+    return tiny_run
 
 
 def _args(tmp, cfg, data, out, *extra):
@@ -84,8 +49,10 @@ def test_all_configs_end_to_end(setup, name, method):
         assert (out / "montage" / f"{r['name']}.png").exists()
         k = np.load(out / "kernels" / f"{r['name']}.npy")
         assert k.shape == (9, 9) and abs(k.sum() - 1) < 1e-4 and k.min() >= 0
-        for f in ("psnr", "ssim", "kernel_mse", "kernel_mse_raw", "reblur_error", "seconds", "psnr_blurry"):
+        for f in ("psnr", "ssim", "kernel_mse", "kernel_mse_raw", "reblur_error", "seconds", "psnr_blurry",
+                  "reblur_rms_frame"):
             assert np.isfinite(float(r[f]))
+        assert set(filter(None, r["flag"].split(";"))) <= {"worse_than_blurry", "poor_fit"}
         expect_nfe = 4 if method == "fast_em" else 8
         assert int(r["nfe"]) == expect_nfe
 
@@ -223,3 +190,14 @@ def test_a_bug_is_a_crash_not_a_failed_row(setup, monkeypatch):
     monkeypatch.setattr(run, "evaluate", broken_metric)
     with pytest.raises(ValueError, match="a bug in the metrics code"):
         main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--max_images", "1"), method="fast_em")
+
+
+def test_quality_flags():
+    """A finished result worse than its input is flagged, never reported silently."""
+    from diffusion_em.results import quality_flags
+    s = 2 / 255
+    assert quality_flags({"psnr_aligned": 25.0, "psnr_blurry_aligned": 24.0, "reblur_rms_frame": 2 * s}, s) == []
+    assert quality_flags({"psnr_aligned": 21.8, "psnr_blurry_aligned": 27.2, "reblur_rms_frame": 2 * s},
+                         s) == ["worse_than_blurry"]
+    assert quality_flags({"psnr_aligned": None, "psnr_blurry_aligned": None, "reblur_rms_frame": 4 * s},
+                         s) == ["poor_fit"]

@@ -8,7 +8,7 @@ import yaml
 
 from diffusion_em.config import ConfigError, load_diffusion_config
 from diffusion_em.blur import BlurOperator
-from diffusion_em.em import EMResult, fast_diffusion_em
+from diffusion_em.em import EMResult, fast_diffusion_em, fast_diffusion_em_batch
 from diffusion_em.mstep import MStepConfig
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import PiGDM
@@ -149,3 +149,19 @@ def test_paper_config_is_the_papers_algorithm():
     cfg = load_diffusion_config(ROOT / "configs" / "diffusion_config_fastem_pigdm_paper.yaml")
     assert (cfg.method, cfg.guidance, cfg.steps, cfg.n_particles, cfg.output, cfg.eta, cfg.branch_fraction,
             cfg.mstep.coarse) == ("fast_em", "pigdm", 100, 1, "sample", 1.0, 1.0, 0.0)
+
+
+def test_branching_batch_equals_one_by_one(tiny_unet):
+    """Late-branching particles in the multi-image batch: each image gets exactly its one-by-one run."""
+    from tests.test_batch import S, PerSample, _problem
+    den = EpsDenoiser(PerSample(tiny_unet), Schedule.create(4))
+    ys, ks, sigmas = _problem()
+    gens = lambda: [torch.Generator().manual_seed(20 + b) for b in range(3)]  # noqa: E731
+    batch = fast_diffusion_em_batch(den, ys, sigmas, PiGDM(), MStepConfig(J=2), S, gens(), n_particles=3,
+                                    guard=None, branch_fraction=0.5)
+    for b, g in enumerate(gens()):
+        one = fast_diffusion_em(den, ys[b], sigmas[b], PiGDM(), MStepConfig(J=2), S, g, n_particles=3, guard=None,
+                                branch_fraction=0.5)
+        assert batch[b].x.shape == (3, 3, 32, 32)
+        assert torch.equal(batch[b].x, one.x) and torch.equal(batch[b].kernel, one.kernel)
+    assert not torch.allclose(batch[0].x[0], batch[0].x[1])

@@ -82,3 +82,19 @@ def test_new_attention_order_differs_but_runs(tiny_unet_config):
     with torch.no_grad():
         a, b = new(x, t), legacy(x, t)
     assert torch.isfinite(a).all() and (a - b).abs().max() > 1e-4
+
+
+def test_conv1x1_gemm_matches_conv2d():
+    from guided_diffusion.unet import Conv1x1
+    torch.manual_seed(0)
+    conv = Conv1x1(6, 4)
+    assert list(conv.state_dict()) == ["weight", "bias"] and conv.weight.shape == (4, 6, 1, 1)
+    x = torch.randn(2, 6, 5, 7)
+    ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xx = x.contiguous(memory_format=fmt).requires_grad_(True)
+        out = conv(xx)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+        g, = torch.autograd.grad((out * ref).sum(), xx)
+        g_ref = torch.nn.functional.conv_transpose2d(ref, conv.weight)  # adjoint of the 1x1 map
+        assert torch.allclose(g, g_ref, atol=1e-4)

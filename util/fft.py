@@ -1,4 +1,4 @@
-"""Stateless FFT helpers for circular true convolution (DESIGN §2).
+"""Stateless FFT helpers for circular true convolution (docs/algorithm.md §2).
 
 Kernels are centred at (s//2, s//2): zero-padded to the image size and rolled by -(s//2), so that
 a Dirac at the centre is the identity. All transforms are real (rfft2) over the last two axes.

@@ -18,13 +18,15 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features
 
 from util.errors import InputError
 
 PathLike = Union[str, os.PathLike]
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy") + ((".webp",) if features.check("webp") else ())
+FLOAT_RANGE = (-1.0, 2.0)  # a float observation outside this is not [0, 1] data plus noise (e.g. 0..255)
+MIN_KERNEL_SIDE = 3
 
 
 class ImageReadError(InputError):
@@ -197,6 +199,22 @@ def _read_pil(path: Path) -> np.ndarray:
     return a
 
 
+def _check_regular_file(p: Path) -> None:
+    """ImageReadError unless p is a readable regular file (names broken links and link loops)."""
+    if p.is_file():
+        return
+    if p.is_symlink():
+        try:
+            p.resolve(strict=True)
+        except RuntimeError:
+            raise fail(p, "symbolic link loop") from None
+        except OSError as e:
+            if "loop" in str(e).lower() or getattr(e, "errno", None) == 40:
+                raise fail(p, "symbolic link loop") from None
+            raise fail(p, f"broken symbolic link (to {os.readlink(p)})") from None
+    raise fail(p, "no such file" if not p.exists() else "not a regular file")
+
+
 def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
     """Read an image as float32 H×W×3 RGB in [0, 1].
 
@@ -208,8 +226,7 @@ def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
     Raises ImageReadError naming the file on a missing, empty, corrupt or invalid file.
     """
     p = Path(path)
-    if not p.is_file():
-        raise fail(p, "no such file" if not p.exists() else "not a regular file")
+    _check_regular_file(p)
     if p.stat().st_size == 0:
         raise fail(p, "empty file (0 bytes)")
     ext = p.suffix.lower()
@@ -221,6 +238,10 @@ def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
             a = a.astype(np.float32) / 65535.0
         else:
             a = a.astype(np.float32)
+            lo, hi = float(a.min()), float(a.max())
+            if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
+                raise fail(p, f"float values span {lo:.4g}..{hi:.4g}, not [0, 1] plus noise (0..255 data? divide "
+                              f"by 255 or save as uint8)")
         if a.ndim == 3 and a.shape[2] not in (1, 3):  # no alpha in .npy: 4 channels is more likely a layout error
             raise fail(p, f"expected an H×W, H×W×1 or H×W×3 array, got shape {a.shape} (channels last)")
         a = _to_rgb3(a, p)
@@ -242,8 +263,7 @@ def read_kernel(path: PathLike) -> np.ndarray:
     Errors (ImageReadError naming the file): unreadable, not 2-D, NaN/inf, sum <= 0.
     """
     p = Path(path)
-    if not p.is_file():
-        raise fail(p, "no such file")
+    _check_regular_file(p)
     if p.suffix.lower() != ".npy":
         raise fail(p, f"kernels must be .npy files, got '{p.suffix}'")
     k = read_npy_array(p).astype(np.float64)
@@ -251,9 +271,14 @@ def read_kernel(path: PathLike) -> np.ndarray:
         k = k[0]
     if k.ndim != 2:
         raise fail(p, f"kernel must be 2-D, got shape {k.shape}")
+    if min(k.shape) < MIN_KERNEL_SIDE:
+        raise fail(p, f"kernel is {k.shape[0]}×{k.shape[1]}: a blur kernel needs at least "
+                      f"{MIN_KERNEL_SIDE}×{MIN_KERNEL_SIDE} taps")
     s = k.sum()
     if not s > 0:
         raise fail(p, f"kernel sum is {s:.4g}; cannot normalise a kernel whose sum is not positive")
+    if k.min() < -1e-6 * s:  # a blur spreads light: no negative weights (round-off aside)
+        raise fail(p, f"kernel has negative taps (min {k.min() / s:.3g} of the sum); a blur kernel is non-negative")
     return (k / s).astype(np.float32)
 
 

@@ -9,7 +9,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -41,7 +41,13 @@ class LoadedSample:
 
 
 def _visible_files(d: Path) -> list:
-    return sorted((f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")), key=lambda f: f.name)
+    """Files and links (broken ones too: they get a failed row, not silence), hidden names excluded."""
+    return sorted((f for f in d.iterdir() if (f.is_symlink() or f.is_file()) and not f.name.startswith(".")),
+                  key=lambda f: f.name)
+
+
+def _unused(files: Iterable[Path], exts: Sequence[str]) -> list:
+    return [f.name for f in files if f.suffix.lower() not in exts and f.name != "meta.csv"]
 
 
 def _by_stem(files: Iterable[Path], exts: Sequence[str], where: Path) -> dict:
@@ -58,7 +64,7 @@ def read_meta_csv(path: PathLike) -> dict:
     """meta.csv with columns name,sigma (σ in [0, 1] units) -> {name: sigma}. Errors name file and line."""
     p = Path(path)
     try:
-        with open(p, newline="") as f:
+        with open(p, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None or not {"name", "sigma"} <= set(reader.fieldnames):
                 raise fail(p, f"expected a header 'name,sigma', got {reader.fieldnames}")
@@ -80,8 +86,8 @@ def read_meta_csv(path: PathLike) -> dict:
         raise fail(p, "not a text CSV file") from None
 
 
-def list_inputs(input_dir: PathLike) -> list:
-    """Discover the inputs of a run, sorted by name (DESIGN §4).
+def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda message: None) -> list:
+    """Discover the inputs of a run, sorted by name (docs/algorithm.md §4).
 
     - `<dir>/blurry/` exists: test-set folder; sharp/<name>.* and kernel/<name>.npy are attached when
       present, σ from meta.csv when listed.
@@ -89,7 +95,8 @@ def list_inputs(input_dir: PathLike) -> list:
     - otherwise image files: real photos (kind 'photo'), σ from meta.csv when present, else None
       (the caller estimates it).
     - a single image or pickle file is accepted as a one-sample input.
-    Files are only located here, not read: a broken file fails later, in load_sample, alone.
+    Files are only located here, not read: a broken file fails later, in load_sample, alone. `notice`
+    receives one line about files of unsupported types and meta.csv names that match no input.
     """
     root = Path(input_dir)
     if root.is_file():
@@ -109,8 +116,10 @@ def list_inputs(input_dir: PathLike) -> list:
         sharp = _by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp") if (root / "sharp").is_dir() else {}
         kern = _by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel") if (root / "kernel").is_dir() else {}
         samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder") for n, f in blurry.items()]
+        ignored = _unused(_visible_files(root / "blurry"), IMAGE_EXTS)
     else:
         files = _visible_files(root)
+        ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,))
         pickles = _by_stem(files, (PICKLE_EXT,), root)
         photos = _by_stem(files, IMAGE_EXTS, root)
         clash = sorted(set(pickles) & set(photos))
@@ -118,6 +127,13 @@ def list_inputs(input_dir: PathLike) -> list:
             raise InputError(f"{root}: names used by both a pickle and an image: {clash}")
         samples = [Sample(n, f, sigma=meta.get(n), kind="pickle") for n, f in pickles.items()]
         samples += [Sample(n, f, sigma=meta.get(n), kind="photo") for n, f in photos.items()]
+    if ignored:
+        notice(f"{root}: ignored {len(ignored)} file(s) of unsupported types: {', '.join(ignored[:5])}"
+               f"{' ...' if len(ignored) > 5 else ''} (read: {', '.join(IMAGE_EXTS + (PICKLE_EXT,))})")
+    unmatched = sorted(set(meta) - {s.name for s in samples})
+    if unmatched:
+        notice(f"{meta_path}: {len(unmatched)} name(s) match no input: {', '.join(unmatched[:5])}"
+               f"{' ...' if len(unmatched) > 5 else ''}")
     if not samples:
         raise InputError(f"{root}: no inputs found (expected blurry/<name>.{{png,jpg,tif,npy}}, "
                          f"image files, or *.pickle)")

@@ -1,4 +1,4 @@
-"""Evaluation metrics, defined once so every number the project reports means the same thing (DESIGN §5).
+"""Evaluation metrics, defined once so every number the project reports means the same thing (docs/algorithm.md §5).
 
 Array conventions: numpy images are H×W×C (the I/O layer's layout); torch images are (..., C, H, W).
 Kernels are 2-D (s1×s2), numpy or torch. All metrics are computed in float64 on the CPU so that they do
@@ -110,7 +110,7 @@ def ssim(x: ArrayLike, y: ArrayLike) -> float:
 
 # ----------------------------------------------------------------------------------------------- kernels
 def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple[float, float]:
-    """Kernel MSE (aligned, raw) per DESIGN §5.
+    """Kernel MSE (aligned, raw) per docs/algorithm.md §5.
 
     Both kernels are normalised to sum 1 and zero-padded, centred, to the larger of the two sizes. The
     aligned value is the minimum over all integer shifts (dy, dx) in [-max_shift, max_shift]² of
@@ -136,7 +136,7 @@ def kernel_mse(k_est: ArrayLike, k_true: ArrayLike, max_shift: int = 4) -> tuple
 
 # ----------------------------------------------------------------------------------------------- re-blur
 def reblur_error(k_est: ArrayLike, x_est: ArrayLike, y: ArrayLike, sigma: float) -> float:
-    """mean((k̂ ⊛ x̂ − y)²) − σ², with circular true convolution (DESIGN §2).
+    """mean((k̂ ⊛ x̂ − y)²) − σ², with circular true convolution (docs/algorithm.md §2).
 
     Close to 0 for a consistent estimate, negative when over-fitting the noise, large when the kernel or
     the image is off. The kernel is used as given (not renormalised): it is the model's own estimate.

@@ -9,6 +9,7 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 import re
 from pathlib import Path
 
@@ -32,10 +33,35 @@ def _safe_rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad
                                            collections.OrderedDict())
 
 
+def _claimed_storage_elements(b: bytes) -> int:
+    """The largest element count the storages of a torch.save stream claim, read without loading it.
+
+    A zip stream holds its data as archive members (sizes bounded by the stream); a legacy stream (what
+    pickled tensors embed) is five pickles, the fourth naming each storage with its element count, which
+    torch allocates before reading the data. Integers in that pickle bound every claimed count.
+    """
+    if b[:4] == b"PK\x03\x04":
+        return 0
+    f = io.BytesIO(b)
+    try:
+        for _ in range(3):  # magic number, protocol version, system info
+            for _op in pickletools.genops(f):
+                pass
+        ints = [arg for op, arg, _pos in pickletools.genops(f) if isinstance(arg, int) and not isinstance(arg, bool)]
+    except Exception:  # noqa: BLE001 — not a stream we can scan: torch.load will refuse it
+        return 0
+    return max(ints, default=0)
+
+
 def _safe_load_from_bytes(b):
-    """torch.storage._load_from_bytes, but its inner torch.save stream is read with weights_only=True."""
+    """torch.storage._load_from_bytes, but its inner torch.save stream is read with weights_only=True, after
+    checking that the storage it claims fits in the bytes given (a few KB must not allocate many GB)."""
     if not isinstance(b, (bytes, bytearray)):
         raise pickle.UnpicklingError(f"storage payload must be bytes, got {type(b).__name__}")
+    claimed = _claimed_storage_elements(bytes(b))
+    if claimed > len(b):  # every element takes at least one byte of the stream
+        raise pickle.UnpicklingError(f"embedded tensor stream claims {claimed:,} elements but holds only "
+                                     f"{len(b):,} bytes (refused before allocating)")
     try:
         return torch.load(io.BytesIO(bytes(b)), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
@@ -46,7 +72,7 @@ def _safe_load_from_bytes(b):
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Admits exactly the three globals of the authors' test-set pickles (DESIGN §3); refuses the rest."""
+    """Admits exactly the three globals of the authors' test-set pickles (docs/algorithm.md §3); refuses the rest."""
 
     _ALLOWED: dict = {
         ("torch._utils", "_rebuild_tensor_v2"): _safe_rebuild_tensor_v2,

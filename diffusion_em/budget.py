@@ -1,0 +1,103 @@
+"""Memory a run needs, estimated before it starts, so one large input is refused instead of killing the batch.
+
+`estimate_run_bytes` counts what a guided step keeps alive at once: the UNet's activations saved for the
+input gradient (ΠGDM and DPS both backpropagate through the UNet), attention score matrices, the weights,
+and the FFT buffers of the guidance and the M-step. The per-block tensor counts are an upper-side model of
+the ADM UNet (`bench/memory_estimate.py` prints the estimate next to the measured peak). `check_budget`
+compares it with a budget (`--memory_budget_gb`; default: 90 % of the memory available now) and raises a
+ResourceError saying what is needed and the largest square image that fits.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+from guided_diffusion.model_config import ModelConfig
+from guided_diffusion.unet import _parse_attention, _parse_channel_mult
+from util.errors import ResourceError
+
+SAVED_PER_RESBLOCK = 10      # tensors of the block's width kept for backward (norms, activations, convs, skip)
+SAVED_PER_ATTENTION = 8      # q, k, v, norm, projections, output
+SAFETY = 1.5                 # allocator slack and temporaries
+
+
+def estimate_run_bytes(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int = 33,
+                       channels: int = 3, bytes_per_value: int = 4) -> int:
+    """Peak bytes of one guided diffusion step on an image of height×width (before padding) with
+    `n_particles` particles, for the UNet of `model` (weights included)."""
+    pad = 2 * kernel_size  # the boundary band, then the UNet's multiple
+    mult = _parse_channel_mult(model.channel_mult, model.image_size)
+    multiple = 2 ** (len(mult) - 1)
+    H = math.ceil((height + pad) / multiple) * multiple
+    W = math.ceil((width + pad) / multiple) * multiple
+    attn_ds = set(_parse_attention(model.attention_resolutions, model.image_size))
+    values = 0.0
+    for level, m in enumerate(mult):
+        pixels = H * W / 4 ** level
+        c = model.num_channels * m
+        # encoder blocks, decoder blocks (their input is twice as wide: the skip is concatenated)
+        values += pixels * c * SAVED_PER_RESBLOCK * (model.num_res_blocks + 2 * (model.num_res_blocks + 1))
+        ds = 2 ** level
+        if ds in attn_ds or level == len(mult) - 1:  # the middle block always has attention
+            heads = model.num_heads if model.num_head_channels == -1 else max(1, int(c) // model.num_head_channels)
+            blocks = 2 * model.num_res_blocks + 2 if ds in attn_ds else 1
+            values += blocks * (pixels * c * SAVED_PER_ATTENTION + 2 * heads * pixels ** 2)
+    values *= n_particles
+    values += 40 * channels * H * W                  # FFTs of the guidance and the M-step (complex, per channel)
+    weights = _parameter_count(model) * 2            # weights and their gradient buffers in autograd
+    return int(SAFETY * bytes_per_value * (values + weights))
+
+
+def _parameter_count(model: ModelConfig) -> int:
+    from guided_diffusion.model_config import build_unet
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_unet(model).parameters())
+
+
+def available_memory_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for this run now: the accelerator's free memory, or the host's MemAvailable (Linux)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
+    return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else None
+
+
+def default_budget_bytes(device: torch.device) -> Optional[int]:
+    avail = available_memory_bytes(device)
+    return None if avail is None else int(0.9 * avail)
+
+
+def largest_square(budget: int, n_particles: int, model: ModelConfig, kernel_size: int) -> int:
+    """The largest side s such that an s×s image fits the budget (0 when none does)."""
+    lo, hi = 0, 1 << 16
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate_run_bytes(mid, mid, n_particles, model, kernel_size) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def check_budget(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int,
+                 budget: Optional[int]) -> None:
+    """Raise ResourceError when the run would need more than `budget` bytes (None: no limit)."""
+    if budget is None:
+        return
+    need = estimate_run_bytes(height, width, n_particles, model, kernel_size)
+    if need > budget:
+        side = largest_square(budget, n_particles, model, kernel_size)
+        raise ResourceError(f"a {width}×{height} image with {n_particles} particle(s) needs about {need / 2**30:.1f} GB, "
+                            f"over the memory budget of {budget / 2**30:.1f} GB (--memory_budget_gb); about "
+                            f"{side}×{side} px fit: downscale or crop it, use fewer particles, or raise the budget")

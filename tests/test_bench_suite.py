@@ -1,0 +1,53 @@
+"""The prepared GPU suite runs end to end in its reduced CPU form (tiny UNet, few steps) and writes its JSONL."""
+import importlib.util
+import json
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import ROOT
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _tiny_set(d, n=1, size=32):
+    g = np.random.default_rng(0)
+    for sub in ("blurry", "sharp"):
+        (d / sub).mkdir(parents=True)
+    for i in range(n):
+        x = g.random((size, size, 3)).astype(np.float32)
+        Image.fromarray((x * 255).astype(np.uint8)).save(d / "sharp" / f"c{i}.png")
+        np.save(d / "blurry" / f"c{i}.npy", x)
+    (d / "meta.csv").write_text("name,sigma\n" + "".join(f"c{i},0.05\n" for i in range(n)))
+
+
+def test_gpu_suite_reduced_on_cpu(tmp_path, one_thread):
+    suite = _load("gpu_suite")
+    _tiny_set(tmp_path / "set")
+    assert suite.main(["--reduced", "--device", "cpu", "--out", str(tmp_path / "out"),
+                       "--quality_dir", str(tmp_path / "set")]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "out" / "gpu_suite_reduced.jsonl").read_text().splitlines()]
+    speed = [r for r in recs if r["section"] == "speed" and "s_per_img" in r]
+    # every grid case timed both methods, with a positive time and a memory figure
+    assert {(r["case"], r["method"]) for r in speed} == {
+        (c, m) for c in ("b1_fp32_eager", "b2_bf16_eager", "b1_fp32_compiled") for m in ("fast_em", "nonblind")}
+    assert all(r["s_per_img"] > 0 and r["peak_mem_mb"] is not None for r in speed)
+    assert all(r["compile_s"] > 0 for r in speed if r["compiled"])
+    large = [r for r in recs if r["section"] == "large"]
+    assert {tuple(r["size"]) for r in large} == {(64, 64), (64, 48)} and all(r["s_per_step"] > 0 for r in large)
+    q = [r for r in recs if r["section"] == "quality"]
+    assert len(q) == 1 and abs(q[0]["psnr_bf16"] - q[0]["psnr_fp32"] - q[0]["bf16_minus_fp32_db"]) < 2e-3
+    assert recs[-1]["section"] == "done"
+
+
+def test_gpu_suite_budget_skips(tmp_path, one_thread):
+    suite = _load("gpu_suite")
+    assert suite.main(["--reduced", "--device", "cpu", "--out", str(tmp_path), "--budget_s", "0"]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "gpu_suite_reduced.jsonl").read_text().splitlines()]
+    assert not [r for r in recs if "s_per_img" in r or "s_per_step" in r]
+    assert any("time budget" in r.get("skipped", "") for r in recs)

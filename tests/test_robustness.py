@@ -1,0 +1,305 @@
+"""What a careless or hostile user does to the scripts, and what happens instead (issue 11, one test per item).
+
+Tiny random models, 32×32 images, 4 steps; subprocesses where a memory limit is involved.
+"""
+import collections
+import csv
+import json
+import os
+import pickle
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diffusion_em.budget import check_budget, estimate_run_bytes, largest_square
+from diffusion_em.run import main
+from guided_diffusion.model_config import load_model_config
+from util.errors import ResourceError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(tmp, cfg, data, out, *extra):
+    return ["--img_model_config", str(tmp / "model.yaml"), "--diffusion_config", str(cfg),
+            "--kernel_config", str(tmp / "kernel.yaml"), "--input_dir", str(data), "--save_dir", str(out),
+            "--device", "cpu", "--seed", "1", *extra]
+
+
+def _rows(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return {r["name"]: r for r in csv.DictReader(f)}
+
+
+# 1 ------------------------------------------------------------------------------------------ the record
+def test_rerun_with_other_settings_is_refused_and_the_record_kept(tiny_run, capsys):
+    """A rerun with --steps 3 --seed 7 skipped every image and rewrote config.yaml/summary.json to claim them."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 0
+    record = {f: (out / f).read_bytes() for f in ("config.yaml", "summary.json", "metrics.csv")}
+    capsys.readouterr()
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--steps", "3", "--seed", "7"), method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "diffusion.steps: 4 → 3" in err and "seed: 1 → 7" in err
+    assert {f: (out / f).read_bytes() for f in record} == record  # untouched
+    # the same settings resume (nothing to redo); --overwrite moves the old record aside and starts anew
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 0
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--steps", "3", "--overwrite"), method="fast_em") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["settings"]["diffusion"]["steps"] == 3
+    moved = sorted(p.name.split(".replaced-")[0] for p in out.glob("*.replaced-*"))
+    assert moved == ["config.yaml", "metrics.csv", "summary.json"]
+    assert [int(r["nfe"]) for r in _rows(out).values()] == [3, 3]
+
+
+# 2 --------------------------------------------------------------------------------------- pixel budget
+def test_memory_estimate_grows_with_size_and_particles(tiny_unet_config, tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump({**tiny_unet_config, "model_path": "x"}))
+    cfg = load_model_config(p)
+    a, b = estimate_run_bytes(64, 64, 1, cfg, 9), estimate_run_bytes(128, 128, 1, cfg, 9)
+    assert 0 < a < b < estimate_run_bytes(128, 128, 3, cfg, 9)
+    side = largest_square(b, 1, cfg, 9)
+    assert 128 <= side < 140 and estimate_run_bytes(side + 1, side + 1, 1, cfg, 9) > b
+    check_budget(128, 128, 1, cfg, 9, b)  # fits exactly
+    with pytest.raises(ResourceError, match=rf"needs about .* GB.*about {side}×{side} px fit"):
+        check_budget(128, 150, 1, cfg, 9, b)
+
+
+def test_an_image_over_the_budget_is_refused_early_and_the_run_goes_on(tiny_run):
+    """One large input allocated until the OS killed the process; the other images were never processed."""
+    tmp, cfgs, data = tiny_run
+    np.save(data / "blurry" / "big.npy", np.full((400, 400, 3), 0.5, np.float32))
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--memory_budget_gb", "0.5"), method="fast_em") == 1
+    rows = _rows(out)
+    assert rows["big"]["status"] == "failed" and "big.npy" in rows["big"]["message"]
+    assert "needs about" in rows["big"]["message"] and "px fit" in rows["big"]["message"]
+    assert rows["big"]["seconds"] == "" and rows["im0"]["status"] == rows["im1"]["status"] == "ok"
+
+
+def _legacy_storage_stream(numel: int) -> bytes:
+    """A torch.save (legacy format) stream whose one float storage claims `numel` elements, holding none."""
+    class Storage:  # pickled by reference as torch.FloatStorage in the persistent id
+        pass
+
+    class P(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel, None) if obj is Storage else None
+
+    import io
+    buf = io.BytesIO()
+    for head in (0x1950a86a20f9469cfc6c, 1001, {"protocol_version": 1001, "little_endian": True,
+                                                "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+        pickle.dump(head, buf, protocol=2)
+    P(buf, protocol=2).dump(Storage)
+    pickle.dump(["0"], buf, protocol=2)
+    buf.write(numel.to_bytes(8, "little"))
+    return buf.getvalue()
+
+
+class _Reduce:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def _claiming_pickle(path: Path, side: int) -> None:
+    """The authors' pickle layout, with tensors claiming 1×3×side×side in a file of a few KB."""
+    n = 3 * side * side
+    storage = _Reduce(torch.storage._load_from_bytes, (_legacy_storage_stream(n),))
+    t = _Reduce(torch._utils._rebuild_tensor_v2,
+                (storage, 0, (1, 3, side, side), (n, side * side, side, 1), False, collections.OrderedDict()))
+    k = torch.ones(1, 1, 3, 3) / 9
+    path.write_bytes(pickle.dumps({"H": t, "L": t, "kernel": k, "sigma": 0.01}, protocol=4))
+
+
+def _limited(code: str, limit_gb: float, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run python code in a child whose address space is capped (an allocation past it fails, not the box)."""
+    def cap():
+        b = int(limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (b, b))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=cap)
+
+
+def test_a_pickle_claiming_huge_tensors_is_refused_before_allocating(tmp_path):
+    """A 2 KB pickle whose tensors claim 1×3×30000×30000 allocated 23.5 GB until the OS killed the run."""
+    p = tmp_path / "claims.pickle"
+    _claiming_pickle(p, 30000)
+    assert p.stat().st_size < 4000
+    r = _limited(f"from util.safe_pickle import load_pickle_sample\n"
+                 f"try:\n    load_pickle_sample({str(p)!r})\nexcept Exception as e:\n    print(type(e).__name__, e)",
+                 limit_gb=2.5)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert "ImageReadError" in r.stdout and "claims 2,700,000,000 elements" in r.stdout, r.stdout
+
+
+def test_out_of_memory_inside_one_image_is_a_failed_row(tiny_run):
+    """Out-of-memory inside one image was not caught; with the budget off it must still only fail that image."""
+    tmp, cfgs, data = tiny_run
+    np.save(data / "blurry" / "a_big.npy", np.full((512, 512, 3), 0.5, np.float32))
+    out = tmp / "out"
+    args = _args(tmp, cfgs["fastem_pigdm"], data, out, "--memory_budget_gb", "0", "--threads", "1")
+    r = _limited(f"import sys\nfrom diffusion_em.run import main\nsys.exit(main({args!r}, method='fast_em'))",
+                 limit_gb=1.8, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    rows = _rows(out)
+    assert rows["a_big"]["status"] == "failed" and "out of memory" in rows["a_big"]["message"]
+    assert rows["im0"]["status"] == rows["im1"]["status"] == "ok"
+
+
+# 3 ----------------------------------------------------------------------------------------------- σ = 0
+def test_sigma_zero_runs_at_the_floor_never_nan(tiny_run):
+    """σ = 0 (flag, meta.csv, or a flat photo's estimate) gave a NaN result."""
+    tmp, cfgs, data = tiny_run
+    (data / "meta.csv").write_text("name,sigma\nim0,0\nim1,0.02\n")
+    flat = tmp / "flat"
+    flat.mkdir()
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(flat / "flat.png")
+    for inp, extra, name in ((data, ["--sigma", "0"], "im1"), (data, [], "im0"), (flat, [], "flat")):
+        out = tmp / f"out_{name}_{len(extra)}"
+        assert main(_args(tmp, cfgs["fastem_pigdm"], inp, out, *extra), method="fast_em") == 0
+        row = _rows(out)[name]
+        assert row["status"] == "ok" and np.isfinite(float(row["reblur_error"]))
+        assert np.isfinite(np.load(out / "kernels" / f"{name}.npy")).all()
+        assert np.isfinite(np.asarray(Image.open(out / "images" / f"{name}.png"), np.float32)).all()
+        if name != "flat":  # a flat photo's estimate has its own floor (util/noise.py)
+            assert float(row["sigma"]) == 0 and "floor" in row["sigma_source"]
+
+
+# 4 ----------------------------------------------------------------------------------------- output folder
+def _no_model(tmp):
+    """A model config whose weights do not exist: any check that comes after loading would never be seen."""
+    d = yaml.safe_load((tmp / "model.yaml").read_text())
+    d["model_path"] = str(tmp / "missing.pt")
+    (tmp / "nomodel.yaml").write_text(yaml.safe_dump(d))
+    return ["--img_model_config", str(tmp / "nomodel.yaml")]
+
+
+def test_save_dir_that_is_a_file_is_refused_before_loading(tiny_run, capsys):
+    tmp, cfgs, data = tiny_run
+    (tmp / "afile").write_text("x")
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "afile" / "sub") + _no_model(tmp), method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert "afile: is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_unwritable_save_dir_is_refused_before_loading(tiny_run, capsys, monkeypatch):
+    import diffusion_em.results as results
+    tmp, cfgs, data = tiny_run
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(results.tempfile, "NamedTemporaryFile", denied)  # root ignores chmod: simulate it
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out") + _no_model(tmp), method="fast_em") == 2
+    assert "cannot write results there (Permission denied)" in capsys.readouterr().err
+
+
+def test_foreign_metrics_csv_is_refused_before_any_image(tiny_run, capsys):
+    """An old metrics.csv with another header crashed after one image had been computed."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    out.mkdir()
+    (out / "metrics.csv").write_text("name,status,psnr\nold,ok,20\n")
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 2
+    assert "holds another header" in capsys.readouterr().err and not (out / "images").exists()
+
+
+# 5 ------------------------------------------------------------------------------------------------- flags
+def _absent_device() -> str:
+    if not torch.accelerator.is_available():
+        return "cuda"
+    return f"{torch.accelerator.current_accelerator().type}:{torch.accelerator.device_count()}"
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--device", _absent_device(), "--device"),
+    ("--device", "gpu7", "not a device name"),
+    ("--threads", "-1", "--threads -1: must be >= 1"),
+    ("--max_images", "-1", "--max_images -1: must be >= 1"),
+    ("--steps", "0", "--steps 0: must be >= 1"),
+    ("--n_particles", "0", "--n_particles 0: must be >= 1"),
+    ("--memory_budget_gb", "-2", "--memory_budget_gb"),
+])
+def test_bad_flags_are_one_line_errors_before_loading(tiny_run, capsys, flag, value, message):
+    """--device cuda without CUDA and --threads -1 were tracebacks, --max_images -1 dropped the last image,
+    --steps 0 was blamed on the YAML file."""
+    tmp, cfgs, data = tiny_run
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", flag, value) + _no_model(tmp), method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "yaml" not in err
+    assert not (tmp / "out").exists()
+
+
+# 6 ------------------------------------------------------------------------------------------------ inputs
+def test_links_webp_bom_and_unmatched_meta_names(tiny_run, capsys):
+    tmp, cfgs, data = tiny_run
+    b = data / "blurry"
+    os.symlink(b / "nowhere.png", b / "dangling.png")
+    os.symlink(b / "loop_b.png", b / "loop_a.png")
+    os.symlink(b / "loop_a.png", b / "loop_b.png")
+    (b / "notes.txt").write_text("x")
+    (data / "meta.csv").write_bytes("\ufeffname,sigma\nim0,0.02\nim1,0.02\nghost,0.01\n".encode("utf-8"))  # Excel BOM
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 1
+    rows = _rows(out)
+    assert "broken symbolic link" in rows["dangling"]["message"]
+    assert "symbolic link loop" in rows["loop_a"]["message"] and rows["loop_b"]["status"] == "failed"
+    assert rows["im0"]["status"] == "ok" and rows["im0"]["sigma_source"] == "given"
+    err = capsys.readouterr().err
+    assert "ghost" in err and "match no input" in err and "notes.txt" in err
+
+
+def test_webp_photos_are_read():
+    from PIL import features
+    from util.images import IMAGE_EXTS
+    assert (".webp" in IMAGE_EXTS) == features.check("webp")
+
+
+@pytest.mark.parametrize("kernel,message", [(np.array([[0.5, 0.6, -0.2], [0, 0.1, 0], [0, 0, 0]]), "negative taps"),
+                                            (np.full((2, 2), 0.25), "at least 3×3")])
+def test_bad_ground_truth_kernels_are_refused(tiny_run, kernel, message):
+    tmp, cfgs, data = tiny_run
+    np.save(data / "kernel" / "im0.npy", kernel)
+    out = tmp / "out"
+    main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em")
+    row = _rows(out)["im0"]
+    assert row["status"] == "failed" and message in row["message"] and "im0.npy" in row["message"]
+
+
+# 7, 8 ------------------------------------------------------------------------------ wasted work, messages
+def test_0_255_float_npy_and_tiny_photos_fail_before_any_diffusion(tiny_run, capsys):
+    """A float .npy in 0..255 ran two full attempts before 'diverged'; a photo smaller than the kernel ran the
+    whole diffusion, then failed with a message naming no file; failed rows lost σ and its source."""
+    tmp, cfgs, data = tiny_run
+    np.save(data / "blurry" / "im0.npy", (255 * np.random.default_rng(0).random((32, 32, 3))).astype(np.float32))
+    np.save(data / "blurry" / "tiny.npy", np.full((6, 40, 3), 0.5, np.float32))
+    (data / "meta.csv").write_text("name,sigma\nim0,0.02\nim1,0.02\ntiny,0.03\n")
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 1
+    rows = _rows(out)
+    assert "0..255" in rows["im0"]["message"] and "im0.npy" in rows["im0"]["message"]
+    assert "tiny.npy" in rows["tiny"]["message"] and "smaller than the 9×9 kernel" in rows["tiny"]["message"]
+    assert rows["tiny"]["sigma"] == "0.03" and rows["tiny"]["sigma_source"] == "given"
+    assert "attempt" not in capsys.readouterr().err  # no diffusion ran for either
+
+
+def test_invalid_mstep_value_names_file_and_key(tiny_run, capsys):
+    tmp, cfgs, data = tiny_run
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    d["mstep"]["beta"] = -1
+    bad = tmp / "bad.yaml"
+    bad.write_text(yaml.safe_dump(d))
+    assert main(_args(tmp, bad, data, tmp / "out"), method="fast_em") == 2
+    err = capsys.readouterr().err.strip()
+    assert "bad.yaml [mstep]: key 'beta' must be > 0, got -1" in err and "MStepConfig(" not in err
