@@ -5,7 +5,7 @@ oracle baseline); for every variant (diffusion-config overrides): blind Fast EM 
 sampler with the true kernel. Each result is scored as a posterior sample (first particle) and as the
 particle mean, plain and shift-aligned (util.metrics.aligned_scores), with aligned kernel MSE, seconds and
 UNet evaluations. One JSON line per (case, variant); `--table FILE.jsonl` prints the tables per σ and per
-kernel size from such a file.
+kernel extent from such a file, `--compare FILE.jsonl` one aligned-PSNR table across its variants.
 
     python bench/quality_options.py --input_dir D --variants '{"paper": {}, "mean4": {"n_particles": 4, "branch_fraction": 0.3, "output": "mean"}}' --oracle --out r.jsonl
     python bench/quality_options.py --table r.jsonl
@@ -151,6 +151,40 @@ def table(path: str) -> None:
                   f" | {fmt(np.mean(sec) if sec else None, '.0f')} |")
 
 
+def compare(path: str) -> None:
+    """One markdown table across variants (aligned PSNR, dB): per σ and per kernel extent, on the cases every
+    variant finished; oracle columns from the variants that ran it."""
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    by_case = defaultdict(dict)
+    for r in rows:
+        by_case[r["name"]][r["variant"]] = r
+    cases = [c for c in by_case.values() if all(v in c and "blind_output" in c[v] for v in variants)]
+    oracle = [v for v in variants if any("oracle_output" in c[v] for c in cases)]
+    head = (["blurry", "Tikhonov (true k)"] + [f"oracle {v} sample" for v in oracle]
+            + [f"oracle {v} output" for v in oracle]
+            + [f"blind {v}" for v in variants] + [f"kernel MSE {v}" for v in variants]
+            + [f"worst blind {v} − blurry" for v in variants])
+    print(f"{len(cases)} cases; aligned PSNR (dB)\n")
+    print("| group | n | " + " | ".join(head) + " |")
+    print("|" + "---|" * (len(head) + 2))
+    groups = [("all", cases)] + [(f"σ {s:g}/255", [c for c in cases if c[variants[0]]["sigma255"] == s])
+                                 for s in sorted({c[variants[0]]["sigma255"] for c in cases})]
+    for lo, hi in ((1, 13), (14, 21), (22, 64)):
+        groups.append((f"extent {lo}–{hi} px", [c for c in cases if lo <= c[variants[0]]["kernel_extent"] <= hi]))
+    for g, cs in groups:
+        if not cs:
+            continue
+        m = lambda f: f"{np.mean([f(c) for c in cs]):.2f}"  # noqa: E731
+        cells = [m(lambda c: c[variants[0]]["blurry"][1]), m(lambda c: c[variants[0]]["tikhonov"][1])]
+        cells += [m(lambda c, v=v: c[v]["oracle_sample"][1]) for v in oracle]
+        cells += [m(lambda c, v=v: c[v]["oracle_output"][1]) for v in oracle]
+        cells += [m(lambda c, v=v: c[v]["blind_output"][1]) for v in variants]
+        cells += [f"{np.mean([c[v]['kernel_mse'] for c in cs]):.2e}" for v in variants]
+        cells += [f"{min(c[v]['blind_output'][1] - c[v]['blurry'][1] for c in cs):+.2f}" for v in variants]
+        print(f"| {g} | {len(cs)} | " + " | ".join(cells) + " |")
+
+
 def main(argv=None):
     p = build_parser("fast_em")
     p.add_argument("--variants", default='{"config": {}}', help="JSON {name: {config key: value}}")
@@ -159,9 +193,12 @@ def main(argv=None):
     p.add_argument("--names", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")
     p.add_argument("--table", default=None, help="print the tables of a JSON-lines file and exit")
+    p.add_argument("--compare", default=None, help="print one table across the variants of a JSON-lines file and exit")
     args = p.parse_args(argv)
     if args.table:
         table(args.table)
+    elif args.compare:
+        compare(args.compare)
     else:
         run_cases(args)
 

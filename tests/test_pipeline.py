@@ -140,7 +140,8 @@ def test_true_kernel_equals_nonblind_sampler(setup):
     from util.inputs import list_inputs, load_sample
 
     tmp, cfgs, data = setup
-    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
+    # the paper's config: one particle from x_T (the default's late-branching particles are tested elsewhere)
+    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm_paper"], data, tmp / "o"))
     ctx = restorer_from_args(args, "fast_em")
     s = load_sample(list_inputs(data)[0])
     y = image_to_tensor(s.y)
