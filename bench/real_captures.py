@@ -5,7 +5,7 @@
         (util/noise.py rule) and the misfit of the best-fitting true blur (RMS on the interior, best integer
         shift within ±6 px, symmetric borders) -> bench/measured/real_captures_noise.csv
     python bench/real_captures.py table --blind RUN --oracle RUN [--data DIR] [--out docs/real_captures.md]
-        RUN = a save_dir of test_FastDiffEM.py (metrics.csv, images/) on DATA, blind and with --true_kernel.
+        RUN = save_dir(s) of test_FastDiffEM.py (metrics.csv, images/) on DATA, blind and with --true_kernel.
         Per capture: kernel MSE, aligned PSNR of the result and of the blurry input, Levin's error ratio
         (aligned SSE over that of the same program with the true kernel), success at ratio ≤ 2 and ≤ 3, and
         the flag column; failed rows count as failures. Writes the markdown table with the commands given.
@@ -73,14 +73,18 @@ def cmd_noise(a) -> None:
     print("means (/255): " + ", ".join(f"{k_} {v:.2f}" for k_, v in m.items()), f"-> {out}")
 
 
-def _rows(run: Path) -> dict:
-    with open(run / "metrics.csv", newline="") as f:
-        return {r["name"]: r for r in csv.DictReader(f)}
+def _rows(runs: list) -> dict:
+    """name -> metrics row (with its folder under '_run'); a later folder's row for a name wins (a rerun)."""
+    out = {}
+    for run in runs:
+        with open(run / "metrics.csv", newline="") as f:
+            out.update({r["name"]: {**r, "_run": run} for r in csv.DictReader(f)})
+    return out
 
 
-def _img(run: Path, name: str):
-    p = run / "images" / f"{name}.png"
-    return read_image(p)[..., :1].astype(np.float64) if p.exists() else None
+def _img(row: dict, name: str):
+    p = row["_run"] / "images" / f"{name}.png" if row else None
+    return read_image(p)[..., :1].astype(np.float64) if p is not None and p.exists() else None
 
 
 def cmd_table(a) -> None:
@@ -92,7 +96,7 @@ def cmd_table(a) -> None:
         ks = max(k.shape)
         yb = aligned_scores(y, x, ks)["psnr_aligned"]
         rb, ro = blind[n], oracle.get(n, {})
-        xb, xo = _img(a.blind, n), _img(a.oracle, n)
+        xb, xo = _img(rb, n), _img(ro, n)
         ok = rb.get("status") == "ok" and xb is not None
         pb = aligned_scores(xb, x, ks)["psnr_aligned"] if ok else None
         po = aligned_scores(xo, x, ks)["psnr_aligned"] if xo is not None and ro.get("status") == "ok" else None
@@ -115,7 +119,8 @@ def cmd_table(a) -> None:
     if a.out:
         head = ("| capture | kernel px | kernel MSE | blurry aligned PSNR | blind aligned PSNR | true-kernel aligned PSNR "
                 "| error ratio | flag |\n|---|---|---|---|---|---|---|---|\n")
-        block = (f"<!-- table: python bench/real_captures.py table --blind {a.blind} --oracle {a.oracle} -->\n"
+        cmd = f"python bench/real_captures.py table --blind {' '.join(map(str, a.blind))} --oracle {' '.join(map(str, a.oracle))}"
+        block = (f"Command: `{cmd}`\n\n"
                  + head + "\n".join(lines) + f"\n\n{summary}\n")
         Path(a.out).write_text(block)
         print(f"-> {a.out}")
@@ -128,8 +133,8 @@ def main(argv=None) -> int:
     pn.add_argument("--data", type=Path, default=DATA)
     pt = sub.add_parser("table")
     pt.add_argument("--data", type=Path, default=DATA)
-    pt.add_argument("--blind", type=Path, required=True)
-    pt.add_argument("--oracle", type=Path, required=True)
+    pt.add_argument("--blind", type=Path, nargs="+", required=True, help="run folder(s); a later one's row wins")
+    pt.add_argument("--oracle", type=Path, nargs="+", required=True)
     pt.add_argument("--out", default=None, help="markdown file for the table block")
     a = p.parse_args(argv)
     if not (a.data / "blurry").is_dir():

@@ -1,17 +1,17 @@
 """Padding is not data: the unknown-boundary data term for non-periodic photos (issue 13).
 
 A real photo is blurred by its true, non-circular boundary: the pixels just outside the frame, which we
-never saw, were blurred into the border. The runner pads y (io.pad_for_boundary, e.g. the taper) so that the
+never saw, were blurred into the border. The runner pads y (util.geometry.pad_for_boundary, e.g. the taper) so that the
 circular FFT model can run on a larger domain, but the padded band is not an observation: a mirrored band
 of a camera-shake blur is the mirror image blurred by the MIRRORED kernel, which no single kernel explains.
 Used as data, the band pulls the M-step towards symmetrised kernels and the guidance towards ringing at the
-frame (measured in `bench/real_captures.py`).
+frame (docs/real_captures.md: with the true kernel, 20.3 dB with the band as data, 23.6 dB filled).
 
 The fix is the data term of the frame only, Σ_{p ∈ frame} (y − k ⊛ x)_p². It is the complete-data term of
 an EM for the missing band: fill the band with the current prediction k ⊛ x̂0 (`fill_padding`), then run the
 usual circular M-step and guidance on the filled y, whose band residual is then zero. Iterated, as Fast EM
 does at every diffusion step, the fill-then-solve step converges to the frame-only least squares kernel
-(tests/test_boundary.py checks that against a direct solve).
+(tests/test_boundary.py: noise-free frame, where that solution is the true kernel).
 """
 from __future__ import annotations
 

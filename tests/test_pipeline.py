@@ -1,5 +1,4 @@
 """End-to-end smoke tests of the entry scripts' job with a tiny random UNet (few steps) on every input format."""
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import yaml
 from PIL import Image
 
 from diffusion_em.run import main
+from tests.cli import cli_args as _args, metrics_rows as _rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,17 +19,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def setup(tiny_run):
     """Tiny weights + configs (few steps, 9×9 kernels) + a 2-image test-set folder (conftest.tiny_run)."""
     return tiny_run
-
-
-def _args(tmp, cfg, data, out, *extra):
-    return ["--img_model_config", str(tmp / "model.yaml"), "--diffusion_config", str(cfg),
-            "--kernel_config", str(tmp / "kernel.yaml"), "--input_dir", str(data), "--save_dir", str(out),
-            "--device", "cpu", "--seed", "1", *extra]
-
-
-def _rows(out):
-    with open(out / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("name,method", [("fastem_pigdm", "fast_em"), ("fastem_pigdm_paper", "fast_em"),

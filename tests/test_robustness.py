@@ -3,8 +3,6 @@
 Tiny random models, 32×32 images, 4 steps; subprocesses where a memory limit is involved.
 """
 import collections
-import csv
-import json
 import os
 import pickle
 import resource
@@ -21,20 +19,14 @@ from PIL import Image
 from diffusion_em.budget import check_budget, estimate_run_bytes, largest_square
 from diffusion_em.run import main
 from guided_diffusion.model_config import load_model_config
+from tests.cli import cli_args as _args, metrics_rows
 from util.errors import ResourceError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _args(tmp, cfg, data, out, *extra):
-    return ["--img_model_config", str(tmp / "model.yaml"), "--diffusion_config", str(cfg),
-            "--kernel_config", str(tmp / "kernel.yaml"), "--input_dir", str(data), "--save_dir", str(out),
-            "--device", "cpu", "--seed", "1", *extra]
-
-
 def _rows(out):
-    with open(out / "metrics.csv", newline="") as f:
-        return {r["name"]: r for r in csv.DictReader(f)}
+    return {r["name"]: r for r in metrics_rows(out)}
 
 
 # 1 ------------------------------------------------------------------------------------------ the record

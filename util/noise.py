@@ -13,8 +13,8 @@ the pickle gives σ):
    0 for float input). With floor=0 a flat 8-bit image still gets Δ/√12, never 0.
 3. Model floor σ_model = `FLOOR` (2/255, 0.8 % of the range, whatever the bit depth): a real capture departs
    from `y = k ⊛ x + n` (sensor non-linearity, slightly non-uniform blur, demosaicing, compression), and the
-   best true blur fits the 24 Levin captures only to 1.5–7.8/255 RMS (`bench/real_captures.py` measures
-   it), far above their σ_pix of 0.6–0.8/255. The data term must not be asked to explain that misfit as
+   best true blur fits the 24 Levin captures only to 1.35–4.44/255 RMS (`bench/real_captures.py` measures
+   it), far above their σ_pix of 0.62–0.81/255. The data term must not be asked to explain that misfit as
    signal, so an estimated σ is never below FLOOR. A given σ (meta.csv, `--sigma`) is used as it is.
 
 σ = max(σ_pix, Δ/√12, FLOOR). The quantisation step Δ is read from the values (all multiples of 1/255:
