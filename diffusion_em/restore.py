@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from diffusion_em.config import DiffusionConfig, KernelConfig
-from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em
+from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em, fast_diffusion_em_batch
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import make_guidance
 from guided_diffusion.model_config import ModelConfig, build_unet
@@ -118,19 +118,58 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
                            callback=callback, progress=True, data_box=box, eta=d.eta,
                            branch_fraction=d.branch_fraction)
-    resid = r.guard.check_result(res, yp, sigma, box)  # on the data region only
+    res = _judged(r, res, yp, box, sigma)
+    if isinstance(res, DivergenceError):
+        raise res
+    return res
+
+
+def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundaries: list,
+                  k_trues: Optional[list] = None, callbacks: Optional[list] = None) -> list:
+    """`restore` for several observations, Fast EM only: those of one padded size share each UNet batch
+    (`fast_diffusion_em_batch`; images never mix). Returns one EMResult or DivergenceError per observation."""
+    d, s = r.dcfg, r.kernel_size
+    if d.method != "fast_em":
+        raise InputError("batched images (--batch_size > 1) are a Fast EM option")
+    B = len(ys)
+    k_trues, callbacks = k_trues or [None] * B, callbacks or [None] * B
+    prepared = [_prepare(y, mode, s, r.denoiser.model.size_multiple) for y, mode in zip(ys, boundaries)]
+    for y, (yp, _) in zip(ys, prepared):
+        if min(yp.shape[-2:]) < s:
+            raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
+    out = [None] * B
+    for shape in dict.fromkeys(tuple(yp.shape) for yp, _ in prepared):  # one batch per padded size, in order
+        idx = [b for b in range(B) if tuple(prepared[b][0].shape) == shape]
+        res = fast_diffusion_em_batch(
+            r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx], r.guidance, d.mstep, s,
+            [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
+            fixed_kernels=[None if k_trues[b] is None else fit_kernel(k_trues[b].to(ys[b]), s) for b in idx],
+            guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
+            data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
+        for b, rb in zip(idx, res):
+            out[b] = rb if isinstance(rb, DivergenceError) else _judged(r, rb, *prepared[b], sigmas[b])
+    return out
+
+
+def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float):
+    """The cropped result, or the DivergenceError the guard raises on it (on the data region only)."""
+    try:
+        resid = r.guard.check_result(res, yp, sigma, box)
+    except DivergenceError as e:
+        return e
     return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid)
 
 
 def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],
                          on_retry: Callable[[int, DivergenceError], None] = lambda attempt, e: None,
-                         **options) -> tuple:
-    """`restore` with fresh noise (generator_for(attempt)) after a divergence, up to dcfg.retries more times.
+                         first_attempt: int = 0, **options) -> tuple:
+    """`restore` with fresh noise (generator_for(attempt)) after a divergence, up to dcfg.retries more times
+    (counting from `first_attempt`, e.g. 1 after a batched first attempt failed).
 
     Returns (EMResult, attempts); raises DivergenceError naming the attempts when every one failed.
     """
     last = None
-    for attempt in range(r.dcfg.retries + 1):
+    for attempt in range(first_attempt, r.dcfg.retries + 1):
         try:
             return restore(r, y, sigma, generator_for(attempt), **options), attempt + 1
         except DivergenceError as e:

@@ -7,6 +7,8 @@ record aside (`*.replaced-<time>`), so a record never describes results it did n
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
 import time
@@ -62,10 +64,15 @@ def _differences(old, new, prefix: str = "") -> list:
 class ResultsFolder:
     """The output folder of one run (`--save_dir`)."""
 
-    def __init__(self, path, fields=FIELDS):
+    def __init__(self, path, fields=FIELDS, rank=None):
         self.path = Path(path)
         self.fields = tuple(fields)
         self.metrics = self.path / "metrics.csv"
+        # a rank of a sharded run appends to its own log; rank 0 merges them into metrics.csv (diffusion_em/shard.py)
+        self.log = self.metrics if rank is None else self.path / f"metrics.rank{rank}.csv"
+
+    def rank_logs(self) -> list:
+        return sorted(self.path.glob("metrics.rank*.csv"))
 
     def check(self) -> None:
         """Refuse a folder that cannot take our files: a file in the way, no write permission, a foreign
@@ -118,11 +125,29 @@ class ResultsFolder:
         save_text(self.path / "config.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))
 
     def previous_rows(self) -> dict:
-        """The last row per image name in metrics.csv."""
-        return {r["name"]: r for r in read_csv_rows(self.metrics) if r.get("name")}
+        """The last row per image name in metrics.csv and in the logs of a sharded run not yet merged."""
+        rows = {}
+        for log in [self.metrics, *self.rank_logs()]:
+            rows.update({r["name"]: r for r in read_csv_rows(log) if r.get("name")})
+        return rows
 
     def append(self, row: dict) -> None:
-        append_csv_row(self.metrics, self.fields, row)
+        append_csv_row(self.log, self.fields, row)
+
+    def merge_rank_logs(self, order: list) -> dict:
+        """Rank 0 after the barrier: metrics.csv := the last row per image, `order` (input names) first;
+        the rank logs are removed once it is written. Returns the rows by name."""
+        rows = self.previous_rows()
+        names = [n for n in order if n in rows] + [n for n in rows if n not in set(order)]
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=list(self.fields), restval="", extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        for n in names:
+            w.writerow(rows[n])
+        save_text(self.metrics, text.getvalue())
+        for log in self.rank_logs():
+            log.unlink()
+        return {n: rows[n] for n in names}
 
     def write_image(self, name: str, x_img: np.ndarray, particles: list, kernel: np.ndarray, y: np.ndarray,
                     x_true: Optional[np.ndarray], k_true: Optional[np.ndarray], save_npy_too: bool,

@@ -12,19 +12,20 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from diffusion_em import grayscale
+from diffusion_em import grayscale, shard
 from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.budget import check_budget, default_budget_bytes
-from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, load_restorer, repo_path, restore,
-                                  restore_with_retries)
+from diffusion_em.em import DivergenceError
+from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, load_restorer, repo_path,
+                                  restore_batch, restore_with_retries)
 from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
@@ -33,7 +34,8 @@ from util.images import image_to_tensor, tensor_to_image
 from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
 from util.metrics import evaluate, lpips_available
 
-__all__ = ["FIELDS", "build_parser", "load_configs", "restorer_from_args", "restore", "process_one", "run_all", "main"]
+__all__ = ["FIELDS", "build_parser", "load_configs", "restorer_from_args", "process_one", "process_batch", "run_all",
+           "main"]
 
 DEFAULT_CONFIGS = {"fast_em": "configs/diffusion_config_fastem_pigdm.yaml",
                    "diffusion_em": "configs/diffusion_config_pigdm.yaml"}
@@ -73,6 +75,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--memory_budget_gb", type=float, default=None,
                    help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
                         "0: no check)")
+    p.add_argument("--batch_size", type=int, default=1,
+                   help="images per UNet batch, each with its own kernel, σ and M-step (Fast EM; images of one "
+                        "padded size share a batch). Under torchrun each rank batches its own share")
     return p
 
 
@@ -104,7 +109,9 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
         raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}")
     if args.memory_budget_gb is not None and not (np.isfinite(args.memory_budget_gb) and args.memory_budget_gb >= 0):
         raise InputError(f"--memory_budget_gb {args.memory_budget_gb}: must be >= 0 (0: no check)")
-    for flag in ("threads", "max_images", "steps", "n_particles"):
+    if args.batch_size > 1 and method != "fast_em":
+        raise InputError("--batch_size > 1 is a test_FastDiffEM.py option (Diffusion EM runs one image at a time)")
+    for flag in ("threads", "max_images", "steps", "n_particles", "batch_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise InputError(f"--{flag} {v}: must be >= 1")
@@ -168,22 +175,6 @@ def _out_of_memory(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
 
 
-def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int,
-                known: Optional[dict] = None) -> dict:
-    """Deblur one sample and write its outputs; returns its metrics row (status ok). `known` receives what is
-    learnt before a failure (σ and its source) so a failed row can still report it."""
-    known = {} if known is None else known
-    try:
-        return _process(r, opts, out, sample, index, known)
-    except Exception as e:
-        if not _out_of_memory(e):
-            raise
-        if r.device.type == "cuda":
-            torch.cuda.empty_cache()
-        raise ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
-                            f"--memory_budget_gb so such inputs are refused before they start") from None
-
-
 def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) -> None:
     """Refuse before any diffusion: an image smaller than the kernel, or one over the memory budget."""
     H, W = y.shape[:2]
@@ -197,7 +188,26 @@ def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) ->
             raise ResourceError(f"{sample.blurry}: {e}") from None
 
 
-def _process(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int, known: dict) -> dict:
+@dataclass
+class Loaded:
+    """One sample read and checked, ready to restore (σ resolved; grayscale replicated to RGB)."""
+    sample: Sample
+    index: int                 # the sample's place in the whole input list: it seeds the image's noise
+    loaded: object
+    y: torch.Tensor
+    sigma: float
+    sigma_source: str
+    sigma_run: float           # σ of the RGB observation the sampler sees
+    gray: bool
+    t0: float
+    callback: Optional[object] = None
+    frames: list = field(default_factory=list)
+    kernels: list = field(default_factory=list)
+
+
+def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: dict) -> Loaded:
+    """Read and check one sample, resolve its σ (into `known` too, for a failed row); raises a ProjectError
+    naming the file when it cannot be used."""
     t0 = time.time()
     loaded = load_sample(sample)
     sigma, source = resolve_sigma(loaded, opts.sigma)
@@ -212,54 +222,173 @@ def _process(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, 
     sigma_run = grayscale.replicated_sigma(sigma, loaded.y.shape[2]) if gray else sigma
     if opts.true_kernel and loaded.k_true is None:
         raise InputError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
-    y = image_to_tensor(loaded.y, r.device)
     callback, frames, kernels = _progress_recorder(r.dcfg.steps) if opts.save_progress else (None, [], [])
+    return Loaded(sample, index, loaded, image_to_tensor(loaded.y, r.device), sigma, source, sigma_run, gray, t0,
+                  callback, frames, kernels)
+
+
+def _generator(r: Restorer, opts: RunOptions, index: int, attempt: int) -> torch.Generator:
+    return torch.Generator(device=r.device).manual_seed(opts.seed * 1_000_003 + index * 1009 + attempt)
+
+
+def _k_true(opts: RunOptions, one: Loaded):
+    return torch.from_numpy(one.loaded.k_true) if opts.true_kernel else None
+
+
+def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, failed=None) -> tuple:
+    """(EMResult, attempts) from attempt `first_attempt` on; `failed`: the error of the attempt before it."""
+    if first_attempt > r.dcfg.retries:
+        raise DivergenceError(f"{failed} (after {first_attempt} attempts)")
 
     def on_retry(attempt, e):
-        print(f"{sample.name}: attempt {attempt + 1}: {e}", file=sys.stderr)
-        frames.clear(), kernels.clear()
+        print(f"{one.sample.name}: attempt {attempt + 1}: {e}", file=sys.stderr)
+        one.frames.clear(), one.kernels.clear()
 
-    res, attempts = restore_with_retries(
-        r, y, sigma_run, lambda attempt: torch.Generator(device=r.device).manual_seed(
-            opts.seed * 1_000_003 + index * 1009 + attempt), on_retry,
-        boundary=boundary_mode(r.dcfg.boundary, sample.kind),
-        k_true=torch.from_numpy(loaded.k_true) if opts.true_kernel else None, callback=callback)
-    x_img = tensor_to_image(res.image(r.dcfg.output)[0].clamp(0, 1))
+    if failed is not None:
+        on_retry(first_attempt - 1, failed)
+    return restore_with_retries(
+        r, one.y, one.sigma_run, lambda attempt: _generator(r, opts, one.index, attempt), on_retry,
+        first_attempt=first_attempt, boundary=boundary_mode(r.dcfg.boundary, one.sample.kind),
+        k_true=_k_true(opts, one), callback=one.callback)
+
+
+def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
+               output: str = "sample") -> dict:
+    """Write one image's outputs (the image per `output`: 'sample' | 'mean'); returns its metrics row."""
+    loaded = one.loaded
+    x_img = tensor_to_image(res.image(output)[0].clamp(0, 1))
     particles = [tensor_to_image(p) for p in res.x]
     y_obs, x_true = loaded.y, loaded.x_true
-    if gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
+    if one.gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
         x_img, y_obs, particles = grayscale.to_gray(x_img), y_obs[..., :1], [grayscale.to_gray(p) for p in particles]
         x_true = None if x_true is None else grayscale.to_gray(x_true)
     k = res.kernel.detach().cpu().numpy()
-    out.write_image(sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, frames, kernels)
-    m = evaluate(x_img, y_obs, k, sigma, x_true, loaded.k_true, particles=particles)
-    row = {"name": sample.name, "status": "ok", "message": "", "sigma": sigma, "sigma_source": source, **m,
-           "seconds": round(time.time() - t0, 2), "nfe": res.nfe, "attempts": attempts,
+    out.write_image(one.sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, one.frames,
+                    one.kernels)
+    m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
+    row = {"name": one.sample.name, "status": "ok", "message": "", "sigma": one.sigma,
+           "sigma_source": one.sigma_source, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
            "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
-    row["flag"] = ";".join(quality_flags(row, sigma))
+    row["flag"] = ";".join(quality_flags(row, one.sigma))
     if row["flag"]:
-        print(f"{sample.name}: flagged {row['flag']}", file=sys.stderr)
+        print(f"{one.sample.name}: flagged {row['flag']}", file=sys.stderr)
     return row
 
 
-def run_all(r: Restorer, opts: RunOptions, out: ResultsFolder, samples: list) -> list:
-    """Process samples, skipping finished ones; a sample failing with a project error gets a row, the run goes on."""
+def _out_of_memory_error(r: Restorer, sample: Sample, e: BaseException) -> ResourceError:
+    if r.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
+                         f"--memory_budget_gb so such inputs are refused before they start")
+
+
+def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int,
+                known: Optional[dict] = None) -> dict:
+    """Deblur one sample and write its outputs; returns its metrics row (status ok). `known` receives what is
+    learnt before a failure (σ and its source) so a failed row can still report it."""
+    known = {} if known is None else known
+    try:
+        one = load_one(r, opts, sample, index, known)
+        res, attempts = _retry(r, opts, one)
+        return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg.output)
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        raise _out_of_memory_error(r, sample, e) from None
+
+
+def _failed_row(sample: Sample, e: ProjectError, known: dict) -> dict:
+    msg = " ".join(str(e).split())
+    print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
+    return {"name": sample.name, "status": "failed", "message": msg, **known}
+
+
+def _fit_together(r: Restorer, opts: RunOptions, ready: list) -> bool:
+    """Whether the memory budget holds the batch (the largest image, times the batch's rows)."""
+    if opts.model_cfg is None or not ready:
+        return True
+    H, W = max(o.y.shape[-2] for o in ready), max(o.y.shape[-1] for o in ready)
+    try:
+        check_budget(H, W, r.dcfg.n_particles * len(ready), opts.model_cfg, r.kernel_size, opts.memory_budget)
+    except ResourceError:
+        return False
+    return True
+
+
+def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list) -> list:
+    """Deblur several (index, sample) pairs, images of one padded size in one UNet batch (Fast EM), and write
+    their outputs. The first attempt runs batched; an image the guard fails is retried alone, and a batch
+    that runs out of memory is redone one image at a time. Each row's `seconds` is its share of the
+    batch's time (plus its own retries)."""
+    rows, ready, known = {}, [], {sample.name: {} for _, sample in items}
+    for index, sample in items:
+        try:
+            ready.append(load_one(r, opts, sample, index, known[sample.name]))
+        except ProjectError as e:
+            rows[sample.name] = _failed_row(sample, e, known[sample.name])
+    t0 = time.time()
+    try:
+        if not _fit_together(r, opts, ready):
+            raise MemoryError(f"the memory budget fits these {len(ready)} images one at a time, not together")
+        results = restore_batch(
+            r, [o.y for o in ready], [o.sigma_run for o in ready], [_generator(r, opts, o.index, 0) for o in ready],
+            [boundary_mode(r.dcfg.boundary, o.sample.kind) for o in ready], [_k_true(opts, o) for o in ready],
+            [o.callback for o in ready]) if ready else []
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"batch of {len(ready)}: {' '.join(str(e).split())[:160]}; one image at a time", file=sys.stderr)
+        results = [None] * len(ready)
+    share = (time.time() - t0) / max(1, len(ready))
+    for one, res in zip(ready, results):
+        name = one.sample.name
+        try:
+            t1, attempts, spent = time.time(), 1, share
+            if res is None:  # the batch ran out of memory
+                spent, (res, attempts) = 0.0, _retry(r, opts, one)
+            elif isinstance(res, DivergenceError):
+                res, attempts = _retry(r, opts, one, first_attempt=1, failed=res)
+            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg.output)
+        except ProjectError as e:
+            rows[name] = _failed_row(one.sample, e, known[name])
+        except Exception as e:
+            if not _out_of_memory(e):
+                raise
+            rows[name] = _failed_row(one.sample, _out_of_memory_error(r, one.sample, e), known[name])
+    return [rows[sample.name] for _, sample in items]
+
+
+def run_all(r: Restorer, opts: RunOptions, out: ResultsFolder, samples: list, batch_size: int = 1,
+            indices: Optional[list] = None) -> list:
+    """Process samples, skipping finished ones; a sample failing with a project error gets a row, the run goes on.
+
+    `indices`: each sample's place in the whole input list (a shard's samples keep their seeds); `batch_size`
+    > 1 runs that many images per UNet batch (Fast EM)."""
     from tqdm.auto import tqdm
     done = set() if opts.overwrite else {n for n, row in out.previous_rows().items() if row.get("status") == "ok"}
-    rows = []
-    for index, sample in enumerate(tqdm(samples, desc="images")):
+    todo = []
+    for index, sample in zip(indices if indices is not None else range(len(samples)), samples):
         if sample.name in done:
             print(f"{sample.name}: already done (use --overwrite to redo)", file=sys.stderr)
-            continue
-        known = {}
-        try:
-            row = process_one(r, opts, out, sample, index, known)
-        except ProjectError as e:
-            msg = " ".join(str(e).split())
-            print(f"{sample.name}: FAILED: {msg}", file=sys.stderr)
-            row = {"name": sample.name, "status": "failed", "message": msg, **known}
-        out.append(row)
-        rows.append(row)
+        else:
+            todo.append((index, sample))
+    rows = []
+    bar = tqdm(total=len(todo), desc="images")
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        if batch_size == 1:
+            (index, sample), known = chunk[0], {}
+            try:
+                new = [process_one(r, opts, out, sample, index, known)]
+            except ProjectError as e:
+                new = [_failed_row(sample, e, known)]
+        else:
+            new = process_batch(r, opts, out, chunk)
+        for row in new:
+            out.append(row)
+        rows += new
+        bar.update(len(chunk))
+    bar.close()
     return rows
 
 
@@ -273,17 +402,38 @@ def _versions() -> dict:
             "git_commit": commit}
 
 
+def _all_ok(ranks: shard.Ranks, ok: bool) -> bool:
+    """Whether every rank is ok (rank 0 alone checks the output folder: the others must not run without it)."""
+    if not ranks.sharded:
+        return ok
+    flags = [None] * ranks.world
+    torch.distributed.all_gather_object(flags, ok)
+    return all(flags)
+
+
 def main(argv=None, method: str = "fast_em") -> int:
     args = build_parser(method).parse_args(argv)
     try:
         check_flags(args, method)
-        device = resolve_device(args.device, args.gpu)
-    except InputError as e:
+        ranks = shard.ranks_from_env()
+        device = resolve_device(args.device, ranks.local_rank if ranks.sharded else args.gpu)
+    except (InputError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if ranks.sharded and device.type == "cuda":
+        torch.cuda.set_device(device)
+    shard.start(ranks, device)
+    try:
+        return _run(args, method, ranks, device)
+    finally:
+        shard.stop(ranks)
+
+
+def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     out = ResultsFolder(args.save_dir)
+    failed = None
     try:
         dcfg, kcfg, model_cfg = load_configs(args, method)
         budget = (default_budget_bytes(device) if args.memory_budget_gb is None else
@@ -293,8 +443,15 @@ def main(argv=None, method: str = "fast_em") -> int:
                           overwrite=args.overwrite)
         settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)
         samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))
-        out.check()
-        out.claim(settings, args.overwrite)
+        if ranks.main:
+            out.check()
+            out.claim(settings, args.overwrite)
+    except ProjectError as e:
+        failed = e
+    if not _all_ok(ranks, failed is None):
+        print(f"error: {failed or 'rank 0 refused the output folder'}", file=sys.stderr)
+        return 2
+    try:
         r = load_restorer(dcfg, kcfg, model_cfg, device, args.img_model_config)
     except ProjectError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -303,11 +460,21 @@ def main(argv=None, method: str = "fast_em") -> int:
         samples = samples[: args.max_images]
     lp_ok, lp_reason = lpips_available()
     record = {"settings": settings, "device": str(r.device), "threads": torch.get_num_threads(),
-              "versions": _versions(), "args": vars(args)}
-    out.write_config(record)
+              "ranks": ranks.world, "versions": _versions(), "args": vars(args)}
+    if ranks.main:
+        out.write_config(record)
     previous = out.previous_rows()
-    rows = run_all(r, opts, out, samples)
-    everything = {**previous, **{row["name"]: row for row in rows}}  # the last row per image
+    mine = ranks.indices(len(samples))
+    rows = run_all(r, opts, ResultsFolder(args.save_dir, rank=ranks.rank) if ranks.sharded else out,
+                   [samples[i] for i in mine], args.batch_size, mine)
+    code = 0 if all(row["status"] == "ok" for row in rows) else 1
+    shard.barrier(ranks)  # every rank's rows are written
+    if not ranks.main:
+        return code
+    if ranks.sharded:
+        everything = out.merge_rank_logs([s.name for s in samples])
+    else:
+        everything = {**previous, **{row["name"]: row for row in rows}}  # the last row per image
     if not everything:
         print("nothing to do", file=sys.stderr)
         return 0
@@ -318,4 +485,4 @@ def main(argv=None, method: str = "fast_em") -> int:
     print(f"{summary['ok']}/{summary['images']} images ok; mean PSNR {fmt(m['psnr'], '.2f')} dB "
           f"(blurry {fmt(m['psnr_blurry'], '.2f')}), SSIM {fmt(m['ssim'], '.3f')}, "
           f"kernel MSE {fmt(m['kernel_mse'], '.2e')}, {fmt(m['seconds'], '.1f')} s/image -> {out.path}")
-    return 0 if all(row["status"] == "ok" for row in rows) else 1
+    return code

@@ -5,11 +5,10 @@ import json
 import numpy as np
 from PIL import Image
 
-from tests.conftest import ROOT
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+def _load(root, name):
+    spec = importlib.util.spec_from_file_location(name, root / "bench" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -26,8 +25,8 @@ def _tiny_set(d, n=1, size=32):
     (d / "meta.csv").write_text("name,sigma\n" + "".join(f"c{i},0.05\n" for i in range(n)))
 
 
-def test_gpu_suite_reduced_on_cpu(tmp_path, one_thread):
-    suite = _load("gpu_suite")
+def test_gpu_suite_reduced_on_cpu(tmp_path, one_thread, repo_root):
+    suite = _load(repo_root, "gpu_suite")
     _tiny_set(tmp_path / "set")
     assert suite.main(["--reduced", "--device", "cpu", "--out", str(tmp_path / "out"),
                        "--quality_dir", str(tmp_path / "set")]) == 0
@@ -45,8 +44,8 @@ def test_gpu_suite_reduced_on_cpu(tmp_path, one_thread):
     assert recs[-1]["section"] == "done"
 
 
-def test_gpu_suite_budget_skips(tmp_path, one_thread):
-    suite = _load("gpu_suite")
+def test_gpu_suite_budget_skips(tmp_path, one_thread, repo_root):
+    suite = _load(repo_root, "gpu_suite")
     assert suite.main(["--reduced", "--device", "cpu", "--out", str(tmp_path), "--budget_s", "0"]) == 0
     recs = [json.loads(line) for line in (tmp_path / "gpu_suite_reduced.jsonl").read_text().splitlines()]
     assert not [r for r in recs if "s_per_img" in r or "s_per_step" in r]

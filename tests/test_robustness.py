@@ -5,7 +5,6 @@ Tiny random models, 32×32 images, 4 steps; subprocesses where a memory limit is
 import collections
 import os
 import pickle
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -114,14 +113,17 @@ def _claiming_pickle(path: Path, side: int) -> None:
     path.write_bytes(pickle.dumps({"H": t, "L": t, "kernel": k, "sigma": 0.01}, protocol=4))
 
 
-def _limited(code: str, limit_gb: float, timeout: int = 120) -> subprocess.CompletedProcess:
-    """Run python code in a child whose address space is capped (an allocation past it fails, not the box)."""
-    def cap():
-        b = int(limit_gb * 2**30)
-        resource.setrlimit(resource.RLIMIT_AS, (b, b))
+def _limited(imports: str, code: str, extra_gb: float, timeout: int = 120) -> subprocess.CompletedProcess:
+    """Run python code in a child whose address space is capped at what its imports took plus `extra_gb`
+    (an allocation past it fails in the child, not on the machine)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs Linux /proc to size the address-space limit")
+    cap = (f"import resource\n{imports}\n"
+           f"vm = int([l for l in open('/proc/self/status') if l.startswith('VmSize:')][0].split()[1]) * 1024\n"
+           f"resource.setrlimit(resource.RLIMIT_AS, (vm + {int(extra_gb * 2**30)}, vm + {int(extra_gb * 2**30)}))\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=cap)
+    return subprocess.run([sys.executable, "-c", cap + code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_a_pickle_claiming_huge_tensors_is_refused_before_allocating(tmp_path):
@@ -129,9 +131,9 @@ def test_a_pickle_claiming_huge_tensors_is_refused_before_allocating(tmp_path):
     p = tmp_path / "claims.pickle"
     _claiming_pickle(p, 30000)
     assert p.stat().st_size < 4000
-    r = _limited(f"from util.safe_pickle import load_pickle_sample\n"
+    r = _limited("from util.safe_pickle import load_pickle_sample",
                  f"try:\n    load_pickle_sample({str(p)!r})\nexcept Exception as e:\n    print(type(e).__name__, e)",
-                 limit_gb=2.5)
+                 extra_gb=1.5)
     assert r.returncode == 0, r.stderr[-1000:]
     assert "ImageReadError" in r.stdout and "claims 2,700,000,000 elements" in r.stdout, r.stdout
 
@@ -142,8 +144,8 @@ def test_out_of_memory_inside_one_image_is_a_failed_row(tiny_run):
     np.save(data / "blurry" / "a_big.npy", np.full((512, 512, 3), 0.5, np.float32))
     out = tmp / "out"
     args = _args(tmp, cfgs["fastem_pigdm"], data, out, "--memory_budget_gb", "0", "--threads", "1")
-    r = _limited(f"import sys\nfrom diffusion_em.run import main\nsys.exit(main({args!r}, method='fast_em'))",
-                 limit_gb=1.8, timeout=300)
+    r = _limited("import sys\nimport torch\nfrom diffusion_em.run import main",
+                 f"sys.exit(main({args!r}, method='fast_em'))", extra_gb=1.0, timeout=300)
     assert r.returncode == 1, r.stderr[-2000:]
     rows = _rows(out)
     assert rows["a_big"]["status"] == "failed" and "out of memory" in rows["a_big"]["message"]
@@ -295,3 +297,16 @@ def test_invalid_mstep_value_names_file_and_key(tiny_run, capsys):
     assert main(_args(tmp, bad, data, tmp / "out"), method="fast_em") == 2
     err = capsys.readouterr().err.strip()
     assert "bad.yaml [mstep]: key 'beta' must be > 0, got -1" in err and "MStepConfig(" not in err
+
+
+def test_an_npy_claiming_more_than_it_holds_is_refused_before_allocating(tmp_path):
+    """numpy allocates the shape an .npy header claims before finding the file short."""
+    from numpy.lib import format as npy_format
+    from util.images import ImageReadError, read_image
+    p = tmp_path / "claims.npy"
+    with open(p, "wb") as f:
+        npy_format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (3000, 3000, 3)})
+        f.write(b"\0" * 1000)
+    with pytest.raises(ImageReadError, match=r"header claims shape \(3000, 3000, 3\) \(108,000,000 bytes\) but the "
+                                             r"file holds 1,000"):
+        read_image(p)

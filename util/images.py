@@ -55,7 +55,26 @@ def _to_rgb3(a: np.ndarray, path: PathLike) -> np.ndarray:
     return a
 
 
+def _npy_claims_more_than_it_holds(path: Path) -> Optional[str]:
+    """Why an .npy cannot hold what its header claims (checked before numpy allocates it), or None."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            held = os.fstat(f.fileno()).st_size - f.tell()
+    except Exception:  # noqa: BLE001 — not a header we can read: np.load reports it
+        return None
+    need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if dtype.hasobject or need <= held:
+        return None
+    return f"truncated .npy: its header claims shape {tuple(shape)} ({need:,} bytes) but the file holds {held:,}"
+
+
 def read_npy_array(path: Path) -> np.ndarray:
+    problem = _npy_claims_more_than_it_holds(path)
+    if problem:
+        raise fail(path, problem)
     try:
         # allow_pickle=False: an .npy holding Python objects is refused, never unpickled
         a = np.load(path, allow_pickle=False)

@@ -1,0 +1,125 @@
+"""Scale-out of the runner: --batch_size (several images per UNet batch) and torchrun sharding (2 gloo ranks)
+give the outputs of a plain one-process, one-image-at-a-time run."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from diffusion_em import run
+from guided_diffusion.unet import create_model
+from kernel_denoiser.network import FDnCNN, save_kernel_denoiser
+
+N_IMAGES = 4
+
+
+class PerSample(torch.nn.Module):
+    """The UNet image by image inside a batch (oneDNN rounds differently per batch size, ~1e-7 a layer):
+    with it a batched run must equal the one-by-one run bit for bit."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.size_multiple = unet, unet.size_multiple
+
+    def forward(self, x, t):
+        return torch.cat([self.unet(x[i:i + 1], t[i:i + 1]) for i in range(x.shape[0])])
+
+
+@pytest.fixture
+def job(tmp_path, tiny_unet_config, repo_root):
+    """Tiny weights, a 3-step Fast EM config with the guard off (random weights), 4 images of two sizes."""
+    torch.manual_seed(0)
+    unet = create_model(**tiny_unet_config)
+    for p in unet.parameters():
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.02)
+    torch.save(unet.state_dict(), tmp_path / "unet.pt")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**tiny_unet_config, "model_path": str(tmp_path / "unet.pt")}))
+    save_kernel_denoiser(FDnCNN(), str(tmp_path / "kd.pth"))
+    (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 7, "denoiser_path": str(tmp_path / "kd.pth")}))
+    d = yaml.safe_load((repo_root / "configs" / "diffusion_config_fastem_pigdm.yaml").read_text())
+    d.update(steps=3, guard_residual=1e9, guard_saturation=1.0)
+    (tmp_path / "diff.yaml").write_text(yaml.safe_dump(d))
+    data = tmp_path / "set"
+    for sub in ("blurry", "sharp"):
+        (data / sub).mkdir(parents=True)
+    g = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        x = g.random((32, 32 if i % 3 else 48, 3)).astype(np.float32)  # im0 and im3 are wider: a second batch shape
+        Image.fromarray((x * 255).astype(np.uint8)).save(data / "sharp" / f"im{i}.png")
+        np.save(data / "blurry" / f"im{i}.npy", x)
+    (data / "meta.csv").write_text("name,sigma\n" + "".join(f"im{i},{0.02 * (i + 1)}\n" for i in range(N_IMAGES)))
+    return tmp_path
+
+
+def _args(tmp, out, *extra):
+    return ["--img_model_config", str(tmp / "model.yaml"), "--diffusion_config", str(tmp / "diff.yaml"),
+            "--kernel_config", str(tmp / "kernel.yaml"), "--input_dir", str(tmp / "set"), "--save_dir", str(out),
+            "--device", "cpu", "--seed", "3", "--save_npy", "--threads", "1", *extra]
+
+
+def _rows(out):
+    with open(out / "metrics.csv", newline="") as f:
+        return {r["name"]: {k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(f)}
+
+
+def _same_outputs(a, b):
+    assert _rows(a) == _rows(b) and len(_rows(a)) == N_IMAGES
+    for i in range(N_IMAGES):
+        for f in (f"npy/im{i}.npy", f"kernels/im{i}.npy"):
+            assert np.array_equal(np.load(a / f), np.load(b / f)), f
+    sa, sb = (json.loads((o / "summary.json").read_text()) for o in (a, b))
+    assert {k: v for k, v in sa["means"].items() if k != "seconds"} == {k: v for k, v in sb["means"].items()
+                                                                          if k != "seconds"}
+    assert (sa["images"], sa["ok"]) == (sb["images"], sb["ok"]) == (N_IMAGES, N_IMAGES)
+
+
+def test_batch_size_equals_one_by_one(job, monkeypatch):
+    load = run.load_restorer
+
+    def per_sample(*a, **k):
+        r = load(*a, **k)
+        r.denoiser.model = PerSample(r.denoiser.model)
+        return r
+    monkeypatch.setattr(run, "load_restorer", per_sample)
+    assert run.main(_args(job, job / "one")) == 0
+    assert run.main(_args(job, job / "batched", "--batch_size", "3")) == 0
+    _same_outputs(job / "one", job / "batched")
+
+
+def test_batch_size_refused_for_diffusion_em(job, capsys):
+    assert run.main(_args(job, job / "x", "--batch_size", "2"), method="diffusion_em") == 2
+    assert "--batch_size" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(repo_root, args, n=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(repo_root / "test_FastDiffEM.py"), *args]
+    p = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_torchrun_two_ranks_equal_one_process_and_resume(job, repo_root):
+    assert run.main(_args(job, job / "single")) == 0
+    sharded = job / "sharded"
+    _torchrun(repo_root, _args(job, sharded, "--max_images", "3"))  # an interrupted job: 3 of 4 images
+    assert not list(sharded.glob("metrics.rank*.csv")) and len(_rows(sharded)) == 3
+    p = _torchrun(repo_root, _args(job, sharded))  # resumed: only im3 runs
+    assert p.stderr.count("already done") == 3
+    _same_outputs(job / "single", sharded)
+    assert json.loads((sharded / "summary.json").read_text())["ranks"] == 2
