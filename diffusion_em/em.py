@@ -51,14 +51,8 @@ class EMResult:
         return self.x[:1] if output == "sample" else self.x_mean
 
 
-CLIP_LO, CLIP_HI = 0.5 / 255, 1 - 0.5 / 255  # values an 8-bit writer turns into 0 or 255
-
-
-def saturation(x: torch.Tensor, lo: float = CLIP_LO, hi: float = CLIP_HI) -> float:
-    """Fraction of pixels clipped to black or white in every channel, averaged over the batch.
-
-    Clipped, not merely dark: the Levin captures have their black level at 0.02–0.035 and a quarter of
-    their pixels below 0.06, so the former test (≤ 0.02) counted a slightly dark shadow as saturation."""
+def saturation(x: torch.Tensor, lo: float = 0.02, hi: float = 0.98) -> float:
+    """Fraction of pixels saturated in every channel (white or black), averaged over the batch."""
     return float(((x >= hi).all(1) | (x <= lo).all(1)).float().mean())
 
 
