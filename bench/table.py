@@ -44,6 +44,7 @@ class Method:
 
 
 FAST = ("test_FastDiffEM.py",)
+PAPER = FAST + ("--diffusion_config", "configs/diffusion_config_fastem_pigdm_paper.yaml")
 METHODS = {
     "blurry": Method("blurry input", ("-m", "diffusion_em.baselines", "--method", "blurry"), "baseline"),
     "tikhonov_oracle": Method("Tikhonov, true k, oracle λ", ("-m", "diffusion_em.baselines", "--method", "tikhonov_oracle"), "baseline"),
@@ -51,9 +52,12 @@ METHODS = {
     "hyper_laplacian": Method("hyper-Laplacian (K&F 2009), true k", ("-m", "diffusion_em.baselines", "--method", "hyper_laplacian"), "baseline"),
     "l0_blind": Method("ℓ0 blind (Pan 2014 / Xu 2013) + hyper-Laplacian", ("-m", "diffusion_em.baselines", "--method", "l0_blind"),
                        "baseline", oracle="hyper_laplacian", blind=True),
-    "fastem": Method("Fast EM ΠGDM, n = 1", FAST, "runner", oracle="fastem_oracle", blind=True),
-    "fastem_oracle": Method("ΠGDM oracle (true k, --true_kernel)", FAST + ("--true_kernel",), "runner"),
-    "fastem_mean4": Method("Fast EM ΠGDM, mean of 4", FAST + ("--n_particles", "4"), "runner", oracle="fastem_oracle", blind=True),
+    "fastem": Method("Fast EM ΠGDM, paper config, n = 1", PAPER, "runner", oracle="fastem_oracle", blind=True),
+    "fastem_oracle": Method("ΠGDM oracle (true k, --true_kernel), n = 1", PAPER + ("--true_kernel",), "runner"),
+    "fastem_mean4": Method("Fast EM ΠGDM, mean of 4 independent particles", PAPER + ("--n_particles", "4"), "runner",
+                           oracle="fastem_oracle", blind=True),
+    "fastem_default": Method("Fast EM ΠGDM, default config (4 particles branched, mean)", FAST, "runner",
+                             oracle="fastem_oracle", blind=True),
     "diffem": Method("Diffusion EM ΠGDM", ("test_DiffEM.py",), "runner", oracle="fastem_oracle", blind=True),
     "fastem_dps": Method("Fast EM DPS", FAST + ("--diffusion_config", "configs/diffusion_config_fastem_dps.yaml"), "runner",
                          oracle="fastem_dps_oracle", blind=True),
