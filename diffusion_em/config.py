@@ -128,31 +128,7 @@ def diffusion_config_dict(cfg: DiffusionConfig) -> dict:
     return out
 
 
-__all__ = ["ConfigError", "DiffusionConfig", "KernelConfig", "ModelConfig", "MStepConfig", "load_diffusion_config",
-           "load_kernel_config", "load_model_config", "diffusion_config_dict", "diffusion_config_from_dict"]
 
 
 __all__ = ["ConfigError", "DiffusionConfig", "KernelConfig", "ModelConfig", "MStepConfig", "load_diffusion_config",
            "load_kernel_config", "load_model_config", "diffusion_config_dict", "diffusion_config_from_dict"]
-
-
-def load_model_config(path) -> dict:
-    """UNet keys (checked against create_model's) plus `model_path`."""
-    data = _read_yaml(path)
-    allowed = set(MODEL_KEYS) | set(IGNORED_KEYS) | {"model_path", "schedule"}
-    for k in data:
-        if k not in allowed:
-            raise ConfigError(f"{path}: unknown key '{k}' (known: {', '.join(sorted(allowed))})")
-    for k in ("image_size", "num_channels", "num_res_blocks"):
-        if k not in data:
-            raise ConfigError(f"{path}: missing key '{k}'")
-        _check_type(k, data[k], int, str(path))
-    for k in ("learn_sigma", "class_cond", "use_scale_shift_norm", "resblock_updown", "use_fp16",
-              "use_new_attention_order", "use_checkpoint"):
-        if k in data:
-            _check_type(k, data[k], bool, str(path))
-    return data
-
-
-def as_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
