@@ -199,6 +199,8 @@ class Suite:
                 except torch.OutOfMemoryError as e:
                     self.emit({"section": "speed", "case": name, "method": "fast_em" if blind else "nonblind",
                                "error": "out of memory", "message": str(e).splitlines()[0][:300]})
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
                     continue
                 self.cost[(B, precision, compiled, blind)] = dt
                 self.emit({"section": "speed", "case": name, "method": "fast_em" if blind else "nonblind",
