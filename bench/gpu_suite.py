@@ -155,11 +155,9 @@ class Suite:
         self.emit(rec)
 
     def denoiser(self, model, steps: int, precision: str, compiled: bool) -> EpsDenoiser:
-        net = torch.compile(model, backend=self.args.compile_backend) if compiled else model
         dt = {"fp32": None, "bf16": torch.bfloat16}[precision]
-        d = EpsDenoiser(model, Schedule.create(steps, "linear"), autocast_dtype=dt)  # frozen, channels-last
-        d.model = net
-        return d
+        return EpsDenoiser(model, Schedule.create(steps, "linear"), autocast_dtype=dt,  # frozen, channels-last
+                           compile_backend=self.args.compile_backend if compiled else None)
 
     def timed_run(self, denoiser, y, k, sigma, mcfg, kd, blind) -> tuple:
         with PeakMemory(self.device) as pm:
@@ -187,11 +185,11 @@ class Suite:
                 run_em(d_warm, y, k, a.sigma, mcfg, kd, True, self.device)
                 _sync(self.device)
                 compile_s = time.perf_counter() - t0
-                net = d_warm.model
+                net = d_warm.net
             for blind in (True, False):
                 d = self.denoiser(model, a.steps, precision, compiled)
                 if compiled:
-                    d.model = net  # reuse the compiled graph
+                    d.net = net  # reuse the compiled graph
                 else:
                     run_em(self.denoiser(model, 1, precision, False), y, k, a.sigma, mcfg, kd, blind, self.device)
                 try:

@@ -86,7 +86,7 @@ def test_batch_size_equals_one_by_one(job, monkeypatch):
 
     def per_sample(*a, **k):
         r = load(*a, **k)
-        r.denoiser.model = PerSample(r.denoiser.model)
+        r.denoiser.net = PerSample(r.denoiser.model)
         return r
     monkeypatch.setattr(run, "load_restorer", per_sample)
     assert run.main(_args(job, job / "one")) == 0
@@ -123,3 +123,15 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(job, repo_root):
     assert p.stderr.count("already done") == 3
     _same_outputs(job / "single", sharded)
     assert json.loads((sharded / "summary.json").read_text())["ranks"] == 2
+
+
+def test_compiled_denoiser_is_the_same_function(tiny_unet):
+    """`compile: true` evaluates the UNet through torch.compile (here its tracing-only backend: the
+    inductor code generation takes minutes on a busy CPU; bench/unet_speed.py measures it)."""
+    from guided_diffusion.denoiser import EpsDenoiser
+    from guided_diffusion.schedule import Schedule
+    x = torch.randn(2, 3, 32, 32)
+    plain = EpsDenoiser(tiny_unet, Schedule.create(3))
+    traced = EpsDenoiser(tiny_unet, Schedule.create(3), compile_backend="eager")
+    assert traced.model is tiny_unet and traced.net is not tiny_unet
+    assert torch.equal(plain.eps(x, 1), traced.eps(x, 1))
