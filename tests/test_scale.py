@@ -135,3 +135,18 @@ def test_compiled_denoiser_is_the_same_function(tiny_unet):
     traced = EpsDenoiser(tiny_unet, Schedule.create(3), compile_backend="eager")
     assert traced.model is tiny_unet and traced.net is not tiny_unet
     assert torch.equal(plain.eps(x, 1), traced.eps(x, 1))
+
+
+def test_rank_logs_merge_keeps_finished_images(tmp_path):
+    """An interrupted sharded run leaves rank logs; a finished image stays finished whatever the file order."""
+    from diffusion_em.results import ResultsFolder
+    out = ResultsFolder(tmp_path)
+    ResultsFolder(tmp_path, rank=1).append({"name": "a", "status": "failed", "message": "killed"})
+    ResultsFolder(tmp_path, rank=1).append({"name": "b", "status": "ok", "psnr": 20.0})
+    out.append({"name": "a", "status": "ok", "psnr": 21.0})  # redone later by a one-process run
+    out.append({"name": "c", "status": "failed", "message": "bad file"})
+    assert {n: r["status"] for n, r in out.previous_rows().items()} == {"a": "ok", "b": "ok", "c": "failed"}
+    merged = out.merge_rank_logs(["c", "b", "a"])
+    assert list(merged) == ["c", "b", "a"] and not out.rank_logs()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [(r["name"], r["status"]) for r in csv.DictReader(f)] == [("c", "failed"), ("b", "ok"), ("a", "ok")]
