@@ -8,7 +8,8 @@
         RUN = save_dir(s) of test_FastDiffEM.py (metrics.csv, images/) on DATA, blind and with --true_kernel.
         Per capture: kernel MSE, aligned PSNR of the result and of the blurry input, Levin's error ratio
         (aligned SSE over that of the same program with the true kernel), success at ratio ≤ 2 and ≤ 3, and
-        the flag column; failed rows count as failures. Writes the markdown table with the commands given.
+        the flag column; failed rows count as failures. Writes the markdown table (with its command) between
+        the begin/end markers of --out, keeping the text around them.
 Prints what it measured.
 """
 from __future__ import annotations
@@ -122,8 +123,22 @@ def cmd_table(a) -> None:
         cmd = f"python bench/real_captures.py table --blind {' '.join(map(str, a.blind))} --oracle {' '.join(map(str, a.oracle))}"
         block = (f"Command: `{cmd}`\n\n"
                  + head + "\n".join(lines) + f"\n\n{summary}\n")
-        Path(a.out).write_text(block)
+        _write_block(Path(a.out), block)
         print(f"-> {a.out}")
+
+
+BEGIN, END = "<!-- real_captures table: begin -->", "<!-- real_captures table: end -->"
+
+
+def _write_block(path: Path, block: str) -> None:
+    """Replace the text between BEGIN and END in `path` (kept hand-written text around it), else write it."""
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + BEGIN + "\n" + block + END + rest.split(END, 1)[1]
+    else:
+        text = BEGIN + "\n" + block + END + "\n"
+    path.write_text(text)
 
 
 def main(argv=None) -> int:

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from diffusion_em.em import OUTPUTS
 from diffusion_em.mstep import MStepConfig
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import ConfigError, build, read_yaml
@@ -22,7 +23,7 @@ METHODS = ("fast_em", "diffusion_em")
 GUIDANCES = ("pigdm", "dps")
 BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
 # keys that only mean something for one method or guidance: giving them for another is an error
-ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),),
+ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
             ("mstep", "pigdm_r2"): (("method", "fast_em"), ("guidance", "pigdm"))}
 # keys of earlier versions: where they went
 MOVED = {"schedule": "the β schedule belongs to the weights: set 'schedule' in the model config",
@@ -43,18 +44,25 @@ class DiffusionConfig:
     mstep: MStepConfig = field(default_factory=MStepConfig)
     boundary: str = "auto"           # 'auto': circular for synthetic test sets, 'taper' for plain photos
     n_particles: int = 1
+    branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)
+    output: str = "sample"           # 'sample': first particle (paper) | 'mean': particle average (posterior mean)
+    eta: float = 1.0                 # 1: DDPM ancestral steps (paper) | < 1: DDIM steps, 0 deterministic
     retries: int = 1                 # divergence guard: extra attempts with fresh noise before failing an image
     guard_residual: float = 25.0     # fail when mean (k⊛x − y)² > guard_residual·σ² + 1e-3
     guard_saturation: float = 0.1    # fail when the result has this many more saturated pixels than y
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("guidance", GUIDANCES), ("boundary", BOUNDARIES),
-                              ("precision", ("fp32", "bf16", "fp16"))):
+                              ("precision", ("fp32", "bf16", "fp16")), ("output", OUTPUTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"key '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("steps", "em_rounds", "n_particles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"key '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.branch_fraction <= 1.0:
+            raise ValueError(f"key 'branch_fraction' must be in (0, 1], got {self.branch_fraction}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"key 'eta' must be in [0, 1], got {self.eta}")
         if self.retries < 0:
             raise ValueError(f"key 'retries' must be >= 0, got {self.retries}")
         if self.mstep.pigdm_r2 and (self.method != "fast_em" or self.guidance != "pigdm"):
@@ -121,31 +129,7 @@ def diffusion_config_dict(cfg: DiffusionConfig) -> dict:
     return out
 
 
-__all__ = ["ConfigError", "DiffusionConfig", "KernelConfig", "ModelConfig", "MStepConfig", "load_diffusion_config",
-           "load_kernel_config", "load_model_config", "diffusion_config_dict", "diffusion_config_from_dict"]
 
 
 __all__ = ["ConfigError", "DiffusionConfig", "KernelConfig", "ModelConfig", "MStepConfig", "load_diffusion_config",
            "load_kernel_config", "load_model_config", "diffusion_config_dict", "diffusion_config_from_dict"]
-
-
-def load_model_config(path) -> dict:
-    """UNet keys (checked against create_model's) plus `model_path`."""
-    data = _read_yaml(path)
-    allowed = set(MODEL_KEYS) | set(IGNORED_KEYS) | {"model_path", "schedule"}
-    for k in data:
-        if k not in allowed:
-            raise ConfigError(f"{path}: unknown key '{k}' (known: {', '.join(sorted(allowed))})")
-    for k in ("image_size", "num_channels", "num_res_blocks"):
-        if k not in data:
-            raise ConfigError(f"{path}: missing key '{k}'")
-        _check_type(k, data[k], int, str(path))
-    for k in ("learn_sigma", "class_cond", "use_scale_shift_norm", "resblock_updown", "use_fp16",
-              "use_new_attention_order", "use_checkpoint"):
-        if k in data:
-            _check_type(k, data[k], bool, str(path))
-    return data
-
-
-def as_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -15,13 +15,16 @@ import torch
 
 from diffusion_em.blur import BlurOperator
 from diffusion_em.boundary import data_mask, fill_padding, frame_mean
-from diffusion_em.mstep import MStepConfig, m_step
+from diffusion_em.mstep import MStepConfig, m_step, m_step_coarse
 from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
-from guided_diffusion.sampler import (ddpm_step, ddpm_update, final_image, gaussian, needs_grad,
-                                      predict_x0, step_indices)
+from guided_diffusion.sampler import (branch, branch_start, ddpm_step, ddpm_update, final_image, gaussian,
+                                      needs_grad, predict_x0, step_indices)
 from util.errors import ProjectError
 from util.geometry import recenter as recenter_kernel
+
+
+OUTPUTS = ("sample", "mean")
 
 
 class DivergenceError(ProjectError, RuntimeError):
@@ -40,15 +43,16 @@ class EMResult:
     def x_mean(self) -> torch.Tensor:
         return self.x.mean(0, keepdim=True)
 
+    def image(self, output: str = "sample") -> torch.Tensor:
+        """The result (1, C, H, W): 'sample' = the first particle, a posterior sample (the paper's output);
+        'mean' = the particle average, an estimate of the posterior mean (lower squared error)."""
+        if output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+        return self.x[:1] if output == "sample" else self.x_mean
 
-CLIP_LO, CLIP_HI = 0.5 / 255, 1 - 0.5 / 255  # values an 8-bit writer turns into 0 or 255
 
-
-def saturation(x: torch.Tensor, lo: float = CLIP_LO, hi: float = CLIP_HI) -> float:
-    """Fraction of pixels clipped to black or white in every channel, averaged over the batch.
-
-    Clipped, not merely dark: the Levin captures have their black level at 0.02–0.035 and a quarter of
-    their pixels below 0.06, so the former test (≤ 0.02) counted a slightly dark shadow as saturation."""
+def saturation(x: torch.Tensor, lo: float = 0.02, hi: float = 0.98) -> float:
+    """Fraction of pixels saturated in every channel (white or black), averaged over the batch."""
     return float(((x >= hi).all(1) | (x <= lo).all(1)).float().mean())
 
 
@@ -142,17 +146,21 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
                       guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
-                      progress: bool = False, data_box: Optional[tuple] = None) -> EMResult:
+                      progress: bool = False, data_box: Optional[tuple] = None, eta: float = 1.0,
+                      branch_fraction: float = 1.0) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
     `mcfg.pigdm_r2` adds ΠGDM's r_t² of the step to the M-step (paper App. D). `callback(info)` after each
     step gets {"i", "t", "x" (x_{t-1}), "x0", "kernel"}. `data_box` (top, left, h, w): y is observed there
     only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
-    Raises DivergenceError when the guard fails.
+    `eta` < 1: DDIM steps (Schedule.step_coefs); the particles share one trajectory until the last
+    `branch_fraction` of the steps (sampler.branch_start). `mcfg.coarse`: the first steps' M-steps run at
+    half resolution (mstep.m_step_coarse). Raises DivergenceError when the guard fails.
     """
     res = fast_diffusion_em_batch(denoiser, [y], [sigma], guidance, mcfg, kernel_size, [generator], kernel_denoiser,
-                                  n_particles, [k_init], [fixed_kernel], guard, [callback], progress, [data_box])[0]
+                                  n_particles, [k_init], [fixed_kernel], guard, [callback], progress, [data_box],
+                                  eta, branch_fraction)[0]
     if isinstance(res, DivergenceError):
         raise res
     return res
@@ -162,7 +170,8 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
                             kernel_size: int, generators: list, kernel_denoiser=None, n_particles: int = 1,
                             k_inits: Optional[list] = None, fixed_kernels: Optional[list] = None,
                             guard: Optional[Guard] = Guard(), callbacks: Optional[list] = None,
-                            progress: bool = False, data_boxes: Optional[list] = None) -> list:
+                            progress: bool = False, data_boxes: Optional[list] = None, eta: float = 1.0,
+                            branch_fraction: float = 1.0) -> list:
     """Fast EM on B images of one size in one UNet batch, each with its own kernel, σ, M-step and generator.
 
     Equals B separate `fast_diffusion_em` runs (same generators): only the UNet evaluation is shared.
@@ -185,20 +194,25 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
     N = len(sched)
     traces, out = [[] for _ in range(B)], [None] * B
     live = list(range(B))  # images still running; a diverged one leaves the batch
-    x = gaussian((B * n_particles,) + tuple(ys[0].shape[1:]), generators, ys[0].device)
+    start = branch_start(N, branch_fraction)
+    p = n_particles if start == 0 else 1  # rows per image: one shared trajectory until the particles branch
+    x = gaussian((B * p,) + tuple(ys[0].shape[1:]), generators, ys[0].device)
     def observed(b, x0_b):  # y on the frame, k ⊛ x̂0 on the padding around it (none for circular data)
         return ys[b] if masks[b] is None else fill_padding(ys[b], masks[b], ops[b].A(x0_b))
 
     for n, i in enumerate(step_indices(N, progress)):
+        if n == start and p != n_particles:
+            x, p = branch(x, n_particles), n_particles
         pred = predict_x0(denoiser, x, i, needs_grad(guidance))
         x0 = pred.x0.detach()
         t = int(sched.timesteps[i])
-        rows = [slice(j * n_particles, (j + 1) * n_particles) for j in range(len(live))]
+        rows = [slice(j * p, (j + 1) * p) for j in range(len(live))]
         keep = []
         for j, b in enumerate(live):
             if fixed_kernels[b] is None and n % mcfg.every == 0:  # the M-step, on this image's x̂0
                 r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
-                k = m_step(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)
+                update = m_step_coarse if n < round(mcfg.coarse * N) else m_step  # coarse-to-fine kernels
+                k = update(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)
                 ops[b] = ops[b].with_kernel(recenter_kernel(k) if mcfg.recenter else k)
             traces[b].append(_record(_where(n + 1, N, t), i, t, x0[rows[j]], ops[b].kernel))
             try:
@@ -210,9 +224,9 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
         if not keep:
             live = []
             break
-        op = StackedOperator(tuple(ops[b] for b in live), n_particles)
-        y_rows = torch.cat([observed(b, x0[rows[j]]) for j, b in enumerate(live)]).repeat_interleave(n_particles, 0)
-        x = ddpm_update(denoiser, pred, i, [generators[b] for b in live], guidance, op, y_rows)
+        op = StackedOperator(tuple(ops[b] for b in live), p)
+        y_rows = torch.cat([observed(b, x0[rows[j]]) for j, b in enumerate(live)]).repeat_interleave(p, 0)
+        x = ddpm_update(denoiser, pred, i, [generators[b] for b in live], guidance, op, y_rows, eta)
         for j in keep:
             if callbacks[live[j]] is not None:
                 callbacks[live[j]]({"i": i, "t": t, "x": x[rows[j]], "x0": x0[rows[j]], "kernel": ops[live[j]].kernel})
@@ -231,11 +245,12 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
                  kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                  rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
                  callback: Optional[Callable[[dict], None]] = None, progress: bool = False,
-                 data_box: Optional[tuple] = None) -> EMResult:
+                 data_box: Optional[tuple] = None, eta: float = 1.0, branch_fraction: float = 1.0) -> EMResult:
     """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
 
     `callback(info)` gets the Fast-EM keys plus "round" (0-based). `data_box` as in Fast EM; the guidance
     fills the padding with the previous step's prediction (each step returns its x̂0 after the update).
+    `eta`, `branch_fraction` as in Fast EM.
     """
     if mcfg.pigdm_r2:
         raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
@@ -243,14 +258,16 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
     sched = denoiser.schedule
     N = len(sched)
     trace, nfe = [], 0
+    start = branch_start(N, branch_fraction)
     x = None
     mask = data_mask(tuple(y.shape[-2:]), data_box, y.device, y.dtype)
     for l in range(rounds):
         op = BlurOperator.from_kernel(k, tuple(y.shape[-2:]), sigma)
-        x = torch.randn((n_particles,) + tuple(y.shape[1:]), generator=generator, device=y.device)
+        x = torch.randn(((n_particles if start == 0 else 1),) + tuple(y.shape[1:]), generator=generator, device=y.device)
         y_g = y if mask is None else fill_padding(y, mask, frame_mean(y, mask))  # no x̂0 yet
         for n, i in enumerate(step_indices(N, progress)):
-            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g)
+            x = branch(x, n_particles) if n == start and start > 0 else x
+            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g, eta)
             y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
             nfe += 1
             t = int(sched.timesteps[i])

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from util.fft import o2p, p2o
 from util.geometry import project_simplex
 
-__all__ = ["MStepConfig", "m_step", "MStepState"]
+__all__ = ["MStepConfig", "m_step", "m_step_coarse", "resize_kernel", "MStepState"]
 
 COLOUR_MODES = ("joint", "per_channel_mean")
 
@@ -48,12 +49,14 @@ class MStepConfig:
     pigdm_r2: bool = False      # Fast EM + ΠGDM: add the step's r_t² to the denominator (paper App. D)
     recenter: bool = True       # re-centre the kernel's centre of mass after each M-step
     every: int = 1              # Fast EM: run the M-step every k diffusion steps
+    coarse: float = 0.0         # Fast EM: the first fraction of the steps run the M-step at half resolution
 
     def __post_init__(self):
         if self.colour not in COLOUR_MODES:
             raise ValueError(f"key 'colour' must be one of {COLOUR_MODES}, got {self.colour!r}")
         for name, ok, rule in (("J", self.J >= 1, ">= 1"), ("every", self.every >= 1, ">= 1"),
-                               ("beta", self.beta > 0, "> 0"), ("lam", self.lam >= 0, ">= 0")):
+                               ("beta", self.beta > 0, "> 0"), ("lam", self.lam >= 0, ">= 0"),
+                               ("coarse", 0 <= self.coarse <= 1, "in [0, 1]")):
             if not ok:
                 raise ValueError(f"key '{name}' must be {rule}, got {getattr(self, name)}")
 
@@ -149,3 +152,29 @@ def m_step(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg:
                 Z = project_simplex(denoiser(Z.to(y.dtype), sig_d).to(Z.dtype))
             K = Z
     return K.reshape(k.shape).to(k.dtype)
+
+
+def resize_kernel(k: torch.Tensor, size: int) -> torch.Tensor:
+    """Kernel (…, s, s) → (…, size, size) by bilinear interpolation with the centre taps aligned, sum 1."""
+    lead = k.shape[:-2]
+    r = F.interpolate(k.reshape(-1, 1, *k.shape[-2:]), size=(size, size), mode="bilinear", align_corners=True)
+    r = r.clamp_min(0)
+    return (r / r.sum((-2, -1), keepdim=True)).reshape(*lead, size, size)
+
+
+def m_step_coarse(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg: MStepConfig = MStepConfig(),
+                  denoiser: Optional[Callable] = None, r2: Optional[float] = None, factor: int = 2) -> torch.Tensor:
+    """The M-step one scale down (coarse-to-fine blind deconvolution, as Fergus et al. 2006; Levin et al. 2011).
+
+    y and x are averaged over factor×factor blocks (the same half-pixel offset for both, so the kernel is not
+    shifted; white noise std σ/factor, ΠGDM's r² / factor²), the kernel is resized to (s−1)/factor + 1 taps,
+    updated by `m_step`, and resized back to s×s. A large kernel has fewer, better-determined taps there.
+    """
+    s = k.shape[-1]
+    sd = (s - 1) // factor + 1
+    H, W = (d - d % factor for d in y.shape[-2:])
+    yd = F.avg_pool2d(y[..., :H, :W], factor)
+    xd = F.avg_pool2d(x[..., :H, :W], factor)
+    kd = resize_kernel(k.detach().reshape(1, 1, s, s).to(yd), sd)
+    kd = m_step(yd, xd, kd, sigma / factor, cfg, denoiser, None if r2 is None else r2 / factor ** 2)
+    return resize_kernel(kd, s).reshape(k.shape).to(k.dtype)

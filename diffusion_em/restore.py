@@ -109,14 +109,16 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
         fixed = None if k_true is None else fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=fixed, guard=r.guard,
-                                callback=callback, progress=True, data_box=box)
+                                callback=callback, progress=True, data_box=box, eta=d.eta,
+                                branch_fraction=d.branch_fraction)
     else:
         if k_true is not None:
             raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
                              "re-estimate it")
         res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
-                           callback=callback, progress=True, data_box=box)
+                           callback=callback, progress=True, data_box=box, eta=d.eta,
+                           branch_fraction=d.branch_fraction)
     res = _judged(r, res, yp, box, sigma)
     if isinstance(res, DivergenceError):
         raise res
@@ -144,7 +146,7 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
             [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
             fixed_kernels=[None if k_trues[b] is None else fit_kernel(k_trues[b].to(ys[b]), s) for b in idx],
             guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
-            data_boxes=[prepared[b][1] for b in idx])
+            data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
         for b, rb in zip(idx, res):
             out[b] = rb if isinstance(rb, DivergenceError) else _judged(r, rb, *prepared[b], sigmas[b])
     return out

@@ -252,10 +252,11 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
         k_true=_k_true(opts, one), callback=one.callback)
 
 
-def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float) -> dict:
-    """Write one image's outputs; returns its metrics row (status ok)."""
+def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
+               output: str = "sample") -> dict:
+    """Write one image's outputs (the image per `output`: 'sample' | 'mean'); returns its metrics row."""
     loaded = one.loaded
-    x_img = tensor_to_image(res.x_mean[0].clamp(0, 1))
+    x_img = tensor_to_image(res.image(output)[0].clamp(0, 1))
     particles = [tensor_to_image(p) for p in res.x]
     y_obs, x_true = loaded.y, loaded.x_true
     if one.gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
@@ -289,7 +290,7 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     try:
         one = load_one(r, opts, sample, index, known)
         res, attempts = _retry(r, opts, one)
-        return finish_one(opts, out, one, res, attempts, time.time() - one.t0)
+        return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg.output)
     except Exception as e:
         if not _out_of_memory(e):
             raise
@@ -347,7 +348,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
                 spent, (res, attempts) = 0.0, _retry(r, opts, one)
             elif isinstance(res, DivergenceError):
                 res, attempts = _retry(r, opts, one, first_attempt=1, failed=res)
-            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1)
+            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg.output)
         except ProjectError as e:
             rows[name] = _failed_row(one.sample, e, known[name])
         except Exception as e:

@@ -7,7 +7,6 @@ plain loop. Nothing here loads files, writes images or knows about EM.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -45,24 +44,44 @@ def predict_x0(denoiser: EpsDenoiser, x: torch.Tensor, i: int, track_grad: bool)
 
 
 def ddpm_update(denoiser: EpsDenoiser, pred: Prediction, i: int, generator: torch.Generator,
-                guidance=None, op=None, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x_{t-1} = posterior mean of q(x_{t-1} | x_t, x̂0) + noise (i > 0) + guidance correction (model space)."""
-    sched = denoiser.schedule
+                guidance=None, op=None, y: Optional[torch.Tensor] = None, eta: float = 1.0) -> torch.Tensor:
+    """x_{t-1} = posterior mean of q(x_{t-1} | x_t, x̂0) + noise (i > 0) + guidance correction (model space).
+
+    eta < 1 takes a DDIM step instead (Schedule.step_coefs); no noise is drawn when its std is 0.
+    """
+    a, b, std = denoiser.schedule.step_coefs(i, eta)
     x = pred.x_t.detach()
-    mean = float(sched.posterior_mean_coef1[i]) * pred.x0_model.detach() + float(sched.posterior_mean_coef2[i]) * x
-    if i > 0:
-        std = math.sqrt(float(sched.posterior_variance[i]))
+    mean = a * pred.x0_model.detach() + b * x
+    if i > 0 and std > 0:
         mean = mean + std * gaussian(mean.shape, generator, mean.device)
     if guidance is not None:
-        mean = mean + guidance.correction(pred.x_t, pred.x0, sched, i, op, y)
+        mean = mean + guidance.correction(pred.x_t, pred.x0, denoiser.schedule, i, op, y)
     return mean
 
 
 def ddpm_step(denoiser: EpsDenoiser, x: torch.Tensor, i: int, generator: torch.Generator, guidance=None,
-              op=None, y: Optional[torch.Tensor] = None) -> tuple:
+              op=None, y: Optional[torch.Tensor] = None, eta: float = 1.0) -> tuple:
     """One guided reverse step from x_t (model space): returns (x_{t-1}, x̂0 in [0, 1], detached)."""
     pred = predict_x0(denoiser, x, i, needs_grad(guidance))
-    return ddpm_update(denoiser, pred, i, generator, guidance, op, y), pred.x0.detach()
+    return ddpm_update(denoiser, pred, i, generator, guidance, op, y, eta), pred.x0.detach()
+
+
+def branch_start(N: int, fraction: float) -> int:
+    """Forward step (0-based) from which n particles run separately: the last `fraction` of the N steps.
+
+    Before it they are one shared trajectory, so n particles cost about 1 + (n−1)·fraction single runs;
+    fraction 1 gives independent particles from x_T (start 0). At least the last two steps run separately:
+    the last step adds no noise, so particles branching there would stay equal.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"branch fraction must be in (0, 1], got {fraction}")
+    return N - min(N, max(2, round(fraction * N)))
+
+
+def branch(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row of x (one shared trajectory per image) becomes n consecutive rows, the image's particles;
+    they part with the next step's independent noise."""
+    return x.repeat_interleave(n, 0)
 
 
 def step_indices(n: int, progress: bool = False):
@@ -81,14 +100,19 @@ def final_image(denoiser: EpsDenoiser, x: torch.Tensor) -> torch.Tensor:
 
 
 def sample(denoiser: EpsDenoiser, shape: tuple, generator: torch.Generator, device: torch.device,
-           guidance=None, op=None, y: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None, progress: bool = False) -> torch.Tensor:
+           guidance=None, op=None, y: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None,
+           progress: bool = False, eta: float = 1.0, branch_fraction: float = 1.0) -> torch.Tensor:
     """Run the reverse chain from x_T ~ N(0, I) drawn from `generator`; returns x in [0, 1].
 
+    shape (n, C, H, W); the n chains share one trajectory until the last `branch_fraction` of the steps.
     `callback(info)` after each step gets {"i", "t", "x" (x_{t-1}, model space), "x0" ([0, 1]), "kernel"}.
     """
-    x = torch.randn(shape, generator=generator, device=device)
-    for i in step_indices(len(denoiser.schedule), progress):
-        x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y)
+    N = len(denoiser.schedule)
+    start = branch_start(N, branch_fraction)
+    x = gaussian(((shape[0] if start == 0 else 1),) + tuple(shape[1:]), generator, device)
+    for n, i in enumerate(step_indices(N, progress)):
+        x = branch(x, shape[0]) if n == start and start > 0 else x
+        x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y, eta)
         if callback is not None:
             callback({"i": i, "t": int(denoiser.schedule.timesteps[i]), "x": x, "x0": x0,
                       "kernel": None if op is None else op.kernel})

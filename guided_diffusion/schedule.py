@@ -75,3 +75,21 @@ class Schedule:
     def posterior_mean_coef2(self) -> np.ndarray:
         """Weight of x_t in the mean of q(x_{t−1} | x_t, x0)."""
         return (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+
+    def step_coefs(self, i: int, eta: float = 1.0) -> tuple[float, float, float]:
+        """(a, b, s) of the reverse step x_{t−1} = a·x̂0 + b·x_t + s·z at index i.
+
+        η = 1: DDPM ancestral with 'fixed small' variance (the paper's sampler; the same floats as the
+        posterior coefficients above). η < 1: DDIM (Song et al. 2021), s = η·sqrt(β̃_t), with the rest of
+        the x_{t−1} variance carried by the predicted noise ε̂ = (x_t − sqrt(ᾱ_t)·x̂0)/sqrt(1−ᾱ_t); η = 0 is
+        deterministic. Both coincide at η = 1 up to rounding.
+        """
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if eta == 1.0:
+            return (float(self.posterior_mean_coef1[i]), float(self.posterior_mean_coef2[i]),
+                    math.sqrt(float(self.posterior_variance[i])))
+        ac, ac_prev = float(self.alphas_cumprod[i]), float(self.alphas_cumprod_prev[i])
+        s = eta * math.sqrt(float(self.posterior_variance[i]))
+        b = math.sqrt(max(1.0 - ac_prev - s * s, 0.0)) / math.sqrt(1.0 - ac)
+        return math.sqrt(ac_prev) - b * math.sqrt(ac), b, s

@@ -83,7 +83,7 @@ def tiny_run(tmp_path, tiny_unet_config):
     save_kernel_denoiser(FDnCNN(), str(tmp_path / "kd.pth"))
     (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 9, "denoiser_path": str(tmp_path / "kd.pth")}))
     cfgs = {}
-    for name in ("fastem_pigdm", "fastem_dps", "pigdm", "dps"):
+    for name in ("fastem_pigdm", "fastem_pigdm_paper", "fastem_dps", "pigdm", "dps"):
         d = yaml.safe_load((ROOT / "configs" / f"diffusion_config_{name}.yaml").read_text())
         d["steps"] = 4
         if d["method"] == "diffusion_em":

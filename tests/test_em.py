@@ -90,12 +90,3 @@ def test_check_result_returns_the_residual_it_judged():
     y = torch.full((1, 3, 12, 12), 0.5)
     res = EMResult(x=torch.full((1, 3, 12, 12), 0.51), kernel=torch.ones(1, 1), nfe=1, trace=[])
     assert Guard().check_result(res, y, 0.02) == pytest.approx(1e-4, rel=1e-3)
-
-
-def test_dark_is_not_saturated_clipped_is():
-    from diffusion_em.em import saturation
-    x = torch.full((1, 3, 10, 10), 0.015)  # a dark shadow, as in the Levin captures
-    assert saturation(x) == 0.0
-    x[..., :5, :] = 0.0
-    x[..., 9, :] = 1.0
-    assert saturation(x) == pytest.approx(0.6)
