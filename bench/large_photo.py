@@ -5,9 +5,11 @@
 Each (size, steps) is one fresh `test_FastDiffEM.py` process (bundled prior, Fast EM ΠGDM, default configs)
 on one synthetic plain photo of that size (so the default photo path runs: σ given, tapered border, padding).
 Peak memory is the child's peak resident set (`wait4` rusage), model and Python included; a 64×64 run gives
-that fixed part. Seconds per step come from the difference of the two step counts (the runner's own
-per-image `seconds`), and the 100-step time is projected from them — 100 steps of a 1024² image take tens
-of minutes on this CPU, so we do not run them in full. One JSON line per measurement.
+that fixed part. The runner's pixel budget is off here (`--memory_budget_gb 0`); its estimate
+(`diffusion_em.budget.estimate_run_bytes`) is printed beside the measured peak. Seconds per step come from
+the difference of the two step counts, in wall time (the runner's per-image `seconds`) and in the process's
+CPU seconds (the robust figure on a shared machine with 1 thread); the 100-step time is projected from
+them (100 steps of a 1024² image take tens of minutes on this CPU). One JSON line per measurement.
 """
 from __future__ import annotations
 
@@ -36,6 +38,14 @@ def synthetic_photo(path: Path, H: int, W: int, seed: int = 0) -> None:
     img.save(path)
 
 
+def estimate_mb(H: int, W: int) -> float:
+    """The pixel budget's estimate for this image at the default settings (bundled prior, 33×33 kernels)."""
+    sys.path.insert(0, str(ROOT))
+    from diffusion_em.budget import estimate_run_bytes
+    from guided_diffusion.model_config import load_model_config
+    return estimate_run_bytes(H, W, 1, load_model_config(ROOT / "configs" / "model_config_bundled.yaml"), 33) / 2 ** 20
+
+
 def timing_config(path: Path) -> Path:
     """The default Fast EM config with the divergence guard off: a few-step run is not a result, only a timing."""
     d = yaml.safe_load((ROOT / "configs" / "diffusion_config_fastem_pigdm.yaml").read_text())
@@ -47,7 +57,7 @@ def timing_config(path: Path) -> Path:
 def run_once(photo_dir: Path, out: Path, steps: int, threads: int, extra: list) -> dict:
     cfg = timing_config(out.parent / "timing_config.yaml")
     cmd = [sys.executable, str(ROOT / "test_FastDiffEM.py"), "--input_dir", str(photo_dir), "--save_dir", str(out),
-           "--diffusion_config", str(cfg),
+           "--diffusion_config", str(cfg), "--memory_budget_gb", "0",
            "--steps", str(steps), "--threads", str(threads), "--device", "cpu", "--sigma", "0.02",
            "--overwrite", *extra]
     t0 = time.perf_counter()
@@ -62,7 +72,7 @@ def run_once(photo_dir: Path, out: Path, steps: int, threads: int, extra: list) 
     row = rows[-1] if rows else {}
     return {"rc": p.returncode, "wall_s": round(wall, 1), "image_s": float(row["seconds"]) if row.get("seconds") else None,
             "status": row.get("status"), "message": row.get("message") or log.strip().splitlines()[-1][:300],
-            "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+            "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
 
 
 def main(argv=None) -> int:
@@ -89,8 +99,11 @@ def main(argv=None) -> int:
             s1, s2 = args.steps
             if size != args.baseline and all(runs[s]["image_s"] for s in (s1, s2)):
                 per_step = (runs[s2]["image_s"] - runs[s1]["image_s"]) / (s2 - s1)
+                cpu_step = (runs[s2]["cpu_s"] - runs[s1]["cpu_s"]) / (s2 - s1)
                 print(json.dumps({"size": [H, W], "summary": True, "threads": args.threads,
-                                  "s_per_step": round(per_step, 2),
+                                  "budget_estimate_mb": round(estimate_mb(H, W), 1),
+                                  "s_per_step": round(per_step, 2), "cpu_s_per_step": round(cpu_step, 2),
+                                  "projected_100_steps_cpu_s": round(100 * cpu_step, 1),
                                   "projected_100_steps_s": round(runs[s1]["image_s"] + (100 - s1) * per_step, 1),
                                   "peak_rss_mb": max(runs[s]["peak_rss_mb"] or 0 for s in (s1, s2)),
                                   "load1": round(os.getloadavg()[0], 2)}), flush=True)

@@ -38,7 +38,8 @@ class DiffusionConfig:
     steps: int = 100                 # respaced diffusion steps (paper: ΠGDM 100, DPS 1000)
     zeta: float = 1.0                # guidance weight factor (ΠGDM: × authors' weight; DPS: ζ in [0,1] units)
     clip_denoised: bool = True
-    precision: str = "fp32"          # UNet autocast: 'fp32' | 'bf16' (fast on GPUs and AMX CPUs) | 'fp16' (GPU)
+    precision: str = "fp32"          # UNet autocast: 'fp32' | 'bf16' (GPUs; CPUs with BF16 units, docs/speed.md) | 'fp16' (GPU)
+    compile: bool = False            # torch.compile (inductor) the UNet: a one-off compilation, then faster calls
     em_rounds: int = 10              # L, Diffusion EM only
     mstep: MStepConfig = field(default_factory=MStepConfig)
     boundary: str = "auto"           # 'auto': circular for synthetic test sets, 'taper' for plain photos

@@ -58,7 +58,8 @@ def load_restorer(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelCon
         raise ConfigError(f"{model_config_name}: missing key 'model_path'")
     model = load_weights(build_unet(model_cfg), repo_path(model_cfg.model_path)).to(device)
     sched = Schedule.create(dcfg.steps, model_cfg.schedule)  # the schedule the weights were trained with
-    denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised, autocast_dtype=AUTOCAST[dcfg.precision])
+    denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised, autocast_dtype=AUTOCAST[dcfg.precision],
+                           compile_backend="inductor" if dcfg.compile else None)
     kd = None
     if kcfg.denoiser_path is not None:
         kd = load_kernel_denoiser(repo_path(kcfg.denoiser_path), device=device)

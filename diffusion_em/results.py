@@ -128,7 +128,11 @@ class ResultsFolder:
         """The last row per image name in metrics.csv and in the logs of a sharded run not yet merged."""
         rows = {}
         for log in [self.metrics, *self.rank_logs()]:
-            rows.update({r["name"]: r for r in read_csv_rows(log) if r.get("name")})
+            for name, row in {r["name"]: r for r in read_csv_rows(log) if r.get("name")}.items():
+                # across logs there is no order: a finished image stays finished (a stale failed row of an
+                # interrupted sharded run must not hide the ok row written when it was redone)
+                if name not in rows or row.get("status") == "ok" or rows[name].get("status") != "ok":
+                    rows[name] = row
         return rows
 
     def append(self, row: dict) -> None:

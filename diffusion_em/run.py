@@ -475,7 +475,7 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     shard.barrier(ranks)  # every rank's rows are written
     if not ranks.main:
         return code
-    if ranks.sharded:
+    if ranks.sharded or out.rank_logs():  # also the logs an interrupted sharded run left behind
         everything = out.merge_rank_logs([s.name for s in samples])
     else:
         everything = {**previous, **{row["name"]: row for row in rows}}  # the last row per image

@@ -25,11 +25,12 @@ class EpsDenoiser:
     The model's parameters are frozen: guidance needs gradients w.r.t. the input only.
     `channels_last` runs the convolutions in NHWC (faster on CPU and GPU; bench/unet_speed.py), converting
     the model in place. `autocast_dtype` (e.g. torch.bfloat16) runs the UNet under autocast; ε is returned
-    in float32 either way.
+    in float32 either way. `compile_backend` (e.g. 'inductor') evaluates it through `torch.compile`: a one-off
+    compilation on the first calls (and per new input size), then faster calls (docs/speed.md).
     """
 
     def __init__(self, model, schedule: Schedule, clip: bool = True, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = True):
+                 channels_last: bool = True, compile_backend: str | None = None):
         self.model = model
         self.schedule = schedule
         self.clip = clip
@@ -39,16 +40,17 @@ class EpsDenoiser:
             model.to(memory_format=torch.channels_last)
         if isinstance(model, torch.nn.Module):
             model.eval().requires_grad_(False)
+        self.net = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
         t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)
         x_in = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last and x_t.dim() == 4 else x_t
         if self.autocast_dtype is not None:
             with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-                out = self.model(x_in, t)
+                out = self.net(x_in, t)
             out = out.float()
         else:
-            out = self.model(x_in, t)
+            out = self.net(x_in, t)
         return out[:, : x_t.shape[1]].contiguous()
 
     def x0(self, x_t: torch.Tensor, i: int) -> torch.Tensor:

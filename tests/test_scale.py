@@ -86,7 +86,7 @@ def test_batch_size_equals_one_by_one(job, monkeypatch):
 
     def per_sample(*a, **k):
         r = load(*a, **k)
-        r.denoiser.model = PerSample(r.denoiser.model)
+        r.denoiser.net = PerSample(r.denoiser.model)
         return r
     monkeypatch.setattr(run, "load_restorer", per_sample)
     assert run.main(_args(job, job / "one")) == 0
@@ -123,3 +123,30 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(job, repo_root):
     assert p.stderr.count("already done") == 3
     _same_outputs(job / "single", sharded)
     assert json.loads((sharded / "summary.json").read_text())["ranks"] == 2
+
+
+def test_compiled_denoiser_is_the_same_function(tiny_unet):
+    """`compile: true` evaluates the UNet through torch.compile (here its tracing-only backend: the
+    inductor code generation takes minutes on a busy CPU; bench/unet_speed.py measures it)."""
+    from guided_diffusion.denoiser import EpsDenoiser
+    from guided_diffusion.schedule import Schedule
+    x = torch.randn(2, 3, 32, 32)
+    plain = EpsDenoiser(tiny_unet, Schedule.create(3))
+    traced = EpsDenoiser(tiny_unet, Schedule.create(3), compile_backend="eager")
+    assert traced.model is tiny_unet and traced.net is not tiny_unet
+    assert torch.equal(plain.eps(x, 1), traced.eps(x, 1))
+
+
+def test_rank_logs_merge_keeps_finished_images(tmp_path):
+    """An interrupted sharded run leaves rank logs; a finished image stays finished whatever the file order."""
+    from diffusion_em.results import ResultsFolder
+    out = ResultsFolder(tmp_path)
+    ResultsFolder(tmp_path, rank=1).append({"name": "a", "status": "failed", "message": "killed"})
+    ResultsFolder(tmp_path, rank=1).append({"name": "b", "status": "ok", "psnr": 20.0})
+    out.append({"name": "a", "status": "ok", "psnr": 21.0})  # redone later by a one-process run
+    out.append({"name": "c", "status": "failed", "message": "bad file"})
+    assert {n: r["status"] for n, r in out.previous_rows().items()} == {"a": "ok", "b": "ok", "c": "failed"}
+    merged = out.merge_rank_logs(["c", "b", "a"])
+    assert list(merged) == ["c", "b", "a"] and not out.rank_logs()
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        assert [(r["name"], r["status"]) for r in csv.DictReader(f)] == [("c", "failed"), ("b", "ok"), ("a", "ok")]
