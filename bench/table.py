@@ -130,7 +130,7 @@ def main_table(per: dict, names: list, common: list) -> list:
                      f"{_f(_mean(rows, 'psnr'), '.2f')} | {_f(_mean(rows, 'psnr_aligned'), '.2f')} | "
                      f"{_f(sum(d) / len(d) if d else None, '+.2f')} (worst {_f(min(d) if d else None, '+.1f')}) | "
                      f"{_f(_mean(rows, 'ssim'), '.3f')} | {_f(_mean(rows, 'ssim_aligned'), '.3f')} | "
-                     f"{_f(_mean(rows, 'kernel_mse'), '.2e')} | {_f(_mean(rows, 'error_ratio'), '.2f')} | "
+                     f"{_f(_mean(rows, 'kernel_mse') if METHODS[n].blind else None, '.2e')} | {_f(_mean(rows, 'error_ratio'), '.2f')} | "
                      f"{_f(s2, '.0%')} / {_f(s3, '.0%')} |")
     return lines
 
@@ -143,7 +143,7 @@ def group_table(per: dict, names: list, common: list, key, groups: list, what: s
         cells = []
         for g in groups:
             rows = [per[n][c] for c in common if key(per[n][c]) == g]
-            km = _mean(rows, "kernel_mse")
+            km = _mean(rows, "kernel_mse") if METHODS[n].blind else None  # an oracle's kernel is the truth
             cells.append(f"{_f(_mean(rows, 'psnr_aligned'), '.2f')} / {_f(_mean(rows, 'ssim_aligned'), '.3f')}"
                          + (f" / {km:.1e}" if km is not None else ""))
         lines.append(f"| {METHODS[n].label} | " + " | ".join(cells) + " |")
@@ -257,13 +257,10 @@ def main(argv=None) -> int:
         counts = ", ".join(f"{n} {len(per[n])}" for n in names)
         md += [f"## {setname}", "", f"Test set `{ts}` (cases: its README.md). Finished cases per method: {counts}. "
                "Each table compares methods on the same cases.", ""]
-        if not common:
-            md += ["(no common finished cases yet)", ""]
-            continue
         n_all = len(evaluate_folder(ts, ts / "__none__"))
         full = [n for n in names if len(per[n]) == n_all]
-        scopes = [(names, common, f"The {len(common)} cases every method finished")]
-        if len(common) < n_all and full:
+        scopes = [(names, common, f"The {len(common)} cases every method finished")] if common else []
+        if len(common) < n_all and full and len(full) < len(names):
             scopes.append((full, sorted(set.intersection(*(set(per[n]) for n in full))),
                            f"All {n_all} cases, methods that finished them all"))
         for ms, cases, title in scopes:
@@ -273,8 +270,9 @@ def main(argv=None) -> int:
             sizes = [lab for _, _, lab in SIZE_BINS if any(size_key(per[ms[0]][c]) == lab for c in cases)]
             md += group_table(per, ms, cases, size_key, sizes, "Per kernel size (true kernel's array size)") + [""]
         md += ["Commands (each skips images it already finished):", "", "```"] + cmds + ["```", ""]
-        points[setname] = [(n, _mean([per[n][c] for c in common], "seconds"),
-                            _mean([per[n][c] for c in common], "psnr_aligned")) for n in names]
+        ms0, cases0 = (scopes[0][0], scopes[0][1]) if scopes else (names, [])
+        points[setname] = [(n, _mean([per[n][c] for c in cases0], "seconds"),
+                            _mean([per[n][c] for c in cases0], "psnr_aligned")) for n in ms0]
         io_summary = {n: {"n": len(per[n])} for n in names}
         (args.results_root / setname).mkdir(parents=True, exist_ok=True)
         (args.results_root / setname / "table.json").write_text(json.dumps({"common": common, "counts": io_summary}))
