@@ -48,7 +48,7 @@ def main(argv=None):
             gen = torch.Generator(device=ctx.device).manual_seed(args.seed * 1_000_003 + index * 1009)
             t0 = time.time()
             try:
-                res = restore(ctx, y, s.sigma, gen, boundary=boundary_mode(ctx.dcfg.boundary, sample.kind), k_true=k)
+                res = restore(ctx, y, s.sigma, gen, boundary=boundary_mode(ctx.dcfg.boundary, sample.kind, sample.boundary), k_true=k)
             except DivergenceError as e:
                 row[f"psnr_{tag}"], row[f"error_{tag}"] = None, str(e)
                 continue

@@ -68,12 +68,13 @@ def load_restorer(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelCon
                     dcfg=dcfg, kernel_size=kcfg.kernel_size, device=device, guard=guard)
 
 
-def boundary_mode(setting: str, kind: str) -> str:
-    """The boundary model for an input kind: `auto` is circular for synthetic sets (blurred circularly),
-    `taper` for plain photos."""
+def boundary_mode(setting: str, kind: str, declared: Optional[str] = None) -> str:
+    """The boundary model of one input: a forced `setting`, else (`auto`) what the data declares — periodic
+    only when meta.csv says `circular` (or for the authors' pickles, made circularly); anything undeclared
+    may be a real capture (valid blur) and gets the tapered non-periodic padding."""
     if setting != "auto":
         return setting
-    return "taper" if kind == "photo" else "circular"
+    return "circular" if declared == "circular" or kind == "pickle" else "taper"
 
 
 def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffusion_em import grayscale, shard
-from diffusion_em.config import (ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
+from diffusion_em.config import (BOUNDARIES, ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
@@ -72,6 +72,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--true_kernel", action="store_true",
                    help="oracle: use the ground-truth kernel, M-step off (the non-blind ΠGDM*/DPS* bound)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    p.add_argument("--boundary", default=None, choices=BOUNDARIES,
+                   help="override the config's boundary: auto (periodic only where meta.csv declares "
+                        "'circular'), circular, taper, reflect, replicate")
     p.add_argument("--memory_budget_gb", type=float, default=None,
                    help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
                         "0: no check)")
@@ -148,6 +151,7 @@ class RunOptions:
     save_npy: bool = False
     save_progress: bool = False
     overwrite: bool = False
+    boundary: Optional[str] = None         # --boundary: overrides the config's boundary for every image
 
 
 def settings_record(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelConfig, opts: RunOptions,
@@ -155,7 +159,7 @@ def settings_record(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelC
     """What decides a run's results: configs, seed, σ override, oracle flag, inputs (not output-only flags)."""
     return {"diffusion": diffusion_config_dict(dcfg), "kernel": as_dict(kcfg), "model": as_dict(model_cfg),
             "seed": opts.seed, "sigma": opts.sigma, "true_kernel": opts.true_kernel,
-            "input_dir": str(Path(input_dir).resolve())}
+            "input_dir": str(Path(input_dir).resolve()), **({"boundary": opts.boundary} if opts.boundary else {})}
 
 
 def _progress_recorder(steps: int):
@@ -248,7 +252,7 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
         on_retry(first_attempt - 1, failed)
     return restore_with_retries(
         r, one.y, one.sigma_run, lambda attempt: _generator(r, opts, one.index, attempt), on_retry,
-        first_attempt=first_attempt, boundary=boundary_mode(r.dcfg.boundary, one.sample.kind),
+        first_attempt=first_attempt, boundary=boundary_mode(opts.boundary or r.dcfg.boundary, one.sample.kind, one.sample.boundary),
         k_true=_k_true(opts, one), callback=one.callback)
 
 
@@ -332,7 +336,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
             raise MemoryError(f"the memory budget fits these {len(ready)} images one at a time, not together")
         results = restore_batch(
             r, [o.y for o in ready], [o.sigma_run for o in ready], [_generator(r, opts, o.index, 0) for o in ready],
-            [boundary_mode(r.dcfg.boundary, o.sample.kind) for o in ready], [_k_true(opts, o) for o in ready],
+            [boundary_mode(opts.boundary or r.dcfg.boundary, o.sample.kind, o.sample.boundary) for o in ready], [_k_true(opts, o) for o in ready],
             [o.callback for o in ready]) if ready else []
     except Exception as e:
         if not _out_of_memory(e):
@@ -440,7 +444,7 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
                   None if args.memory_budget_gb == 0 else int(args.memory_budget_gb * 2**30))
         opts = RunOptions(model_cfg=model_cfg, memory_budget=budget, seed=args.seed, sigma=args.sigma,
                           true_kernel=args.true_kernel, save_npy=args.save_npy, save_progress=args.save_progress,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, boundary=args.boundary)
         settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)
         samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))
         if ranks.main:

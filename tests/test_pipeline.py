@@ -143,6 +143,29 @@ def test_true_kernel_equals_nonblind_sampler(setup):
     assert torch.equal(em.x, nb)
 
 
+def test_boundary_auto_needs_a_declared_circular_blur(setup, tmp_path):
+    from diffusion_em.restore import boundary_mode
+    from diffusion_em.run import build_parser
+    from util.images import ImageReadError
+    from util.inputs import list_inputs
+
+    assert boundary_mode("auto", "folder", "circular") == "circular"
+    assert boundary_mode("auto", "folder", None) == "taper"  # undeclared: may be a real capture
+    assert boundary_mode("auto", "folder", "valid") == "taper" == boundary_mode("auto", "photo", None)
+    assert boundary_mode("auto", "pickle", None) == "circular"
+    assert boundary_mode("reflect", "folder", "circular") == "reflect"  # a forced mode wins
+    tmp, cfgs, data = setup
+    assert build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o", "--boundary",
+                                                    "reflect")).boundary == "reflect"
+    d = tmp_path / "declared_set"
+    shutil.copytree(data, d)
+    (d / "meta.csv").write_text("name,sigma,boundary\nim0,0.02,valid\nim1,0.02,circular\n")
+    assert [s.boundary for s in list_inputs(d)] == ["valid", "circular"]
+    (d / "meta.csv").write_text("name,sigma,boundary\nim0,0.02,wrapped\n")
+    with pytest.raises(ImageReadError, match="wrapped"):
+        list_inputs(d)
+
+
 def test_config_errors(setup, tmp_path, capsys):
     tmp, cfgs, data = setup
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"), method="diffusion_em") == 2

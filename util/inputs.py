@@ -28,6 +28,7 @@ class Sample:
     kernel: Optional[Path] = None
     sigma: Optional[float] = None
     kind: str = "folder"  # 'folder' | 'photo' | 'pickle'
+    boundary: Optional[str] = None  # how the blur was made, from meta.csv: 'circular' | 'valid' | None (undeclared)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,26 @@ def read_meta_csv(path: PathLike) -> dict:
         raise fail(p, "not a text CSV file") from None
 
 
+META_BOUNDARIES = ("circular", "valid")
+
+
+def read_meta_boundaries(path: PathLike) -> dict:
+    """The optional `boundary` column of meta.csv -> {name: 'circular' | 'valid'} (empty cells omitted)."""
+    p = Path(path)
+    with open(p, newline="") as f:
+        reader = csv.DictReader(f)
+        if "boundary" not in (reader.fieldnames or []):
+            return {}
+        out = {}
+        for row in reader:
+            b = (row.get("boundary") or "").strip().lower()
+            if b and b not in META_BOUNDARIES:
+                raise fail(p, f"line {reader.line_num}: boundary '{b}' is not one of {', '.join(META_BOUNDARIES)}")
+            if b:
+                out[(row.get("name") or "").strip()] = b
+        return out
+
+
 def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda message: None) -> list:
     """Discover the inputs of a run, sorted by name (docs/algorithm.md §4).
 
@@ -110,12 +131,13 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
         raise InputError(f"{root}: input folder does not exist")
     meta_path = root / "meta.csv"
     meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
+    bnd = read_meta_boundaries(meta_path) if meta_path.is_file() else {}
 
     if (root / "blurry").is_dir():
         blurry = _by_stem(_visible_files(root / "blurry"), IMAGE_EXTS, root / "blurry")
         sharp = _by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp") if (root / "sharp").is_dir() else {}
         kern = _by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel") if (root / "kernel").is_dir() else {}
-        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder") for n, f in blurry.items()]
+        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n)) for n, f in blurry.items()]
         ignored = _unused(_visible_files(root / "blurry"), IMAGE_EXTS)
     else:
         files = _visible_files(root)
@@ -126,7 +148,7 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
         if clash:
             raise InputError(f"{root}: names used by both a pickle and an image: {clash}")
         samples = [Sample(n, f, sigma=meta.get(n), kind="pickle") for n, f in pickles.items()]
-        samples += [Sample(n, f, sigma=meta.get(n), kind="photo") for n, f in photos.items()]
+        samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n)) for n, f in photos.items()]
     if ignored:
         notice(f"{root}: ignored {len(ignored)} file(s) of unsupported types: {', '.join(ignored[:5])}"
                f"{' ...' if len(ignored) > 5 else ''} (read: {', '.join(IMAGE_EXTS + (PICKLE_EXT,))})")

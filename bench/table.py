@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""Run methods × test sets, score them with diffusion_em.evaluate, write docs/benchmarks.md and a
+PSNR-vs-seconds plot. One command regenerates everything; finished images are never recomputed.
+
+    python bench/table.py --testset /work/evalsets/synth24 /work/evalsets/synth24_valid \\
+        --methods blurry,tikhonov_oracle,tikhonov,hyper_laplacian,l0_blind,fastem,fastem_oracle \\
+        --results_root results/bench [--max_images N] [--no_run] [--out docs/benchmarks.md]
+
+Results go to <results_root>/<set>/<method>/ (the runner's / baselines' layout, so any folder produced
+by hand with the same command is reused). `--no_run` only scores what exists. Every table is computed on
+the cases that *all* listed methods finished for that set (n is printed), so rows compare like with like;
+methods with fewer finished cases shrink that common set — the per-method counts are listed.
+Error ratio (Levin et al. 2009): aligned SSE of a blind method over that of its own non-blind oracle
+(METHODS[m].oracle) on the same case. The plot needs matplotlib (optional; skipped with a note otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from diffusion_em.evaluate import SIZE_BINS, evaluate_folder, size_bin, write_outputs  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    argv: tuple              # command after `python`, without input/output folders
+    style: str               # 'runner' (--input_dir/--save_dir/--threads) or 'baseline' (same flags)
+    oracle: Optional[str] = None  # method whose results are this one's non-blind oracle (error ratio)
+    blind: bool = False
+
+
+FAST = ("test_FastDiffEM.py",)
+PAPER = FAST + ("--diffusion_config", "configs/diffusion_config_fastem_pigdm_paper.yaml")
+METHODS = {
+    "blurry": Method("blurry input", ("-m", "diffusion_em.baselines", "--method", "blurry"), "baseline"),
+    "tikhonov_oracle": Method("Tikhonov, true k, oracle λ", ("-m", "diffusion_em.baselines", "--method", "tikhonov_oracle"), "baseline"),
+    "tikhonov": Method("Tikhonov, true k, λ = Cσ²", ("-m", "diffusion_em.baselines", "--method", "tikhonov"), "baseline"),
+    "hyper_laplacian": Method("hyper-Laplacian (K&F 2009), true k", ("-m", "diffusion_em.baselines", "--method", "hyper_laplacian"), "baseline"),
+    "l0_blind": Method("ℓ0 blind (Pan 2014 / Xu 2013) + hyper-Laplacian", ("-m", "diffusion_em.baselines", "--method", "l0_blind"),
+                       "baseline", oracle="hyper_laplacian", blind=True),
+    "fastem": Method("Fast EM ΠGDM, paper config, n = 1", PAPER, "runner", oracle="fastem_oracle", blind=True),
+    "fastem_oracle": Method("ΠGDM oracle (true k, --true_kernel), n = 1", PAPER + ("--true_kernel",), "runner"),
+    "fastem_mean4": Method("Fast EM ΠGDM, mean of 4 independent particles", PAPER + ("--n_particles", "4"), "runner",
+                           oracle="fastem_oracle", blind=True),
+    "fastem_default": Method("Fast EM ΠGDM, default config (4 particles branched, mean)", FAST, "runner",
+                             oracle="fastem_oracle", blind=True),
+    "diffem": Method("Diffusion EM ΠGDM", ("test_DiffEM.py",), "runner", oracle="fastem_oracle", blind=True),
+    "fastem_dps": Method("Fast EM DPS", FAST + ("--diffusion_config", "configs/diffusion_config_fastem_dps.yaml"), "runner",
+                         oracle="fastem_dps_oracle", blind=True),
+    "fastem_dps_oracle": Method("DPS oracle (true k)", FAST + ("--diffusion_config", "configs/diffusion_config_fastem_dps.yaml",
+                                                              "--true_kernel"), "runner"),
+}
+
+
+def command(name: str, testset: Path, out: Path, threads: int, max_images: Optional[int]) -> list:
+    m = METHODS[name]
+    cmd = [sys.executable, *m.argv, "--input_dir", str(testset), "--save_dir", str(out), "--threads", str(threads)]
+    if m.style == "runner":
+        cmd += ["--device", "cpu"]
+    if max_images:
+        cmd += ["--max_images", str(max_images)]
+    return cmd
+
+
+def _newest(folder: Path) -> float:
+    files = [f for f in folder.rglob("*") if f.is_file() and f.name not in ("eval.csv", "eval.json", "run.log")] \
+        if folder.is_dir() else []
+    return max((f.stat().st_mtime for f in files), default=0.0)
+
+
+def scored_rows(testset: Path, out: Path, oracle: Optional[Path]) -> list:
+    """evaluate_folder's rows, reused from out/eval.csv when it is newer than every result (and oracle) file."""
+    cache = out / "eval.csv"
+    if cache.is_file() and cache.stat().st_mtime > max(_newest(out), _newest(oracle) if oracle else 0.0,
+                                                       _newest(testset)):
+        with open(cache, newline="") as f:
+            return [{k: (v if v != "" else None) for k, v in r.items()} for r in csv.DictReader(f)]
+    rows = evaluate_folder(testset, out, oracle)
+    write_outputs(rows, out, {"testset": str(testset), "oracle": str(oracle) if oracle else None})
+    return rows
+
+
+def run_method(name, testset, out, threads, max_images, log) -> int:
+    cmd = command(name, testset, out, threads, max_images)
+    print("$ " + " ".join(shlex.quote(c) for c in cmd), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "run.log", "a") as f:
+        return subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+# ------------------------------------------------------------------------------------------- tables
+def _f(v, fmt):
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _mean(rows, key):
+    v = [float(r[key]) for r in rows if r.get(key) not in (None, "", "None")]
+    v = [x for x in v if math.isfinite(x)]
+    return sum(v) / len(v) if v else None
+
+
+def _share(rows, t):
+    v = [float(r["error_ratio"]) for r in rows if r.get("error_ratio") not in (None, "")]
+    return None if not v else sum(x <= t for x in v) / len(v)
+
+
+def main_table(per: dict, names: list, common: list) -> list:
+    lines = ["| method | s/img | UNet evals | PSNR | PSNR aligned | Δ aligned vs blurry | SSIM | SSIM aligned | "
+             "kernel MSE | error ratio | ratio ≤ 2 / ≤ 3 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in names:
+        rows = [per[n][c] for c in common]
+        d = [float(r["psnr_aligned"]) - float(r["psnr_blurry_aligned"]) for r in rows
+             if r.get("psnr_aligned") not in (None, "") and r.get("psnr_blurry_aligned") not in (None, "")]
+        s2, s3 = _share(rows, 2), _share(rows, 3)
+        lines.append(f"| {METHODS[n].label} | {_f(_mean(rows, 'seconds'), '.1f')} | {_f(_mean(rows, 'nfe'), '.0f')} | "
+                     f"{_f(_mean(rows, 'psnr'), '.2f')} | {_f(_mean(rows, 'psnr_aligned'), '.2f')} | "
+                     f"{_f(sum(d) / len(d) if d else None, '+.2f')} (worst {_f(min(d) if d else None, '+.1f')}) | "
+                     f"{_f(_mean(rows, 'ssim'), '.3f')} | {_f(_mean(rows, 'ssim_aligned'), '.3f')} | "
+                     f"{_f(_mean(rows, 'kernel_mse'), '.2e')} | {_f(_mean(rows, 'error_ratio'), '.2f')} | "
+                     f"{_f(s2, '.0%')} / {_f(s3, '.0%')} |")
+    return lines
+
+
+def group_table(per: dict, names: list, common: list, key, groups: list, what: str) -> list:
+    head = "| method | " + " | ".join(f"{g} (n={sum(1 for c in common if key(per[names[0]][c]) == g)})" for g in groups) + " |"
+    lines = [f"{what}: aligned PSNR (dB) / aligned SSIM / kernel MSE where estimated", "", head,
+             "|---|" + "---|" * len(groups)]
+    for n in names:
+        cells = []
+        for g in groups:
+            rows = [per[n][c] for c in common if key(per[n][c]) == g]
+            km = _mean(rows, "kernel_mse")
+            cells.append(f"{_f(_mean(rows, 'psnr_aligned'), '.2f')} / {_f(_mean(rows, 'ssim_aligned'), '.3f')}"
+                         + (f" / {km:.1e}" if km is not None else ""))
+        lines.append(f"| {METHODS[n].label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def sigma_key(r):
+    return f"{round(float(r['sigma']) * 255):g}/255"
+
+
+def size_key(r):
+    return size_bin(r.get("kernel_size")) or "unknown"
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+    return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"python {platform.python_version()}")
+
+
+def commit() -> str:
+    try:
+        c = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return c + (" (with uncommitted changes)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def plot(points: dict, path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:  # optional dependency
+        return f"plot skipped: matplotlib not importable ({type(e).__name__})"
+    fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4.5), squeeze=False)
+    for ax, (setname, pts) in zip(axes[0], points.items()):
+        for label, s, p in pts:
+            if s is None or p is None:
+                continue
+            ax.scatter([max(s, 0.01)], [p], s=40)
+            ax.annotate(label, (max(s, 0.01), p), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds per image (CPU, 1 thread)")
+        ax.set_ylabel("aligned PSNR (dB)")
+        ax.set_title(setname)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written: {path}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--testset", nargs="+", required=True, type=Path)
+    ap.add_argument("--methods", default="blurry,tikhonov_oracle,tikhonov,hyper_laplacian,l0_blind,fastem,fastem_oracle")
+    ap.add_argument("--results_root", type=Path, default=REPO / "results" / "bench")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG path (default: <out dir>/benchmarks_psnr_seconds.png)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max_images", type=int, default=None, help="run at most this many cases per method (first by name)")
+    ap.add_argument("--no_run", action="store_true", help="only score existing result folders")
+    ap.add_argument("--run_only", default=None,
+                    help="comma list: run only these methods (the others are scored from existing folders)")
+    ap.add_argument("--note", action="append", default=[], help="a line added under the tables (e.g. which runs were reduced)")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)  # scoring too: the box is shared
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; known: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    run_only = None if args.run_only is None else {m.strip() for m in args.run_only.split(",")}
+    need = list(dict.fromkeys(names + [METHODS[n].oracle for n in names if METHODS[n].oracle in names]))
+    plot_path = args.plot or args.out.parent / "benchmarks_psnr_seconds.png"
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    md = ["# Benchmarks", "", f"Generated by `python bench/table.py` on {started}; commit {commit()}.", "",
+          f"Machine: {machine()}. Every method ran with {args.threads} CPU thread(s), one job at a time, on a CPU "
+          "shared with other work: seconds are indicative, ratios between rows more than absolute values.", "",
+          "Command:", "", "```", "python bench/table.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])), "```", ""]
+    points = {}
+    for ts in args.testset:
+        setname = ts.name
+        per = {}
+        cmds = []
+        for n in need:
+            out = args.results_root / setname / n
+            cmds.append(" ".join(["python"] + [shlex.quote(c) for c in command(n, ts, out, args.threads, args.max_images)[1:]]))
+            if not args.no_run and (run_only is None or n in run_only):
+                run_method(n, ts, out, args.threads, args.max_images, None)
+        for n in need:
+            out = args.results_root / setname / n
+            oracle = METHODS[n].oracle
+            rows = scored_rows(ts, out, args.results_root / setname / oracle if oracle in need else None) \
+                if out.is_dir() else []
+            per[n] = {r["name"]: r for r in rows if r.get("status") == "ok"}
+        common = sorted(set.intersection(*(set(per[n]) for n in names))) if names else []
+        counts = ", ".join(f"{n} {len(per[n])}" for n in names)
+        md += [f"## {setname}", "", f"Test set `{ts}` (cases: its README.md). Finished cases per method: {counts}. "
+               "Each table compares methods on the same cases.", ""]
+        if not common:
+            md += ["(no common finished cases yet)", ""]
+            continue
+        n_all = len(evaluate_folder(ts, ts / "__none__"))
+        full = [n for n in names if len(per[n]) == n_all]
+        scopes = [(names, common, f"The {len(common)} cases every method finished")]
+        if len(common) < n_all and full:
+            scopes.append((full, sorted(set.intersection(*(set(per[n]) for n in full))),
+                           f"All {n_all} cases, methods that finished them all"))
+        for ms, cases, title in scopes:
+            md += [f"### {title}", ""] + main_table(per, ms, cases) + [""]
+            sig = sorted({sigma_key(per[ms[0]][c]) for c in cases}, key=lambda g: float(g.split("/")[0]))
+            md += group_table(per, ms, cases, sigma_key, sig, "Per noise level σ") + [""]
+            sizes = [lab for _, _, lab in SIZE_BINS if any(size_key(per[ms[0]][c]) == lab for c in cases)]
+            md += group_table(per, ms, cases, size_key, sizes, "Per kernel size (true kernel's array size)") + [""]
+        md += ["Commands (each skips images it already finished):", "", "```"] + cmds + ["```", ""]
+        points[setname] = [(n, _mean([per[n][c] for c in common], "seconds"),
+                            _mean([per[n][c] for c in common], "psnr_aligned")) for n in names]
+        io_summary = {n: {"n": len(per[n])} for n in names}
+        (args.results_root / setname).mkdir(parents=True, exist_ok=True)
+        (args.results_root / setname / "table.json").write_text(json.dumps({"common": common, "counts": io_summary}))
+    md += ["## Notes", "", "- Metrics: `util/metrics.py` and `python -m diffusion_em.evaluate` (docs/algorithm.md): aligned = "
+           "border max(15 px, kernel radius) cropped, best integer then 0.25-px (Fourier) shift within ± kernel radius. "
+           "Error ratio = aligned SSE of the blind method / aligned SSE of the same solver with the true kernel "
+           "(Levin et al. 2009); success = ratio ≤ 2 (≤ 3). Kernel MSE (aligned within ±4 px, per tap of the estimate).",
+           "- UNet evals: network evaluations per image (0 for classical methods). s/img excludes scoring."]
+    md += [f"- {n}" for n in args.note]
+    msg = plot(points, plot_path)
+    md += [f"- PSNR vs seconds: `{os.path.relpath(plot_path, args.out.parent)}`" if msg.startswith("plot written")
+           else f"- {msg}", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(md))
+    print(f"wrote {args.out}; {msg}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

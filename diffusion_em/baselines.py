@@ -1,0 +1,161 @@
+"""Classical baselines in the runner's harness: same inputs, same output layout, same metrics.
+
+    python -m diffusion_em.baselines --method l0_blind --input_dir T --save_dir R [--threads 1]
+
+Methods (CPU, seconds per image):
+- `blurry`: the observation itself (clipped): the floor every method must beat.
+- `tikhonov`: true kernel, Gaussian gradient prior, practical λ = C σ² (classical.nonblind).
+- `tikhonov_oracle`: the same with the per-image λ that minimises the error to the ground truth (a λ grid):
+  the "tuned Tikhonov" reference of issue 8, not a usable method (it needs the answer).
+- `hyper_laplacian`: true kernel, Krishnan & Fergus 2009, α = 2/3, practical λ = C / σ²; the non-blind
+  oracle of `l0_blind` for Levin's error ratio.
+- `l0_blind`: kernel by multi-scale ℓ0 MAP (Pan et al. 2014 / Xu et al. 2013, classical.blind_l0),
+  then `hyper_laplacian` with that kernel.
+The non-blind oracles of our own method are the runner's `--true_kernel` runs.
+
+Boundary: as the runner's `auto` (`--boundary` overrides): cases whose meta.csv declares `circular` are
+solved on the FFT model as they are; all others are padded with the tapered mirror border of one kernel
+size (util.pad_for_boundary) and cropped back.
+Writes images/<name>.png, kernels/<name>.npy (+ .png), metrics.csv (the runner's metrics via
+diffusion_em.evaluate.score_case, plus seconds and the λ used), summary.json. Finished images are skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from classical import nonblind as NB
+from classical.blind_l0 import L0Config, estimate_kernel
+from diffusion_em.evaluate import score_case
+from util.csvlog import append_csv_row, read_done_names
+from util.geometry import crop, pad_for_boundary
+from util.images import ImageReadError, tensor_to_image
+from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
+from util.outputs import save_json, save_kernel_png, save_npy, save_png
+
+METHODS = ("blurry", "tikhonov", "tikhonov_oracle", "hyper_laplacian", "l0_blind")
+FIELDS = ("name", "status", "message", "method", "sigma", "boundary_mode", "lam", "psnr", "ssim", "psnr_aligned",
+          "ssim_aligned", "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
+          "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe")
+PAD_MODES = ("auto", "circular", "taper", "reflect", "replicate")
+
+
+def _mode(requested: str, sample: Sample) -> str:
+    if requested != "auto":
+        return requested
+    return "circular" if sample.boundary == "circular" or sample.kind == "pickle" else "taper"
+
+
+ORACLE_GRID = NB.log_grid(1e-4, 10.0, 8)
+
+
+def deblur(method: str, y: torch.Tensor, sigma: float, k_true: Optional[torch.Tensor], kernel_size: int,
+           l0cfg: L0Config = L0Config()) -> tuple:
+    """(x̂, k̂, λ) for y (1, C, H, W) float64 on the FFT model (already padded if needed); k̂ None for
+    `blurry`. `tikhonov_oracle` is handled by the caller (it needs the ground truth)."""
+    if method == "blurry":
+        return y.clamp(0, 1), None, None
+    if method == "l0_blind":
+        k = estimate_kernel(y[0].clamp(0, 1), kernel_size, l0cfg)
+        lam = NB.hyper_laplacian_lambda(sigma)
+        return NB.hyper_laplacian(y, k, lam), k, lam
+    if k_true is None:
+        raise ValueError(f"method {method} needs the ground-truth kernel (kernel/<name>.npy)")
+    if method == "tikhonov":
+        lam = NB.tikhonov_lambda(sigma)
+        return NB.tikhonov(y, k_true, lam), k_true, lam
+    if method == "hyper_laplacian":
+        lam = NB.hyper_laplacian_lambda(sigma)
+        return NB.hyper_laplacian(y, k_true, lam), k_true, lam
+    raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+
+
+def process_one(args, sample: Sample) -> dict:
+    """Deblur one case with args.method, write its outputs, return its metrics row."""
+    t0 = time.time()
+    s = load_sample(sample)
+    sigma, _ = resolve_sigma(s, args.sigma)
+    y = torch.from_numpy(s.y.transpose(2, 0, 1).astype(np.float64))[None]
+    mode = _mode(args.boundary, sample)
+    box = (0, 0) + tuple(y.shape[-2:])
+    if mode != "circular":
+        y, box = pad_for_boundary(y, args.kernel_size, mode)
+    k_true = torch.from_numpy(s.k_true.astype(np.float64)) if s.k_true is not None else None
+    if args.method == "tikhonov_oracle":
+        if k_true is None or s.x_true is None:
+            raise ValueError("tikhonov_oracle needs the ground-truth kernel and image")
+        x_true = torch.from_numpy(s.x_true.transpose(2, 0, 1).astype(np.float64))[None]
+        lam, x = NB.oracle_lambda(lambda lam: crop(NB.tikhonov(y, k_true, lam), box), x_true, ORACLE_GRID)
+        k = k_true
+    else:
+        x, k, lam = deblur(args.method, y, sigma, k_true, args.kernel_size)
+        x = crop(x, box)
+    seconds = round(time.time() - t0, 2)
+    x_img = tensor_to_image(x[0].clamp(0, 1).float())
+    out = Path(args.save_dir)
+    save_png(out / "images" / f"{sample.name}.png", x_img)
+    k_est = None
+    if args.method == "l0_blind":  # only an estimated kernel is written and scored
+        k_est = k.numpy()
+        save_npy(out / "kernels" / f"{sample.name}.npy", k_est.astype(np.float32))
+        save_kernel_png(out / "kernels" / f"{sample.name}.png", k_est)
+    m = score_case(x_img, s, k_est, sigma)
+    return {"name": sample.name, "status": "ok", "message": "", "method": args.method, "sigma": sigma,
+            "boundary_mode": mode, "lam": lam, **m, "seconds": seconds, "nfe": 0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m diffusion_em.baselines", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--input_dir", required=True, help="test-set folder (as for the runner)")
+    p.add_argument("--save_dir", required=True)
+    p.add_argument("--kernel_size", type=int, default=33, help="support of the blind kernel estimate; padding width")
+    p.add_argument("--boundary", default="auto", choices=PAD_MODES)
+    p.add_argument("--sigma", type=float, default=None, help="σ in [0,1] units for every image (else meta/estimated)")
+    p.add_argument("--max_images", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        samples = list_inputs(args.input_dir)[: args.max_images]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.save_dir)
+    metrics = out / "metrics.csv"
+    done = set() if args.overwrite else read_done_names(metrics)
+    rows = []
+    for sample in samples:
+        if sample.name in done:
+            continue
+        try:
+            row = process_one(args, sample)
+        except (ImageReadError, ValueError, OSError) as e:
+            row = {"name": sample.name, "status": "failed", "message": " ".join(str(e).split()), "method": args.method}
+            print(f"{sample.name}: FAILED: {row['message']}", file=sys.stderr)
+        append_csv_row(metrics, FIELDS, row)
+        rows.append(row)
+        if row["status"] == "ok":
+            print(f"{sample.name}: {args.method} PSNR {row['psnr']:.2f} (aligned {row['psnr_aligned']:.2f}), "
+                  f"{row['seconds']:.1f} s", flush=True)
+    if metrics.exists():
+        from diffusion_em.evaluate import summarise, read_run_metrics
+        summary = summarise(list(read_run_metrics(out).values()))
+        save_json(out / "summary.json", {**summary, "method": args.method, "args": vars(args)})
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
