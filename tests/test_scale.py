@@ -10,12 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from diffusion_em import run
-from guided_diffusion.unet import create_model
-from kernel_denoiser.network import FDnCNN, save_kernel_denoiser
 
 N_IMAGES = 4
 
@@ -33,21 +30,10 @@ class PerSample(torch.nn.Module):
 
 
 @pytest.fixture
-def job(tmp_path, tiny_unet_config, repo_root):
-    """Tiny weights, a 3-step Fast EM config with the guard off (random weights), 4 images of two sizes."""
-    torch.manual_seed(0)
-    unet = create_model(**tiny_unet_config)
-    for p in unet.parameters():
-        if p.dim() > 1 and p.abs().sum() == 0:
-            torch.nn.init.normal_(p, std=0.02)
-    torch.save(unet.state_dict(), tmp_path / "unet.pt")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**tiny_unet_config, "model_path": str(tmp_path / "unet.pt")}))
-    save_kernel_denoiser(FDnCNN(), str(tmp_path / "kd.pth"))
-    (tmp_path / "kernel.yaml").write_text(yaml.safe_dump({"kernel_size": 7, "denoiser_path": str(tmp_path / "kd.pth")}))
-    d = yaml.safe_load((repo_root / "configs" / "diffusion_config_fastem_pigdm.yaml").read_text())
-    d.update(steps=3, guard_residual=1e9, guard_saturation=1.0)
-    (tmp_path / "diff.yaml").write_text(yaml.safe_dump(d))
-    data = tmp_path / "set"
+def job(tiny_run):
+    """The tiny weights and configs of `tiny_run` (Fast EM, 4 steps, guard off) and 4 images of two sizes."""
+    tmp, cfgs, _ = tiny_run
+    data = tmp / "set4"
     for sub in ("blurry", "sharp"):
         (data / sub).mkdir(parents=True)
     g = np.random.default_rng(0)
@@ -56,12 +42,13 @@ def job(tmp_path, tiny_unet_config, repo_root):
         Image.fromarray((x * 255).astype(np.uint8)).save(data / "sharp" / f"im{i}.png")
         np.save(data / "blurry" / f"im{i}.npy", x)
     (data / "meta.csv").write_text("name,sigma\n" + "".join(f"im{i},{0.02 * (i + 1)}\n" for i in range(N_IMAGES)))
-    return tmp_path
+    return tmp, cfgs["fastem_pigdm"], data
 
 
-def _args(tmp, out, *extra):
-    return ["--img_model_config", str(tmp / "model.yaml"), "--diffusion_config", str(tmp / "diff.yaml"),
-            "--kernel_config", str(tmp / "kernel.yaml"), "--input_dir", str(tmp / "set"), "--save_dir", str(out),
+def _args(job, out, *extra):
+    tmp, cfg, data = job
+    return ["--img_model_config", str(tmp / "model.yaml"), "--diffusion_config", str(cfg),
+            "--kernel_config", str(tmp / "kernel.yaml"), "--input_dir", str(data), "--save_dir", str(out),
             "--device", "cpu", "--seed", "3", "--save_npy", "--threads", "1", *extra]
 
 
@@ -89,13 +76,14 @@ def test_batch_size_equals_one_by_one(job, monkeypatch):
         r.denoiser.net = PerSample(r.denoiser.model)
         return r
     monkeypatch.setattr(run, "load_restorer", per_sample)
-    assert run.main(_args(job, job / "one")) == 0
-    assert run.main(_args(job, job / "batched", "--batch_size", "3")) == 0
-    _same_outputs(job / "one", job / "batched")
+    out = job[0]
+    assert run.main(_args(job, out / "one")) == 0
+    assert run.main(_args(job, out / "batched", "--batch_size", "3")) == 0
+    _same_outputs(out / "one", out / "batched")
 
 
 def test_batch_size_refused_for_diffusion_em(job, capsys):
-    assert run.main(_args(job, job / "x", "--batch_size", "2"), method="diffusion_em") == 2
+    assert run.main(_args(job, job[0] / "x", "--batch_size", "2"), method="diffusion_em") == 2
     assert "--batch_size" in capsys.readouterr().err
 
 
@@ -115,13 +103,13 @@ def _torchrun(repo_root, args, n=2):
 
 
 def test_torchrun_two_ranks_equal_one_process_and_resume(job, repo_root):
-    assert run.main(_args(job, job / "single")) == 0
-    sharded = job / "sharded"
+    assert run.main(_args(job, job[0] / "single")) == 0
+    sharded = job[0] / "sharded"
     _torchrun(repo_root, _args(job, sharded, "--max_images", "3"))  # an interrupted job: 3 of 4 images
     assert not list(sharded.glob("metrics.rank*.csv")) and len(_rows(sharded)) == 3
     p = _torchrun(repo_root, _args(job, sharded))  # resumed: only im3 runs
     assert p.stderr.count("already done") == 3
-    _same_outputs(job / "single", sharded)
+    _same_outputs(job[0] / "single", sharded)
     assert json.loads((sharded / "summary.json").read_text())["ranks"] == 2
 
 
