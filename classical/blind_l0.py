@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from classical.nonblind import grad_otfs
 from util.fft import o2p, p2o
 
 
@@ -44,19 +45,11 @@ class L0Config:
     min_kernel: int = 5       # coarsest level's kernel size
 
 
-def _grad_otfs(shape, dtype, device):
-    dh = torch.zeros(shape, dtype=dtype, device=device)
-    dv = torch.zeros(shape, dtype=dtype, device=device)
-    dh[0, 0], dh[0, -1] = -1.0, 1.0
-    dv[0, 0], dv[-1, 0] = -1.0, 1.0
-    return torch.fft.rfft2(dh), torch.fft.rfft2(dv)
-
-
 def l0_restore(y: torch.Tensor, k: torch.Tensor, cfg: L0Config, lam: float) -> torch.Tensor:
     """Pan et al. Alg. 2: argmin_x ‖x ⊛ k − y‖² + λ(σ_I‖x‖₀ + ‖∇x‖₀) by half-quadratic splitting. y (H, W)."""
     shape = tuple(y.shape[-2:])
     K = p2o(k.to(y), shape)
-    Dh, Dv = _grad_otfs(shape, y.dtype, y.device)
+    Dh, Dv = grad_otfs(shape, y.dtype, y.device)
     KtY, K2, D2 = K.conj() * torch.fft.rfft2(y), K.abs() ** 2, Dh.abs() ** 2 + Dv.abs() ** 2
     x = y.clone()
     use_u = cfg.sigma_intensity > 0
@@ -85,7 +78,7 @@ def l0_restore(y: torch.Tensor, k: torch.Tensor, cfg: L0Config, lam: float) -> t
 def estimate_kernel_ls(x: torch.Tensor, y: torch.Tensor, size: int, gamma: float, threshold: float) -> torch.Tensor:
     """Pan et al. eq. 12: gradient-domain least squares for k (size × size), then k ≥ 0, clean-up, Σk = 1."""
     shape = tuple(y.shape[-2:])
-    Dh, Dv = _grad_otfs(shape, y.dtype, y.device)
+    Dh, Dv = grad_otfs(shape, y.dtype, y.device)
     X, Y = torch.fft.rfft2(x), torch.fft.rfft2(y)
     num = (Dh.abs() ** 2 + Dv.abs() ** 2) * X.conj() * Y  # Σ_d conj(D_d X) D_d Y
     den = (Dh.abs() ** 2 + Dv.abs() ** 2) * X.abs() ** 2 + gamma

@@ -28,7 +28,8 @@ HYPERLAPLACIAN_C = 0.3
 SIGMA_FLOOR = 1 / 255  # a noise-free observation still needs some regularisation (8-bit quantisation)
 
 
-def _grad_otfs(shape, dtype, device):
+def grad_otfs(shape, dtype, device):
+    """OTFs of the circular horizontal and vertical forward differences for an image of `shape`."""
     dh = torch.zeros(shape, dtype=dtype, device=device)
     dv = torch.zeros(shape, dtype=dtype, device=device)
     dh[0, 0], dh[0, -1] = -1.0, 1.0  # x(i, j) − x(i, j − 1)... as a circular filter
@@ -50,7 +51,7 @@ def tikhonov(y: torch.Tensor, k: torch.Tensor, lam: float) -> torch.Tensor:
     """Gaussian-gradient-prior deconvolution of y (..., H, W) by a centred kernel k (s, s)."""
     shape = tuple(y.shape[-2:])
     K = p2o(k.to(y), shape)
-    Dh, Dv = _grad_otfs(shape, y.dtype, y.device)
+    Dh, Dv = grad_otfs(shape, y.dtype, y.device)
     X = K.conj() * torch.fft.rfft2(y) / (K.abs() ** 2 + lam * (Dh.abs() ** 2 + Dv.abs() ** 2))
     return torch.fft.irfft2(X, s=shape)
 
@@ -78,7 +79,7 @@ def hyper_laplacian(y: torch.Tensor, k: torch.Tensor, lam: float, alpha: float =
     """Krishnan & Fergus 2009 deconvolution of y (..., H, W); see the module docstring."""
     shape = tuple(y.shape[-2:])
     K = p2o(k.to(y), shape)
-    Dh, Dv = _grad_otfs(shape, y.dtype, y.device)
+    Dh, Dv = grad_otfs(shape, y.dtype, y.device)
     Y = torch.fft.rfft2(y)
     KtY = K.conj() * Y
     D2 = Dh.abs() ** 2 + Dv.abs() ** 2
