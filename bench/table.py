@@ -253,14 +253,15 @@ def main(argv=None) -> int:
             rows = scored_rows(ts, out, args.results_root / setname / oracle if oracle in need else None) \
                 if out.is_dir() else []
             per[n] = {r["name"]: r for r in rows if r.get("status") == "ok"}
-        common = sorted(set.intersection(*(set(per[n]) for n in names))) if names else []
+        present = [n for n in names if per[n]]  # a method with no finished case yet is listed, not tabulated
+        common = sorted(set.intersection(*(set(per[n]) for n in present))) if present else []
         counts = ", ".join(f"{n} {len(per[n])}" for n in names)
         md += [f"## {setname}", "", f"Test set `{ts}` (cases: its README.md). Finished cases per method: {counts}. "
                "Each table compares methods on the same cases.", ""]
         n_all = len(evaluate_folder(ts, ts / "__none__"))
         full = [n for n in names if len(per[n]) == n_all]
-        scopes = [(names, common, f"The {len(common)} cases every method finished")] if common else []
-        if len(common) < n_all and full and len(full) < len(names):
+        scopes = [(present, common, f"The {len(common)} cases every method with results finished")] if common else []
+        if len(common) < n_all and full and len(full) < len(present):
             scopes.append((full, sorted(set.intersection(*(set(per[n]) for n in full))),
                            f"All {n_all} cases, methods that finished them all"))
         for ms, cases, title in scopes:
