@@ -59,8 +59,8 @@ def _parameter_count(model: ModelConfig) -> int:
 
 def available_memory_bytes(device: torch.device) -> Optional[int]:
     """Memory free for this run now: the accelerator's free memory, or the host's MemAvailable (Linux)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+    if device.type != "cpu":
+        free, _ = torch.accelerator.get_memory_info(device)
         return int(free)
     try:
         with open("/proc/meminfo") as f:

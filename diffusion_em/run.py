@@ -280,8 +280,8 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
 
 
 def _out_of_memory_error(r: Restorer, sample: Sample, e: BaseException) -> ResourceError:
-    if r.device.type == "cuda":
-        torch.cuda.empty_cache()
+    if r.device.type != "cpu":
+        torch.accelerator.empty_cache()
     return ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
                          f"--memory_budget_gb so such inputs are refused before they start")
 
@@ -426,8 +426,8 @@ def main(argv=None, method: str = "fast_em") -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if ranks.sharded and device.type == "cuda":
-        torch.cuda.set_device(device)
+    if ranks.sharded and device.type != "cpu":
+        torch.accelerator.set_device_index(device.index)
     shard.start(ranks, device)
     try:
         return _run(args, method, ranks, device)

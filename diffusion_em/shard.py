@@ -45,9 +45,9 @@ def ranks_from_env(env=None) -> Ranks:
 
 
 def start(ranks: Ranks, device: torch.device) -> None:
-    """Join the process group (NCCL between GPUs, gloo otherwise); nothing for one process."""
+    """Join the process group with torch's default backend for the device (gloo on CPU); nothing for one process."""
     if ranks.sharded and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(dist.get_default_backend_for_device(device))
 
 
 def barrier(ranks: Ranks) -> None:
