@@ -98,21 +98,21 @@ def find_kernel(results: Path, name: str) -> Optional[Path]:
     return None
 
 
-def read_run_metrics(results: Path) -> dict:
-    """{name: last row} of a results folder's metrics.csv (the runner's and the baselines' log), if any."""
-    p = results / "metrics.csv"
+def _rows_by_name(p: Path) -> dict:
+    """{name: last row} of a CSV with a `name` column; {} when the file is absent."""
     if not p.is_file():
         return {}
     with open(p, newline="") as f:
         return {r["name"]: r for r in csv.DictReader(f)}
+
+
+def read_run_metrics(results: Path) -> dict:
+    """{name: last row} of a results folder's metrics.csv (the runner's and the baselines' log), if any."""
+    return _rows_by_name(results / "metrics.csv")
 
 
 def _meta_columns(testset: Path) -> dict:
-    p = testset / "meta.csv"
-    if not p.is_file():
-        return {}
-    with open(p, newline="") as f:
-        return {r["name"]: r for r in csv.DictReader(f)}
+    return _rows_by_name(testset / "meta.csv")
 
 
 def evaluate_folder(testset, results, oracle=None) -> list:
