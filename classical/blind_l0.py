@@ -44,7 +44,7 @@ class L0Config:
     threshold: float = 0.15   # kernel taps below this fraction of the maximum are zeroed...
     threshold_low: float = 0.15  # ...unless ≥ this fraction and connected to a tap above `threshold` (hysteresis)
     min_kernel: int = 5       # coarsest level's kernel size
-    masked: bool = False      # kernel step on the observed pixels only (CG), not on the caller's padding
+    masked: bool = False      # with a padded y (box): kernel step on the observed pixels only (CG), not the padding
     cg_iters: int = 30        # conjugate-gradient iterations of the masked kernel step
 
 
@@ -185,6 +185,7 @@ def estimate_kernel(y: torch.Tensor, kernel_size: int, cfg: L0Config = L0Config(
         valid += 1
     else:
         valid[box[0]:box[0] + box[2], box[1]:box[1] + box[3]] = 1
+    masked = cfg.masked and not bool(valid.all())  # all observed: the FFT step is the exact solution
     levels = max(1, int(math.floor(math.log(kernel_size / cfg.min_kernel) / math.log(math.sqrt(2)))) + 1)
     k = None
     lam = cfg.lam
@@ -202,7 +203,7 @@ def estimate_kernel(y: torch.Tensor, kernel_size: int, cfg: L0Config = L0Config(
         mask = valid if lev == 0 else (_resize(valid, ys.shape) > 0.5).to(ys)
         for _ in range(cfg.iters):
             x = l0_restore(ys, k, cfg, lam)
-            if cfg.masked:
+            if masked:
                 k = estimate_kernel_masked(x, ys, k, cfg.gamma, cfg.threshold, mask, cfg.cg_iters, cfg.threshold_low)
             else:
                 k = estimate_kernel_ls(x, ys, ks, cfg.gamma, cfg.threshold, cfg.threshold_low)
