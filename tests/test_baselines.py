@@ -130,6 +130,10 @@ def test_hysteresis_keeps_the_dim_connected_part_and_drops_specks():
     assert int(hysteresis_support(k, 0.15, 0.15).sum()) == 4  # plain threshold: the dim middle goes too
     cleaned = _clean(k, 0.15, 0.05)
     assert float(cleaned.sum()) == pytest.approx(1.0) and int((cleaned > 0).sum()) == 7
+    noisy = k.clone()
+    noisy[1, 1] = -0.1  # the raw solution's noise reaches 10 % of the max: the dim middle is not trusted
+    assert int((_clean(noisy, 0.15, 0.05, noise_floor=1.0) > 0).sum()) == 4
+    assert int((_clean(noisy, 0.15, 0.05, noise_floor=0.0) > 0).sum()) == 7
 
 
 @pytest.fixture(scope="module")
