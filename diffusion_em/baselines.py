@@ -23,8 +23,10 @@ diffusion_em.evaluate.score_case, plus seconds and the λ used), summary.json. F
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -70,13 +72,13 @@ def aligned_mse(x_true: torch.Tensor, kernel_size: int, reference: torch.Tensor)
 
 
 def deblur(method: str, y: torch.Tensor, sigma: float, k_true: Optional[torch.Tensor], kernel_size: int,
-           l0cfg: L0Config = L0Config()) -> tuple:
+           l0cfg: L0Config = L0Config(), box=None) -> tuple:
     """(x̂, k̂, λ) for y (1, C, H, W) float64 on the FFT model (already padded if needed); k̂ None for
     `blurry`. `tikhonov_oracle` is handled by the caller (it needs the ground truth)."""
     if method == "blurry":
         return y.clamp(0, 1), None, None
     if method == "l0_blind":
-        k = estimate_kernel(y[0].clamp(0, 1), kernel_size, l0cfg)
+        k = estimate_kernel(y[0].clamp(0, 1), kernel_size, l0cfg, box=box)
         lam = NB.hyper_laplacian_lambda(sigma)
         return NB.hyper_laplacian(y, k, lam), k, lam
     if k_true is None:
@@ -110,7 +112,7 @@ def process_one(args, sample: Sample) -> dict:
         lam, x = NB.oracle_lambda(solve, x_true, ORACLE_GRID, error=err)
         k = k_true
     else:
-        x, k, lam = deblur(args.method, y, sigma, k_true, args.kernel_size)
+        x, k, lam = deblur(args.method, y, sigma, k_true, args.kernel_size, l0_config(args.l0), box)
         x = crop(x, box)
     seconds = round(time.time() - t0, 2)
     x_img = tensor_to_image(x[0].clamp(0, 1).float())
@@ -126,6 +128,14 @@ def process_one(args, sample: Sample) -> dict:
             "boundary_mode": mode, "lam": lam, **m, "seconds": seconds, "nfe": 0}
 
 
+def l0_config(overrides: str) -> L0Config:
+    """L0Config with the --l0 JSON overrides (unknown names are an error: the config is strict)."""
+    try:
+        return replace(L0Config(), **json.loads(overrides))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise SystemExit(f"error: --l0 {overrides!r}: {e}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m diffusion_em.baselines", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -138,11 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--l0", default="{}", help="l0_blind: JSON overrides of classical.blind_l0.L0Config, e.g. '{\"iters\": 8}'")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    l0_config(args.l0)  # fail early on a bad override
     torch.set_num_threads(args.threads)
     try:
         samples = list_inputs(args.input_dir)[: args.max_images]
