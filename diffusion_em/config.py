@@ -21,9 +21,11 @@ from util.config import ConfigError, build, read_yaml
 
 METHODS = ("fast_em", "diffusion_em")
 GUIDANCES = ("pigdm", "dps")
+KERNEL_INITS = ("dirac", "l0")
 BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
 # keys that only mean something for one method or guidance: giving them for another is an error
 ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
+           ("mstep", "start"): (("method", "fast_em"),),
             ("mstep", "pigdm_r2"): (("method", "fast_em"), ("guidance", "pigdm"))}
 # keys of earlier versions: where they went
 MOVED = {"schedule": "the β schedule belongs to the weights: set 'schedule' in the model config",
@@ -42,6 +44,7 @@ class DiffusionConfig:
     compile: bool = False            # torch.compile (inductor) the UNet: a one-off compilation, then faster calls
     em_rounds: int = 10              # L, Diffusion EM only
     mstep: MStepConfig = field(default_factory=MStepConfig)
+    kernel_init: str = "dirac"       # 'dirac' | 'l0': start the M-step from the classical ℓ0 blind estimate
     boundary: str = "auto"           # 'auto': circular for synthetic test sets, 'taper' for plain photos
     n_particles: int = 1
     branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)
@@ -52,7 +55,7 @@ class DiffusionConfig:
     guard_saturation: float = 0.1    # fail when the result has this many more saturated pixels than y
 
     def __post_init__(self):
-        for name, allowed in (("method", METHODS), ("guidance", GUIDANCES), ("boundary", BOUNDARIES),
+        for name, allowed in (("method", METHODS), ("guidance", GUIDANCES), ("boundary", BOUNDARIES), ("kernel_init", KERNEL_INITS),
                               ("precision", ("fp32", "bf16", "fp16")), ("output", OUTPUTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"key '{name}' must be one of {allowed}, got {getattr(self, name)!r}")

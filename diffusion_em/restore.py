@@ -21,6 +21,7 @@ from guided_diffusion.model_config import ModelConfig, build_unet
 from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import load_weights
 from kernel_denoiser.network import load_kernel_denoiser
+from classical.blind_l0 import estimate_kernel
 from util.config import ConfigError
 from util.errors import InputError
 from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
@@ -92,6 +93,14 @@ def fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
     return out / out.sum()
 
 
+def initial_kernel(rule: str, y: torch.Tensor, s: int) -> Optional[torch.Tensor]:
+    """The M-step's starting kernel (s×s): None (a Dirac) or the classical ℓ0 blind estimate of y (padded)."""
+    if rule == "dirac":
+        return None
+    k = estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s)
+    return k.to(y.dtype)
+
+
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
             k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None) -> EMResult:
     """Deblur one observation (1, C, H, W) in [0, 1] on r.device: pad, run the configured EM, crop back.
@@ -106,10 +115,11 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
     if min(yp.shape[-2:]) < s:
         raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
+    k0 = initial_kernel(d.kernel_init, yp, s) if k_true is None else None
     if d.method == "fast_em":
         fixed = None if k_true is None else fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
-                                n_particles=d.n_particles, fixed_kernel=fixed, guard=r.guard,
+                                n_particles=d.n_particles, fixed_kernel=fixed, k_init=k0, guard=r.guard,
                                 callback=callback, progress=True, data_box=box, eta=d.eta,
                                 branch_fraction=d.branch_fraction)
     else:
@@ -117,7 +127,7 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
             raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
                              "re-estimate it")
         res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
-                           n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
+                           n_particles=d.n_particles, rounds=d.em_rounds, k_init=k0, guard=r.guard,
                            callback=callback, progress=True, data_box=box, eta=d.eta,
                            branch_fraction=d.branch_fraction)
     res = _judged(r, res, yp, box, sigma)
