@@ -156,6 +156,7 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
             r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx], r.guidance, d.mstep, s,
             [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
             fixed_kernels=[None if k_trues[b] is None else fit_kernel(k_trues[b].to(ys[b]), s) for b in idx],
+            k_inits=[initial_kernel(d.kernel_init, prepared[b][0], s) if k_trues[b] is None else None for b in idx],
             guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
             data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
         for b, rb in zip(idx, res):
