@@ -50,7 +50,7 @@ class MStepConfig:
     recenter: bool = True       # re-centre the kernel's centre of mass after each M-step
     every: int = 1              # Fast EM: run the M-step every k diffusion steps
     coarse: float = 0.0         # Fast EM: the first fraction of the steps run the M-step at half resolution
-    start: float = 0.0          # Fast EM: the kernel stays at its initial value for this first fraction of the steps
+    start: float = 0.0          # Fast EM: the kernel stays at its initial value for this first fraction of the steps (1: always)
 
     def __post_init__(self):
         if self.colour not in COLOUR_MODES:
@@ -58,7 +58,7 @@ class MStepConfig:
         for name, ok, rule in (("J", self.J >= 1, ">= 1"), ("every", self.every >= 1, ">= 1"),
                                ("beta", self.beta > 0, "> 0"), ("lam", self.lam >= 0, ">= 0"),
                                ("coarse", 0 <= self.coarse <= 1, "in [0, 1]"),
-                               ("start", 0 <= self.start < 1, "in [0, 1)")):
+                               ("start", 0 <= self.start <= 1, "in [0, 1]")):
             if not ok:
                 raise ValueError(f"key '{name}' must be {rule}, got {getattr(self, name)}")
 

@@ -104,6 +104,6 @@ def test_mstep_start_keeps_the_initial_kernel_for_the_first_steps(tiny_unet):
     assert same == [True, True, True, False, False, False]
 
 
-def test_mstep_start_must_leave_steps_for_the_m_step():
+def test_mstep_start_is_a_fraction():
     with pytest.raises(ValueError, match="'start'"):
-        MStepConfig(start=1.0)
+        MStepConfig(start=1.5)
