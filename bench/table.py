@@ -31,7 +31,8 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from diffusion_em.evaluate import SIZE_BINS, evaluate_folder, size_bin, write_outputs  # noqa: E402
+from diffusion_em.evaluate import (SIGMA_UNDECLARED, SIZE_BINS, evaluate_folder, sigma_group, sigma_order,  # noqa: E402
+                                   size_bin, write_outputs)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,65 @@ def group_table(per: dict, names: list, common: list, key, groups: list, what: s
 
 
 def sigma_key(r):
-    return f"{round(float(r['sigma']) * 255):g}/255"
+    return sigma_group(r.get("sigma"))
+
+
+def boundary_note(rows: list) -> str:
+    """What the cases declare about their boundary (meta.csv), and so how `auto` runs them."""
+    declared = {}
+    for r in rows:
+        b = r.get("boundary") if r.get("boundary") not in (None, "", "None") else None
+        declared[b] = declared.get(b, 0) + 1
+    parts = [f"{v} declared `{k}`" for k, v in sorted((k, v) for k, v in declared.items() if k)]
+    if None in declared:
+        parts.append(f"{declared[None]} undeclared (real captures: `boundary: auto` pads them with the "
+                     "non-periodic taper; nothing is assumed periodic)")
+    return "Boundary: " + ", ".join(parts) + "."
+
+
+def per_case_table(per: dict, all_rows: dict, names: list, cases: list) -> list:
+    """One row per case: the blurry input's aligned PSNR and, per method, its aligned PSNR (error ratio for a blind
+    method); a case a method failed is marked, so no failure hides behind a mean."""
+    ref = next(n for n in names if per[n])
+    own_blurry = "blurry" not in names  # else the blurry method's column already holds it
+    head = "| case | kernel px | " + ("blurry input | " if own_blurry else "") + " | ".join(METHODS[n].label for n in names) + " |"
+    lines = ["Per case: aligned PSNR (dB); error ratio in brackets for blind methods; FAILED: the method gave up "
+             "on the case (its log says why)", "", head, "|---|---|" + "---|" * (len(names) + own_blurry)]
+    for c in cases:
+        r0 = next(per[n][c] for n in names if c in per[n]) if any(c in per[n] for n in names) else all_rows[ref][c]
+        cells = [_f(_num(r0.get("psnr_blurry_aligned")), ".2f")] if own_blurry else []
+        for n in names:
+            r = per[n].get(c)
+            if r is None:
+                st = all_rows[n].get(c, {}).get("status", "missing")
+                cells.append("FAILED" if st == "failed" else "–")
+                continue
+            er = f" ({_f(float(r['error_ratio']), '.2f')})" if METHODS[n].blind and r.get("error_ratio") not in (None, "") else ""
+            cells.append(f"{_f(float(r['psnr_aligned']), '.2f')}{er}")
+        lines.append(f"| {c} | {r0.get('kernel_size') or '–'} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _num(v):
+    return None if v in (None, "", "None") else float(v)
+
+
+def attempted_success(all_rows: dict, names: list) -> list:
+    """Success rates of each blind method over every case it attempted, a failed image counted as ratio ∞."""
+    out = []
+    for n in names:
+        if not METHODS[n].blind:
+            continue
+        rows = [r for r in all_rows[n].values() if r.get("status") in ("ok", "failed")]
+        ratios = [math.inf if r["status"] == "failed" else _num(r.get("error_ratio")) for r in rows]
+        ratios = [x for x in ratios if x is not None]
+        if not ratios:
+            continue
+        fails = sum(r["status"] == "failed" for r in rows)
+        out.append(f"- {METHODS[n].label}: {len(ratios)} cases with an error ratio ({fails} failed, counted as ∞): "
+                   f"ratio ≤ 2 on {sum(x <= 2 for x in ratios)} ({sum(x <= 2 for x in ratios) / len(ratios):.0%}), "
+                   f"≤ 3 on {sum(x <= 3 for x in ratios)} ({sum(x <= 3 for x in ratios) / len(ratios):.0%})")
+    return out
 
 
 def size_key(r):
@@ -220,6 +279,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no_run", action="store_true", help="only score existing result folders")
     ap.add_argument("--run_only", default=None,
                     help="comma list: run only these methods (the others are scored from existing folders)")
+    ap.add_argument("--per_case", nargs="*", default=[],
+                    help="set names (folder names) that get a per-case table; sets that declare no boundary "
+                         "(real captures) always get one")
     ap.add_argument("--note", action="append", default=[], help="a line added under the tables (e.g. which runs were reduced)")
     args = ap.parse_args(argv)
     import torch
@@ -242,7 +304,7 @@ def main(argv=None) -> int:
     points = {}
     for ts in args.testset:
         setname = ts.name
-        per = {}
+        per, all_rows = {}, {}
         cmds = []
         for n in need:
             out = args.results_root / setname / n
@@ -254,13 +316,16 @@ def main(argv=None) -> int:
             oracle = METHODS[n].oracle
             rows = scored_rows(ts, out, args.results_root / setname / oracle if oracle in need else None) \
                 if out.is_dir() else []
-            per[n] = {r["name"]: r for r in rows if r.get("status") == "ok"}
+            all_rows[n] = {r["name"]: r for r in rows}
+            per[n] = {k: r for k, r in all_rows[n].items() if r.get("status") == "ok"}
         present = [n for n in names if per[n]]  # a method with no finished case yet is listed, not tabulated
         common = sorted(set.intersection(*(set(per[n]) for n in present))) if present else []
-        counts = ", ".join(f"{n} {len(per[n])}" for n in names)
+        nfail = {n: sum(r.get("status") == "failed" for r in all_rows[n].values()) for n in names}
+        counts = ", ".join(f"{n} {len(per[n])}" + (f" (+{nfail[n]} failed)" if nfail[n] else "") for n in names)
+        cases_all = evaluate_folder(ts, ts / "__none__")  # every case of the set, unscored
+        n_all = len(cases_all)
         md += [f"## {setname}", "", f"Test set `{ts}` (cases: its README.md). Finished cases per method: {counts}. "
-               "Each table compares methods on the same cases.", ""]
-        n_all = len(evaluate_folder(ts, ts / "__none__"))
+               "Each table compares methods on the same cases.", "", boundary_note(cases_all), ""]
         full = [n for n in names if len(per[n]) == n_all]
         scopes = [(present, common, f"The {len(common)} cases every method with results finished")] if common else []
         if len(common) < n_all and full and len(full) < len(present):
@@ -268,10 +333,19 @@ def main(argv=None) -> int:
                            f"All {n_all} cases, methods that finished them all"))
         for ms, cases, title in scopes:
             md += [f"### {title}", ""] + main_table(per, ms, cases) + [""]
-            sig = sorted({sigma_key(per[ms[0]][c]) for c in cases}, key=lambda g: float(g.split("/")[0]))
-            md += group_table(per, ms, cases, sigma_key, sig, "Per noise level σ") + [""]
+            sig = sorted({sigma_key(per[ms[0]][c]) for c in cases}, key=sigma_order)
+            if sig != [SIGMA_UNDECLARED]:
+                md += group_table(per, ms, cases, sigma_key, sig, "Per noise level σ") + [""]
+            else:
+                md += ["No case declares σ: each method estimates it (the σ rule of `util/noise.py`), so there is "
+                       "no per-σ table.", ""]
             sizes = [lab for _, _, lab in SIZE_BINS if any(size_key(per[ms[0]][c]) == lab for c in cases)]
             md += group_table(per, ms, cases, size_key, sizes, "Per kernel size (true kernel's array size)") + [""]
+        if present and (setname in args.per_case or all(r.get("boundary") in (None, "") for r in cases_all)):
+            md += per_case_table(per, all_rows, present, [r["name"] for r in cases_all]) + [""]
+        succ = attempted_success(all_rows, present)
+        if succ:
+            md += ["Success over every case a blind method attempted (not only the common ones):", ""] + succ + [""]
         md += ["Commands (each skips images it already finished):", "", "```"] + cmds + ["```", ""]
         ms0, cases0 = (scopes[0][0], scopes[0][1]) if scopes else (names, [])
         points[setname] = [(n, _mean([per[n][c] for c in cases0], "seconds"),

@@ -41,8 +41,11 @@ class L0Config:
     beta_max: float = 8.0
     iters: int = 5            # alternations per pyramid level
     lam_min: float = 1e-4     # λ is divided by 1.1 after each alternation, not below this (details emerge late)
-    threshold: float = 0.15   # kernel taps below this fraction of the maximum are zeroed
+    threshold: float = 0.15   # kernel taps below this fraction of the maximum are zeroed...
+    threshold_low: float = 0.15  # ...unless ≥ this fraction and connected to a tap above `threshold` (hysteresis)
     min_kernel: int = 5       # coarsest level's kernel size
+    masked: bool = False      # with a padded y (box): kernel step on the observed pixels only (CG), not the padding
+    cg_iters: int = 30        # conjugate-gradient iterations of the masked kernel step
 
 
 def l0_restore(y: torch.Tensor, k: torch.Tensor, cfg: L0Config, lam: float) -> torch.Tensor:
@@ -75,18 +78,69 @@ def l0_restore(y: torch.Tensor, k: torch.Tensor, cfg: L0Config, lam: float) -> t
             return x
 
 
-def estimate_kernel_ls(x: torch.Tensor, y: torch.Tensor, size: int, gamma: float, threshold: float) -> torch.Tensor:
+def estimate_kernel_ls(x: torch.Tensor, y: torch.Tensor, size: int, gamma: float, threshold: float,
+                       threshold_low: float = None) -> torch.Tensor:
     """Pan et al. eq. 12: gradient-domain least squares for k (size × size), then k ≥ 0, clean-up, Σk = 1."""
     shape = tuple(y.shape[-2:])
     Dh, Dv = grad_otfs(shape, y.dtype, y.device)
     X, Y = torch.fft.rfft2(x), torch.fft.rfft2(y)
     num = (Dh.abs() ** 2 + Dv.abs() ** 2) * X.conj() * Y  # Σ_d conj(D_d X) D_d Y
     den = (Dh.abs() ** 2 + Dv.abs() ** 2) * X.abs() ** 2 + gamma
-    k = o2p(num / den, shape, (size, size)).clamp_min(0)
+    return _clean(o2p(num / den, shape, (size, size)), threshold, threshold_low)
+
+
+def estimate_kernel_masked(x: torch.Tensor, y: torch.Tensor, k0: torch.Tensor, gamma: float, threshold: float,
+                           mask: torch.Tensor, cg_iters: int, threshold_low: float = None) -> torch.Tensor:
+    """Eq. 12 restricted to the data: min_k Σ_d ‖M ⊙ (∂_d x ⊛ k − ∂_d y)‖² + γ‖k‖² on the size² support of k0,
+    by conjugate gradients warm-started at k0 (Cho & Lee 2009 solve the kernel step by CG in the same way).
+    M is 1 where y is observed and 0 on the padding, whose mirrored blur (flipped kernel) would otherwise
+    pull the estimate towards a symmetric blob. Then k ≥ 0, clean-up, Σk = 1 as estimate_kernel_ls."""
+    shape, size = tuple(y.shape[-2:]), tuple(k0.shape[-2:])
+    Dh, Dv = grad_otfs(shape, y.dtype, y.device)
+    X = torch.fft.rfft2(x)
+    GX = (Dh * X, Dv * X)
+    gy = [torch.fft.irfft2(D * torch.fft.rfft2(y), s=shape) * mask for D in (Dh, Dv)]
+
+    def normal(k):  # (Σ_d A_dᵀ M A_d + γ) k, A_d k = ∂_d x ⊛ k
+        K = p2o(k, shape)
+        return sum(o2p(G.conj() * torch.fft.rfft2(mask * torch.fft.irfft2(G * K, s=shape)), shape, size)
+                   for G in GX) + gamma * k
+
+    b = sum(o2p(G.conj() * torch.fft.rfft2(r), shape, size) for G, r in zip(GX, gy))
+    k = k0.clone()
+    r = b - normal(k)
+    p, rr = r.clone(), (r * r).sum()
+    for _ in range(cg_iters):
+        Ap = normal(p)
+        alpha = rr / (p * Ap).sum()
+        k, r = k + alpha * p, r - alpha * Ap
+        rr_new = (r * r).sum()
+        if rr_new <= 1e-12 * (b * b).sum():
+            break
+        p, rr = r + (rr_new / rr) * p, rr_new
+    return _clean(k, threshold, threshold_low)
+
+
+def hysteresis_support(k: torch.Tensor, high: float, low: float) -> torch.Tensor:
+    """Taps ≥ low·max that are 8-connected, through taps ≥ low·max, to a tap ≥ high·max (boolean mask).
+    A long thin kernel keeps its dim parts, which touch its bright ones; isolated noise specks go."""
+    weak = k >= low * k.max()
+    keep = k >= high * k.max()
+    while True:
+        grown = (F.max_pool2d(keep[None, None].to(k.dtype), 3, 1, 1)[0, 0] > 0) & weak
+        if torch.equal(grown, keep):
+            return keep
+        keep = grown
+
+
+def _clean(k: torch.Tensor, threshold: float, threshold_low: float = None) -> torch.Tensor:
+    """k ≥ 0, taps below threshold·max zeroed (with threshold_low < threshold: hysteresis_support), Σk = 1."""
+    k = k.clamp_min(0)
     if k.max() > 0:
-        k = torch.where(k < threshold * k.max(), torch.zeros_like(k), k)
+        low = threshold if threshold_low is None else min(threshold_low, threshold)
+        k = torch.where(hysteresis_support(k, threshold, low), k, torch.zeros_like(k))
     if not k.sum() > 0:
-        return _delta(size, y)
+        return _delta(k.shape[-1], k)
     return _recenter(k / k.sum())
 
 
@@ -120,10 +174,18 @@ def _odd(v: float) -> int:
     return n if n % 2 else n + 1
 
 
-def estimate_kernel(y: torch.Tensor, kernel_size: int, cfg: L0Config = L0Config(), callback=None) -> torch.Tensor:
-    """Blind kernel estimate (kernel_size², sum 1) from an observation y (C, H, W) or (H, W) in [0, 1]."""
+def estimate_kernel(y: torch.Tensor, kernel_size: int, cfg: L0Config = L0Config(), callback=None,
+                    box=None) -> torch.Tensor:
+    """Blind kernel estimate (kernel_size², sum 1) from an observation y (C, H, W) or (H, W) in [0, 1].
+    box = (top, left, height, width): where y holds data when the caller padded it (util.pad_for_boundary)."""
     g = y.mean(0) if y.dim() == 3 else y
     g = g.to(torch.float64)
+    valid = torch.zeros_like(g)
+    if box is None:
+        valid += 1
+    else:
+        valid[box[0]:box[0] + box[2], box[1]:box[1] + box[3]] = 1
+    masked = cfg.masked and not bool(valid.all())  # all observed: the FFT step is the exact solution
     levels = max(1, int(math.floor(math.log(kernel_size / cfg.min_kernel) / math.log(math.sqrt(2)))) + 1)
     k = None
     lam = cfg.lam
@@ -138,9 +200,13 @@ def estimate_kernel(y: torch.Tensor, kernel_size: int, cfg: L0Config = L0Config(
         else:
             k = _resize(k, (ks, ks)).clamp_min(0)
             k = k / k.sum()
+        mask = valid if lev == 0 else (_resize(valid, ys.shape) > 0.5).to(ys)
         for _ in range(cfg.iters):
             x = l0_restore(ys, k, cfg, lam)
-            k = estimate_kernel_ls(x, ys, ks, cfg.gamma, cfg.threshold)
+            if masked:
+                k = estimate_kernel_masked(x, ys, k, cfg.gamma, cfg.threshold, mask, cfg.cg_iters, cfg.threshold_low)
+            else:
+                k = estimate_kernel_ls(x, ys, ks, cfg.gamma, cfg.threshold, cfg.threshold_low)
             lam = max(lam / 1.1, cfg.lam_min)
             if callback is not None:
                 callback(lev, x, k)

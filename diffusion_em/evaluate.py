@@ -43,6 +43,20 @@ MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_
 SIZE_BINS = ((0, 13, "≤13 px"), (14, 21, "15–21 px"), (22, 33, "23–33 px"), (34, 10 ** 6, ">33 px"))
 
 
+SIGMA_UNDECLARED = "not declared"  # σ group of cases without a meta.csv σ (real captures: each method estimates it)
+
+
+def sigma_group(sigma) -> str:
+    """σ group used by the summaries and tables: the declared σ in /255, or SIGMA_UNDECLARED."""
+    if sigma in (None, "", "None"):
+        return SIGMA_UNDECLARED
+    return f"{round(float(sigma) * 255):g}/255"
+
+
+def sigma_order(group: str) -> float:
+    return math.inf if group == SIGMA_UNDECLARED else float(group.split("/")[0])
+
+
 def size_bin(kernel_size) -> Optional[str]:
     """Kernel-size group used by the tables (array size of the true kernel)."""
     if kernel_size in (None, ""):
@@ -174,12 +188,12 @@ def summarise(rows: list) -> dict:
         return out
     by_sigma, by_size = {}, {}
     for r in ok:
-        by_sigma.setdefault(f"{round(float(r['sigma']) * 255):g}/255", []).append(r)
+        by_sigma.setdefault(sigma_group(r.get("sigma")), []).append(r)
         by_size.setdefault(size_bin(r.get("kernel_size")) or "unknown", []).append(r)
     lp_ok, lp_reason = lpips_available()
     return {"cases": len(rows), "ok": len(ok), "missing": sum(r.get("status") == "missing" for r in rows),
             "failed": sum(r.get("status") == "failed" for r in rows), "all": block(ok),
-            "by_sigma": {k: block(v) for k, v in sorted(by_sigma.items(), key=lambda kv: float(kv[0].split("/")[0]))},
+            "by_sigma": {k: block(v) for k, v in sorted(by_sigma.items(), key=lambda kv: sigma_order(kv[0]))},
             "by_kernel_size": {lab: block(by_size[lab]) for _, _, lab in SIZE_BINS if lab in by_size},
             "lpips": "computed" if lp_ok else lp_reason}
 

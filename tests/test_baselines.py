@@ -66,6 +66,23 @@ def test_hyper_laplacian_and_oracle_beat_the_blurry_input(one_thread):
     assert all(psnr(NB.tikhonov(y, k, g), x) <= psnr(xo, x) + 1e-9 for g in NB.log_grid(1e-3, 1.0, 4))
 
 
+def test_oracle_lambda_tunes_on_the_aligned_error(one_thread):
+    # a result shifted by 2 px (a real capture's off-centre kernel): the aligned error picks the λ of the
+    # unshifted problem; the plain MSE picks a larger, over-smoothing λ (it blurs to hide the shift)
+    x = _blocks(64)
+    k = _l_kernel(9)
+    y = conv_circular(x, k) + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grid = NB.log_grid(1e-4, 10.0, 8)
+    lam0, _ = NB.oracle_lambda(lambda lam: NB.tikhonov(y, k, lam), x, grid)
+    shifted = lambda lam: torch.roll(NB.tikhonov(y, k, lam), 2, dims=-1)[None, None]  # noqa: E731
+    x4 = x[None, None]
+    err = BL.aligned_mse(x4, 9, shifted(NB.tikhonov_lambda(0.01)))
+    assert err(torch.roll(x4, 2, dims=-1)) == pytest.approx(0.0, abs=1e-12)
+    lam_aligned, _ = NB.oracle_lambda(shifted, x4, grid, error=err)
+    lam_plain, _ = NB.oracle_lambda(shifted, x4, grid)
+    assert lam_aligned == lam0 and lam_plain > 3 * lam0
+
+
 def test_l0_blind_recovers_a_simple_kernel_without_noise(one_thread):
     x = _blocks(96)
     k = _l_kernel(11)
