@@ -21,7 +21,7 @@ from guided_diffusion.model_config import ModelConfig, build_unet
 from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import load_weights
 from kernel_denoiser.network import load_kernel_denoiser
-from classical.blind_l0 import estimate_kernel
+from classical.blind_l0 import L0Config, estimate_kernel
 from util.config import ConfigError
 from util.errors import InputError
 from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # σ below this runs at this value: ΠGDM's solve divides by r²|K|² + σ², which is 0 at the last step when σ = 0
 # (NaN). 1e-3 ≈ 0.26/255, the quantisation noise of 8-bit images: a noiseless input is never cleaner than that.
 SIGMA_FLOOR = 1e-3
+L0_INIT = L0Config(masked=True, threshold_low=0.05)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -93,11 +94,12 @@ def fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
     return out / out.sum()
 
 
-def initial_kernel(rule: str, y: torch.Tensor, s: int) -> Optional[torch.Tensor]:
-    """The M-step's starting kernel (s×s): None (a Dirac) or the classical ℓ0 blind estimate of y (padded)."""
+def initial_kernel(rule: str, y: torch.Tensor, s: int, box: Optional[tuple] = None) -> Optional[torch.Tensor]:
+    """The M-step's starting kernel (s×s): None (a Dirac) or the classical ℓ0 blind estimate of y, fitted on
+    the data `box` (top, left, h, w) of the padded y only."""
     if rule == "dirac":
         return None
-    k = estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s)
+    k = estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s, L0_INIT, box=box)
     return k.to(y.dtype)
 
 
@@ -115,7 +117,7 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
     if min(yp.shape[-2:]) < s:
         raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
-    k0 = initial_kernel(d.kernel_init, yp, s) if k_true is None else None
+    k0 = initial_kernel(d.kernel_init, yp, s, box) if k_true is None else None
     if d.method == "fast_em":
         fixed = None if k_true is None else fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
@@ -156,7 +158,7 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
             r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx], r.guidance, d.mstep, s,
             [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
             fixed_kernels=[None if k_trues[b] is None else fit_kernel(k_trues[b].to(ys[b]), s) for b in idx],
-            k_inits=[initial_kernel(d.kernel_init, prepared[b][0], s) if k_trues[b] is None else None for b in idx],
+            k_inits=[initial_kernel(d.kernel_init, prepared[b][0], s, prepared[b][1]) if k_trues[b] is None else None for b in idx],
             guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
             data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
         for b, rb in zip(idx, res):

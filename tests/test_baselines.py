@@ -136,11 +136,11 @@ def test_each_baseline_on_a_tiny_case(tiny_sets, method, one_thread):
 
 def test_l0_kernel_init_starts_the_m_step_from_the_classical_estimate(one_thread):
     """restore's `kernel_init: l0` is the ℓ0 estimate at the M-step's kernel size; `dirac` leaves it to the driver."""
-    from diffusion_em.restore import initial_kernel
+    from diffusion_em.restore import L0_INIT, initial_kernel
     x = _blocks(96)
     k = _l_kernel(11)
     y = conv_circular(x, k)[None].expand(1, 3, 96, 96).float()
     assert initial_kernel("dirac", y, 15) is None
     k0 = initial_kernel("l0", y, 15)
     assert k0.shape == (15, 15) and k0.dtype == torch.float32
-    assert torch.allclose(k0.double(), estimate_kernel(y[0].double(), 15), atol=1e-6)
+    assert torch.allclose(k0.double(), estimate_kernel(y[0].double(), 15, L0_INIT), atol=1e-6)
