@@ -94,13 +94,30 @@ def fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
     return out / out.sum()
 
 
-def initial_kernel(rule: str, y: torch.Tensor, s: int, box: Optional[tuple] = None) -> Optional[torch.Tensor]:
-    """The M-step's starting kernel (s×s): None (a Dirac) or the classical ℓ0 blind estimate of y, fitted on
-    the data `box` (top, left, h, w) of the padded y only."""
-    if rule == "dirac":
-        return None
-    k = estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s, L0_INIT, box=box)
-    return k.to(y.dtype)
+def kernel_source(setting: str, boundary: str) -> str:
+    """How one image's kernel is found (config key `kernel`): 'auto' is the classical ℓ0 kernel, held fixed,
+    on photos (any non-periodic boundary) and the paper's M-step from a Dirac on periodic (synthetic) sets.
+    Measured (docs/real_captures.md): on real camera-shake captures the M-step's trajectory drifts to thick
+    kernels that the ℓ0 estimate avoids; on circular synthetic sets the M-step's kernels are the better ones."""
+    if setting != "auto":
+        return setting
+    return "em" if boundary == "circular" else "l0"
+
+
+def l0_kernel(y: torch.Tensor, s: int, box: Optional[tuple] = None) -> torch.Tensor:
+    """The classical ℓ0 blind estimate (s×s) of a padded observation y (1, C, H, W), fitted on its data `box`
+    (top, left, h, w) only (classical.blind_l0)."""
+    return estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s, L0_INIT, box=box).to(y.dtype)
+
+
+def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_true: Optional[torch.Tensor]):
+    """(k_init, fixed_kernel) for the EM drivers: the oracle's true kernel, the ℓ0 kernel, or neither."""
+    if k_true is not None:
+        return None, fit_kernel(k_true.to(y), s)
+    if source == "em":
+        return None, None
+    k = l0_kernel(y, s, box)
+    return (None, k) if source == "l0" else (k, None)
 
 
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
@@ -117,9 +134,8 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
     if min(yp.shape[-2:]) < s:
         raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
-    k0 = initial_kernel(d.kernel_init, yp, s, box) if k_true is None else None
+    k0, fixed = kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
-        fixed = None if k_true is None else fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=fixed, k_init=k0, guard=r.guard,
                                 callback=callback, progress=True, data_box=box, eta=d.eta,
@@ -151,14 +167,15 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
     for y, (yp, _) in zip(ys, prepared):
         if min(yp.shape[-2:]) < s:
             raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
+    kernels = [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
+               for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)]
     out = [None] * B
     for shape in dict.fromkeys(tuple(yp.shape) for yp, _ in prepared):  # one batch per padded size, in order
         idx = [b for b in range(B) if tuple(prepared[b][0].shape) == shape]
         res = fast_diffusion_em_batch(
             r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx], r.guidance, d.mstep, s,
             [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
-            fixed_kernels=[None if k_trues[b] is None else fit_kernel(k_trues[b].to(ys[b]), s) for b in idx],
-            k_inits=[initial_kernel(d.kernel_init, prepared[b][0], s, prepared[b][1]) if k_trues[b] is None else None for b in idx],
+            k_inits=[kernels[b][0] for b in idx], fixed_kernels=[kernels[b][1] for b in idx],
             guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
             data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
         for b, rb in zip(idx, res):

@@ -69,13 +69,13 @@ def _same_outputs(a, b):
     assert (sa["images"], sa["ok"]) == (sb["images"], sb["ok"]) == (N_IMAGES, N_IMAGES)
 
 
-@pytest.mark.parametrize("kernel_init", ["dirac", "l0"])
-def test_batch_size_equals_one_by_one(job, monkeypatch, kernel_init):
-    if kernel_init != "dirac":  # each image's own classical starting kernel, batched or not
+@pytest.mark.parametrize("kernel", ["em", "l0_em", "l0"])
+def test_batch_size_equals_one_by_one(job, monkeypatch, kernel):
+    if kernel != "em":  # each image's own classical kernel (a start or fixed), batched or not
         tmp, cfg, data = job
         d = yaml.safe_load(cfg.read_text())
-        cfg = tmp / f"fastem_{kernel_init}.yaml"
-        cfg.write_text(yaml.safe_dump({**d, "kernel_init": kernel_init}))
+        cfg = tmp / f"fastem_{kernel}.yaml"
+        cfg.write_text(yaml.safe_dump({**d, "kernel": kernel}))
         job = (tmp, cfg, data)
     load = run.load_restorer
 
