@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from classical import nonblind as NB
-from classical.blind_l0 import L0Config, estimate_kernel
+from classical.blind_l0 import (L0Config, _clean, estimate_kernel, estimate_kernel_ls, estimate_kernel_masked,
+                                hysteresis_support)
 from diffusion_em import baselines as BL
 from diffusion_em import make_testset as MT
 from util.fft import conv_circular
@@ -97,6 +98,42 @@ def test_l0_blind_recovers_a_simple_kernel_without_noise(one_thread):
     # shift that blind deconvolution cannot determine: the estimate is centred by its centre of mass)
     x_est = NB.tikhonov(y, k_est, 1e-3)
     assert aligned_scores(x_est, x, 15)["psnr_aligned"] > aligned_scores(y, x, 15)["psnr_aligned"] + 5
+
+
+def test_masked_kernel_step_ignores_the_padding(one_thread):
+    # the padding band holds the mirror-image blur (flipped kernel), as a mirrored border does: the FFT step
+    # over the whole frame averages k with its flip; the masked step, on the observed pixels only, finds k
+    x = _blocks(96)
+    k = _l_kernel(11)
+    y = conv_circular(x, k)
+    band = torch.ones_like(x, dtype=torch.bool)
+    band[16:80, 16:80] = False
+    y = torch.where(band, conv_circular(x, k.flip(-1, -2)), y)
+    mask = (~band).to(x)
+    k0 = torch.zeros(11, 11, dtype=torch.float64)
+    k0[5, 5] = 1
+    ref = kernel_mse(k0.numpy(), k.numpy())[0]
+    masked = estimate_kernel_masked(x, y, k0, 1e-6, 0.0, mask, 60)
+    assert kernel_mse(masked.numpy(), k.numpy())[0] < 1e-3 * ref
+    assert kernel_mse(estimate_kernel_ls(x, y, 11, 1e-6, 0.0).numpy(), k.numpy())[0] > 1e-2 * ref
+    # through estimate_kernel: the box names the observed pixels; all-observed falls back to the FFT step
+    assert torch.equal(estimate_kernel(y, 11, L0Config(masked=True, iters=1), box=(0, 0, 96, 96)),
+                       estimate_kernel(y, 11, L0Config(iters=1)))
+
+
+def test_hysteresis_keeps_the_dim_connected_part_and_drops_specks():
+    k = torch.zeros(9, 9, dtype=torch.float64)
+    k[4, 1:8] = torch.tensor([1.0, 0.5, 0.08, 0.06, 0.07, 0.3, 0.2])  # a line with a dim middle
+    k[0, 0] = k[8, 0] = 0.09  # isolated specks between the two thresholds
+    keep = hysteresis_support(k, 0.15, 0.05)
+    assert keep[4, 1:8].all() and int(keep.sum()) == 7
+    assert int(hysteresis_support(k, 0.15, 0.15).sum()) == 4  # plain threshold: the dim middle goes too
+    cleaned = _clean(k, 0.15, 0.05)
+    assert float(cleaned.sum()) == pytest.approx(1.0) and int((cleaned > 0).sum()) == 7
+    noisy = k.clone()
+    noisy[1, 1] = -0.1  # the raw solution's noise reaches 10 % of the max: the dim middle is not trusted
+    assert int((_clean(noisy, 0.15, 0.05, noise_floor=1.0) > 0).sum()) == 4
+    assert int((_clean(noisy, 0.15, 0.05, noise_floor=0.0) > 0).sum()) == 7
 
 
 @pytest.fixture(scope="module")
