@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # σ below this runs at this value: ΠGDM's solve divides by r²|K|² + σ², which is 0 at the last step when σ = 0
 # (NaN). 1e-3 ≈ 0.26/255, the quantisation noise of 8-bit images: a noiseless input is never cleaner than that.
 SIGMA_FLOOR = 1e-3
-L0_INIT = L0Config(masked=True, threshold_low=0.05)
+L0_INIT = L0Config()  # the classical method's own defaults (masked kernel step, hysteresis clean-up)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
