@@ -351,6 +351,10 @@ def main(argv=None) -> int:
         if len(common) < n_all and full and len(full) < len(present):
             scopes.append((full, sorted(set.intersection(*(set(per[n]) for n in full))),
                            f"All {n_all} cases, methods that finished them all"))
+        most = [n for n in present if len(per[n]) * 2 >= n_all]  # a long run stopped early still gets compared
+        if most and set(most) not in ({*present}, {*full}):
+            shared = sorted(set.intersection(*(set(per[n]) for n in most)))
+            scopes.append((most, shared, f"The {len(shared)} cases shared by the methods that finished at least half"))
         for ms, cases, title in scopes:
             md += [f"### {title}", ""] + main_table(per, ms, cases) + [""]
             sig = sorted({sigma_key(per[ms[0]][c]) for c in cases}, key=sigma_order)
