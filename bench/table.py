@@ -372,7 +372,8 @@ def main(argv=None) -> int:
             md += ["Success over every case a blind method attempted (not only the common ones):", ""] + succ + [""]
         md += ["Commands (each skips images it already finished):", "", "```"] + cmds + ["```", ""]
         ms0, cases0 = (scopes[0][0], scopes[0][1]) if scopes else (names, [])
-        points[setname] = [(n, _mean([per[n][c] for c in cases0], "seconds"),
+        title = f"{setname} ({len(cases0)} cases every plotted method finished)"
+        points[title] = [(n, _mean([per[n][c] for c in cases0], "seconds"),
                             _mean([per[n][c] for c in cases0], "psnr_aligned")) for n in ms0]
         io_summary = {n: {"n": len(per[n])} for n in names}
         (args.results_root / setname).mkdir(parents=True, exist_ok=True)
