@@ -374,7 +374,7 @@ def main(argv=None) -> int:
         ms0, cases0 = (scopes[0][0], scopes[0][1]) if scopes else (names, [])
         title = f"{setname} ({len(cases0)} cases every plotted method finished)"
         points[title] = [(n, _mean([per[n][c] for c in cases0], "seconds"),
-                            _mean([per[n][c] for c in cases0], "psnr_aligned")) for n in ms0]
+                          _mean([per[n][c] for c in cases0], "psnr_aligned")) for n in ms0]
         io_summary = {n: {"n": len(per[n])} for n in names}
         (args.results_root / setname).mkdir(parents=True, exist_ok=True)
         (args.results_root / setname / "table.json").write_text(json.dumps({"common": common, "counts": io_summary}))
