@@ -12,6 +12,11 @@ the cases that *all* listed methods finished for that set (n is printed), so row
 methods with fewer finished cases shrink that common set — the per-method counts are listed.
 Error ratio (Levin et al. 2009): aligned SSE of a blind method over that of its own non-blind oracle
 (METHODS[m].oracle) on the same case. The plot needs matplotlib (optional; skipped with a note otherwise).
+A set that declares no σ and no boundary (real captures such as ../shared/data/levin_real: blurry/ sharp/ kernel/,
+no meta.csv) runs with `auto` = the non-periodic taper, gets no per-σ table, and gets a per-case table (also
+`--per_case SET`) in which a case a method failed shows as FAILED; success rates are also given over every case a
+blind method attempted, a failure counted as ratio ∞. The hand-written analysis between the ANALYSIS markers of
+the previous --out file is kept.
 """
 from __future__ import annotations
 
@@ -149,6 +154,19 @@ def group_table(per: dict, names: list, common: list, key, groups: list, what: s
                          + (f" / {km:.1e}" if km is not None else ""))
         lines.append(f"| {METHODS[n].label} | " + " | ".join(cells) + " |")
     return lines
+
+
+ANALYSIS = ("<!-- analysis: begin (hand-written; bench/table.py keeps it) -->", "<!-- analysis: end -->")
+
+
+def keep_analysis(new: str, old: str) -> str:
+    """`new` with the hand-written analysis block of the previous file (between the ANALYSIS markers) put back
+    before the first set's section, so regenerating the tables never loses the discussion of them."""
+    if ANALYSIS[0] not in old or ANALYSIS[1] not in old:
+        return new
+    block = ANALYSIS[0] + old.split(ANALYSIS[0], 1)[1].split(ANALYSIS[1], 1)[0] + ANALYSIS[1] + "\n\n"
+    head, sep, rest = new.partition("\n## ")
+    return head + "\n" + block + sep.lstrip("\n") + rest if sep else new + "\n" + block
 
 
 def sigma_key(r):
@@ -363,7 +381,7 @@ def main(argv=None) -> int:
     md += [f"- PSNR vs seconds: `{os.path.relpath(plot_path, args.out.parent)}`" if msg.startswith("plot written")
            else f"- {msg}", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(md))
+    args.out.write_text(keep_analysis("\n".join(md), args.out.read_text() if args.out.is_file() else ""))
     print(f"wrote {args.out}; {msg}")
     return 0
 

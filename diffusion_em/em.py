@@ -209,7 +209,7 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
         rows = [slice(j * p, (j + 1) * p) for j in range(len(live))]
         keep = []
         for j, b in enumerate(live):
-            if fixed_kernels[b] is None and n % mcfg.every == 0:  # the M-step, on this image's x̂0
+            if fixed_kernels[b] is None and n % mcfg.every == 0 and n >= round(mcfg.start * N):  # the M-step
                 r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
                 update = m_step_coarse if n < round(mcfg.coarse * N) else m_step  # coarse-to-fine kernels
                 k = update(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)

@@ -37,6 +37,7 @@ from util.geometry import project_simplex
 __all__ = ["MStepConfig", "m_step", "m_step_coarse", "resize_kernel", "MStepState"]
 
 COLOUR_MODES = ("joint", "per_channel_mean")
+DOMAINS = ("pixel", "gradient")
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,18 @@ class MStepConfig:
     recenter: bool = True       # re-centre the kernel's centre of mass after each M-step
     every: int = 1              # Fast EM: run the M-step every k diffusion steps
     coarse: float = 0.0         # Fast EM: the first fraction of the steps run the M-step at half resolution
+    domain: str = "pixel"       # 'pixel' | 'gradient': data term on image gradients (less weight on low frequencies)
+    start: float = 0.0          # Fast EM: the kernel stays at its initial value for this first fraction of the steps (1: always)
 
     def __post_init__(self):
+        if self.domain not in DOMAINS:
+            raise ValueError(f"key 'domain' must be one of {DOMAINS}, got {self.domain!r}")
         if self.colour not in COLOUR_MODES:
             raise ValueError(f"key 'colour' must be one of {COLOUR_MODES}, got {self.colour!r}")
         for name, ok, rule in (("J", self.J >= 1, ">= 1"), ("every", self.every >= 1, ">= 1"),
                                ("beta", self.beta > 0, "> 0"), ("lam", self.lam >= 0, ">= 0"),
-                               ("coarse", 0 <= self.coarse <= 1, "in [0, 1]")):
+                               ("coarse", 0 <= self.coarse <= 1, "in [0, 1]"),
+                               ("start", 0 <= self.start <= 1, "in [0, 1]")):
             if not ok:
                 raise ValueError(f"key '{name}' must be {rule}, got {getattr(self, name)}")
 
@@ -106,6 +112,11 @@ def precompute(y: torch.Tensor, x: torch.Tensor, sigma: float, cfg: MStepConfig,
     D = (X.real ** 2 + X.imag ** 2).mean(0)    # (C,H,Wr): (1/n)Σ|F x_i|²
     if r2 is not None:
         D = D + float(r2) * H * W               # App. D: E|F x0|² = |F x̂0|² + HW r²
+    if cfg.domain == "gradient":  # Σ_d ‖∂_d(y − k⊛x)‖²: |F∂_h|² + |F∂_v|² weighs each frequency
+        fy = torch.fft.fftfreq(H, device=y.device, dtype=real)[:, None]
+        fx = torch.fft.rfftfreq(W, device=y.device, dtype=real)[None, :]
+        w = 4 * torch.sin(torch.pi * fy) ** 2 + 4 * torch.sin(torch.pi * fx) ** 2
+        N, D = N * w, D * w
     rho = cfg.beta * float(sigma) ** 2
     if cfg.colour == "joint":
         N, D = N.sum(0, keepdim=True), D.sum(0, keepdim=True)

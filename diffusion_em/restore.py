@@ -21,6 +21,7 @@ from guided_diffusion.model_config import ModelConfig, build_unet
 from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import load_weights
 from kernel_denoiser.network import load_kernel_denoiser
+from classical.blind_l0 import L0Config, estimate_kernel
 from util.config import ConfigError
 from util.errors import InputError
 from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # σ below this runs at this value: ΠGDM's solve divides by r²|K|² + σ², which is 0 at the last step when σ = 0
 # (NaN). 1e-3 ≈ 0.26/255, the quantisation noise of 8-bit images: a noiseless input is never cleaner than that.
 SIGMA_FLOOR = 1e-3
+L0_INIT = L0Config()  # the classical method's own defaults (masked kernel step, hysteresis clean-up)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -92,6 +94,32 @@ def fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
     return out / out.sum()
 
 
+def kernel_source(setting: str, boundary: str) -> str:
+    """How one image's kernel is found (config key `kernel`): 'auto' is the classical ℓ0 kernel, held fixed,
+    on photos (any non-periodic boundary) and the paper's M-step from a Dirac on periodic (synthetic) sets.
+    Measured (docs/real_captures.md): on real camera-shake captures the M-step's trajectory drifts to thick
+    kernels that the ℓ0 estimate avoids; on circular synthetic sets the M-step's kernels are the better ones."""
+    if setting != "auto":
+        return setting
+    return "em" if boundary == "circular" else "l0"
+
+
+def l0_kernel(y: torch.Tensor, s: int, box: Optional[tuple] = None) -> torch.Tensor:
+    """The classical ℓ0 blind estimate (s×s) of a padded observation y (1, C, H, W), fitted on its data `box`
+    (top, left, h, w) only (classical.blind_l0)."""
+    return estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s, L0_INIT, box=box).to(y.dtype)
+
+
+def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_true: Optional[torch.Tensor]):
+    """(k_init, fixed_kernel) for the EM drivers: the oracle's true kernel, the ℓ0 kernel, or neither."""
+    if k_true is not None:
+        return None, fit_kernel(k_true.to(y), s)
+    if source == "em":
+        return None, None
+    k = l0_kernel(y, s, box)
+    return (None, k) if source == "l0" else (k, None)
+
+
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
             k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None) -> EMResult:
     """Deblur one observation (1, C, H, W) in [0, 1] on r.device: pad, run the configured EM, crop back.
@@ -106,10 +134,10 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
     if min(yp.shape[-2:]) < s:
         raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
+    k0, fixed = kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
-        fixed = None if k_true is None else fit_kernel(k_true.to(yp), s)
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
-                                n_particles=d.n_particles, fixed_kernel=fixed, guard=r.guard,
+                                n_particles=d.n_particles, fixed_kernel=fixed, k_init=k0, guard=r.guard,
                                 callback=callback, progress=True, data_box=box, eta=d.eta,
                                 branch_fraction=d.branch_fraction)
     else:
@@ -117,7 +145,7 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
             raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
                              "re-estimate it")
         res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
-                           n_particles=d.n_particles, rounds=d.em_rounds, guard=r.guard,
+                           n_particles=d.n_particles, rounds=d.em_rounds, k_init=k0, guard=r.guard,
                            callback=callback, progress=True, data_box=box, eta=d.eta,
                            branch_fraction=d.branch_fraction)
     res = _judged(r, res, yp, box, sigma)
@@ -139,13 +167,15 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
     for y, (yp, _) in zip(ys, prepared):
         if min(yp.shape[-2:]) < s:
             raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
+    kernels = [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
+               for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)]
     out = [None] * B
     for shape in dict.fromkeys(tuple(yp.shape) for yp, _ in prepared):  # one batch per padded size, in order
         idx = [b for b in range(B) if tuple(prepared[b][0].shape) == shape]
         res = fast_diffusion_em_batch(
             r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx], r.guidance, d.mstep, s,
             [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
-            fixed_kernels=[None if k_trues[b] is None else fit_kernel(k_trues[b].to(ys[b]), s) for b in idx],
+            k_inits=[kernels[b][0] for b in idx], fixed_kernels=[kernels[b][1] for b in idx],
             guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
             data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
         for b, rb in zip(idx, res):

@@ -95,6 +95,9 @@ def _diff():
     (_fast, {"mstep": {"J": 0}}, r"\[mstep\]: key 'J' must be >= 1"),
     (_fast, {"steps": "many"}, "key 'steps' must be int"),
     (_fast, {"boundary": "mirror"}, "key 'boundary' must be one of"),
+    (_fast, {"kernel": "gaussian"}, "key 'kernel' must be one of"),
+    (_diff, {"kernel": "auto"}, "key 'kernel' must be 'em' or 'l0_em' with Diffusion EM"),
+    (_diff, {"mstep": {"start": 0.2}}, "key 'mstep.start' applies only to method 'fast_em'"),
 ])
 def test_diffusion_config_errors_name_the_key(tmp_path, make, change, message):
     """Keys for another method were silently ignored (e.g. pigdm_r2 under Diffusion EM); now they are errors."""

@@ -90,3 +90,20 @@ def test_check_result_returns_the_residual_it_judged():
     y = torch.full((1, 3, 12, 12), 0.5)
     res = EMResult(x=torch.full((1, 3, 12, 12), 0.51), kernel=torch.ones(1, 1), nfe=1, trace=[])
     assert Guard().check_result(res, y, 0.02) == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_mstep_start_keeps_the_initial_kernel_for_the_first_steps(tiny_unet):
+    """mstep.start = 0.5 on 6 steps: the kernel is the given k_init at steps 1-3, the M-step's from step 4."""
+    den = EpsDenoiser(tiny_unet, Schedule.create(6))
+    k0 = torch.zeros(5, 5)
+    k0[2, 1:4] = 1 / 3
+    seen = []
+    fast_diffusion_em(den, _y(3, 32), 0.05, PiGDM(), MStepConfig(J=1, start=0.5), 5, torch.Generator().manual_seed(0),
+                      k_init=k0, guard=None, callback=seen.append)
+    same = [torch.equal(d["kernel"][0, 0], k0) for d in seen]
+    assert same == [True, True, True, False, False, False]
+
+
+def test_mstep_start_is_a_fraction():
+    with pytest.raises(ValueError, match="'start'"):
+        MStepConfig(start=1.5)

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from diffusion_em import run
@@ -68,7 +69,14 @@ def _same_outputs(a, b):
     assert (sa["images"], sa["ok"]) == (sb["images"], sb["ok"]) == (N_IMAGES, N_IMAGES)
 
 
-def test_batch_size_equals_one_by_one(job, monkeypatch):
+@pytest.mark.parametrize("kernel", ["em", "l0_em", "l0"])
+def test_batch_size_equals_one_by_one(job, monkeypatch, kernel):
+    if kernel != "em":  # each image's own classical kernel (a start or fixed), batched or not
+        tmp, cfg, data = job
+        d = yaml.safe_load(cfg.read_text())
+        cfg = tmp / f"fastem_{kernel}.yaml"
+        cfg.write_text(yaml.safe_dump({**d, "kernel": kernel}))
+        job = (tmp, cfg, data)
     load = run.load_restorer
 
     def per_sample(*a, **k):

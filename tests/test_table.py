@@ -71,3 +71,14 @@ def test_table_on_real_captures_without_meta(tmp_path):
     assert "1 failed, counted as ∞): ratio ≤ 2 on 1 (50%)" in md
     summary = json.loads((res / "l0_blind" / "eval.json").read_text())
     assert list(summary["by_sigma"]) == ["not declared"] and summary["failed"] == 1
+
+
+def test_regenerating_keeps_the_hand_written_analysis():
+    table = _table_module()
+    a, b = table.ANALYSIS
+    old = f"# Benchmarks\n\nold header\n\n{a}\nFast EM loses at σ 20/255.\n{b}\n\n## set\n\n| old table |\n"
+    new = "# Benchmarks\n\nnew header\n\n## set\n\n| new table |\n"
+    out = table.keep_analysis(new, old)
+    assert out.count("Fast EM loses at σ 20/255.") == 1 and "old" not in out.replace("old header", "")
+    assert out.index("new header") < out.index(a) < out.index("## set") < out.index("| new table |")
+    assert table.keep_analysis(new, "no block here") == new
