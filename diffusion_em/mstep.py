@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from classical.nonblind import grad_otfs
 from util.fft import o2p, p2o
 from util.geometry import project_simplex
 
@@ -113,9 +114,8 @@ def precompute(y: torch.Tensor, x: torch.Tensor, sigma: float, cfg: MStepConfig,
     if r2 is not None:
         D = D + float(r2) * H * W               # App. D: E|F x0|² = |F x̂0|² + HW r²
     if cfg.domain == "gradient":  # Σ_d ‖∂_d(y − k⊛x)‖²: |F∂_h|² + |F∂_v|² weighs each frequency
-        fy = torch.fft.fftfreq(H, device=y.device, dtype=real)[:, None]
-        fx = torch.fft.rfftfreq(W, device=y.device, dtype=real)[None, :]
-        w = 4 * torch.sin(torch.pi * fy) ** 2 + 4 * torch.sin(torch.pi * fx) ** 2
+        Dh, Dv = grad_otfs((H, W), real, y.device)
+        w = Dh.abs() ** 2 + Dv.abs() ** 2
         N, D = N * w, D * w
     rho = cfg.beta * float(sigma) ** 2
     if cfg.colour == "joint":
