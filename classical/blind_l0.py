@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from classical.nonblind import grad_otfs
 from util.fft import o2p, p2o
+from util.geometry import dirac
 
 
 @dataclass(frozen=True)
@@ -156,14 +157,8 @@ def _clean(k: torch.Tensor, threshold: float, threshold_low: float = None, noise
         low = threshold if threshold_low is None else min(max(threshold_low, floor / float(k.max())), threshold)
         k = torch.where(hysteresis_support(k, threshold, low), k, torch.zeros_like(k))
     if not k.sum() > 0:
-        return _delta(k.shape[-1], k)
+        return dirac(k.shape[-1], k.device, k.dtype)[0, 0]
     return _recenter(k / k.sum())
-
-
-def _delta(size: int, ref: torch.Tensor) -> torch.Tensor:
-    k = ref.new_zeros(size, size)
-    k[size // 2, size // 2] = 1.0
-    return k
 
 
 def _recenter(k: torch.Tensor) -> torch.Tensor:
@@ -210,7 +205,7 @@ def estimate_kernel(y: torch.Tensor, kernel_size: int, cfg: L0Config = L0Config(
         ks = kernel_size if lev == 0 else _odd(kernel_size * scale)
         ys = g if lev == 0 else _resize(g, (max(ks + 2, round(g.shape[0] * scale)), max(ks + 2, round(g.shape[1] * scale))))
         if k is None:
-            k = _delta(ks, ys)
+            k = dirac(ks, ys.device, ys.dtype)[0, 0]
             k[ks // 2, ks // 2 - 1: ks // 2 + 2] = 1.0  # a tiny blob rather than a Dirac: the x step must blur
             k = k / k.sum()
         else:
