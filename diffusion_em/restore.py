@@ -21,7 +21,7 @@ from guided_diffusion.model_config import ModelConfig, build_unet
 from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import load_weights
 from kernel_denoiser.network import load_kernel_denoiser
-from classical.blind_l0 import L0Config, estimate_kernel
+from classical.blind_l0 import estimate_kernel
 from util.config import ConfigError
 from util.errors import InputError
 from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # σ below this runs at this value: ΠGDM's solve divides by r²|K|² + σ², which is 0 at the last step when σ = 0
 # (NaN). 1e-3 ≈ 0.26/255, the quantisation noise of 8-bit images: a noiseless input is never cleaner than that.
 SIGMA_FLOOR = 1e-3
-L0_INIT = L0Config()  # the classical method's own defaults (masked kernel step, hysteresis clean-up)
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -106,8 +105,8 @@ def kernel_source(setting: str, boundary: str) -> str:
 
 def l0_kernel(y: torch.Tensor, s: int, box: Optional[tuple] = None) -> torch.Tensor:
     """The classical ℓ0 blind estimate (s×s) of a padded observation y (1, C, H, W), fitted on its data `box`
-    (top, left, h, w) only (classical.blind_l0)."""
-    return estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s, L0_INIT, box=box).to(y.dtype)
+    (top, left, h, w) only, with the classical method's default settings (classical.blind_l0)."""
+    return estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s, box=box).to(y.dtype)
 
 
 def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_true: Optional[torch.Tensor]):

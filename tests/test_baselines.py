@@ -174,11 +174,11 @@ def test_each_baseline_on_a_tiny_case(tiny_sets, method, one_thread):
 def test_kernel_sources_for_the_em_drivers(one_thread):
     """`kernel`: em → neither (Dirac start); l0 → the ℓ0 kernel fixed; l0_em → it as the M-step's start;
     auto → l0 on photos (non-periodic boundary), em on circular sets; the oracle's true kernel wins."""
-    from diffusion_em.restore import L0_INIT, kernel_source, kernels_for
+    from diffusion_em.restore import kernel_source, kernels_for
     x = _blocks(96)
     k = _l_kernel(11)
     y = conv_circular(x, k)[None].expand(1, 3, 96, 96).float()
-    k_l0 = estimate_kernel(y[0].double(), 15, L0_INIT).float()
+    k_l0 = estimate_kernel(y[0].double(), 15).float()
     assert kernels_for("em", y, 15, None, None) == (None, None)
     fixed = kernels_for("l0", y, 15, None, None)
     start = kernels_for("l0_em", y, 15, None, None)
