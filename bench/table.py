@@ -36,8 +36,8 @@ from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from diffusion_em.evaluate import (SIGMA_UNDECLARED, SIZE_BINS, evaluate_folder, sigma_group, sigma_order,  # noqa: E402
-                                   size_bin, write_outputs)
+from diffusion_em.evaluate import (SIGMA_UNDECLARED, SIZE_BINS, evaluate_folder, finite_mean, sigma_group,  # noqa: E402
+                                   sigma_order, size_bin, write_outputs)
 
 
 @dataclass(frozen=True)
@@ -115,12 +115,6 @@ def _f(v, fmt):
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
-def _mean(rows, key):
-    v = [float(r[key]) for r in rows if r.get(key) not in (None, "", "None")]
-    v = [x for x in v if math.isfinite(x)]
-    return sum(v) / len(v) if v else None
-
-
 def _share(rows, t):
     v = [float(r["error_ratio"]) for r in rows if r.get("error_ratio") not in (None, "")]
     return None if not v else sum(x <= t for x in v) / len(v)
@@ -134,11 +128,11 @@ def main_table(per: dict, names: list, common: list) -> list:
         d = [float(r["psnr_aligned"]) - float(r["psnr_blurry_aligned"]) for r in rows
              if r.get("psnr_aligned") not in (None, "") and r.get("psnr_blurry_aligned") not in (None, "")]
         s2, s3 = _share(rows, 2), _share(rows, 3)
-        lines.append(f"| {METHODS[n].label} | {_f(_mean(rows, 'seconds'), '.1f')} | {_f(_mean(rows, 'nfe'), '.0f')} | "
-                     f"{_f(_mean(rows, 'psnr'), '.2f')} | {_f(_mean(rows, 'psnr_aligned'), '.2f')} | "
+        lines.append(f"| {METHODS[n].label} | {_f(finite_mean(rows, 'seconds'), '.1f')} | {_f(finite_mean(rows, 'nfe'), '.0f')} | "
+                     f"{_f(finite_mean(rows, 'psnr'), '.2f')} | {_f(finite_mean(rows, 'psnr_aligned'), '.2f')} | "
                      f"{_f(sum(d) / len(d) if d else None, '+.2f')} (worst {_f(min(d) if d else None, '+.1f')}) | "
-                     f"{_f(_mean(rows, 'ssim'), '.3f')} | {_f(_mean(rows, 'ssim_aligned'), '.3f')} | "
-                     f"{_f(_mean(rows, 'kernel_mse') if METHODS[n].blind else None, '.2e')} | {_f(_mean(rows, 'error_ratio'), '.2f')} | "
+                     f"{_f(finite_mean(rows, 'ssim'), '.3f')} | {_f(finite_mean(rows, 'ssim_aligned'), '.3f')} | "
+                     f"{_f(finite_mean(rows, 'kernel_mse') if METHODS[n].blind else None, '.2e')} | {_f(finite_mean(rows, 'error_ratio'), '.2f')} | "
                      f"{_f(s2, '.0%')} / {_f(s3, '.0%')} |")
     return lines
 
@@ -151,8 +145,8 @@ def group_table(per: dict, names: list, common: list, key, groups: list, what: s
         cells = []
         for g in groups:
             rows = [per[n][c] for c in common if key(per[n][c]) == g]
-            km = _mean(rows, "kernel_mse") if METHODS[n].blind else None  # an oracle's kernel is the truth
-            cells.append(f"{_f(_mean(rows, 'psnr_aligned'), '.2f')} / {_f(_mean(rows, 'ssim_aligned'), '.3f')}"
+            km = finite_mean(rows, "kernel_mse") if METHODS[n].blind else None  # an oracle's kernel is the truth
+            cells.append(f"{_f(finite_mean(rows, 'psnr_aligned'), '.2f')} / {_f(finite_mean(rows, 'ssim_aligned'), '.3f')}"
                          + (f" / {km:.1e}" if km is not None else ""))
         lines.append(f"| {METHODS[n].label} | " + " | ".join(cells) + " |")
     return lines
@@ -373,8 +367,8 @@ def main(argv=None) -> int:
         md += ["Commands (each skips images it already finished):", "", "```"] + cmds + ["```", ""]
         ms0, cases0 = (scopes[0][0], scopes[0][1]) if scopes else (names, [])
         title = f"{setname} ({len(cases0)} cases every plotted method finished)"
-        points[title] = [(n, _mean([per[n][c] for c in cases0], "seconds"),
-                          _mean([per[n][c] for c in cases0], "psnr_aligned")) for n in ms0]
+        points[title] = [(n, finite_mean([per[n][c] for c in cases0], "seconds"),
+                          finite_mean([per[n][c] for c in cases0], "psnr_aligned")) for n in ms0]
         io_summary = {n: {"n": len(per[n])} for n in names}
         (args.results_root / setname).mkdir(parents=True, exist_ok=True)
         (args.results_root / setname / "table.json").write_text(json.dumps({"common": common, "counts": io_summary}))

@@ -169,7 +169,8 @@ def evaluate_folder(testset, results, oracle=None) -> list:
     return rows
 
 
-def _mean(rows, key):
+def finite_mean(rows, key):
+    """Mean of a column over rows, skipping missing and non-finite values (None when nothing is left)."""
     v = [float(r[key]) for r in rows if r.get(key) not in (None, "", "None")]
     v = [x for x in v if math.isfinite(x)]
     return float(np.mean(v)) if v else None
@@ -180,7 +181,7 @@ def summarise(rows: list) -> dict:
     ok = [r for r in rows if r.get("status") == "ok"]
 
     def block(rs):
-        out = {k: _mean(rs, k) for k in MEAN_FIELDS}
+        out = {k: finite_mean(rs, k) for k in MEAN_FIELDS}
         out["n"] = len(rs)
         ratios = [float(r["error_ratio"]) for r in rs if r.get("error_ratio") not in (None, "")]
         if ratios:
