@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from diffusion_em import restore as restore_module
 from diffusion_em import run
 
 N_IMAGES = 4
@@ -71,12 +72,11 @@ def _same_outputs(a, b):
 
 @pytest.mark.parametrize("kernel", ["em", "l0_em", "l0"])
 def test_batch_size_equals_one_by_one(job, monkeypatch, kernel):
-    if kernel != "em":  # each image's own classical kernel (a start or fixed), batched or not
-        tmp, cfg, data = job
-        d = yaml.safe_load(cfg.read_text())
-        cfg = tmp / f"fastem_{kernel}.yaml"
-        cfg.write_text(yaml.safe_dump({**d, "kernel": kernel}))
-        job = (tmp, cfg, data)
+    tmp, cfg, data = job  # l0 / l0_em: each image's own classical kernel (a start or fixed), batched or not
+    d = yaml.safe_load(cfg.read_text())
+    cfg = tmp / f"fastem_{kernel}.yaml"
+    cfg.write_text(yaml.safe_dump({**d, "kernel": kernel}))
+    job = (tmp, cfg, data)
     load = run.load_restorer
 
     def per_sample(*a, **k):
@@ -84,10 +84,18 @@ def test_batch_size_equals_one_by_one(job, monkeypatch, kernel):
         r.denoiser.net = PerSample(r.denoiser.model)
         return r
     monkeypatch.setattr(run, "load_restorer", per_sample)
+    l0_kernels = []  # the ℓ0 estimates the option really computed
+    l0 = restore_module.l0_kernel
+    monkeypatch.setattr(restore_module, "l0_kernel", lambda *a, **k: l0_kernels.append(l0(*a, **k)) or l0_kernels[-1])
     out = job[0]
     assert run.main(_args(job, out / "one")) == 0
     assert run.main(_args(job, out / "batched", "--batch_size", "3")) == 0
     _same_outputs(out / "one", out / "batched")
+    assert len(l0_kernels) == (0 if kernel == "em" else 2 * N_IMAGES)
+    if kernel == "l0":  # held fixed: the written kernels are the ℓ0 estimates
+        for i in range(N_IMAGES):
+            k = torch.from_numpy(np.load(out / "one" / f"kernels/im{i}.npy")).to(l0_kernels[i])
+            assert torch.allclose(k, l0_kernels[i], atol=1e-6)
 
 
 def test_batch_size_refused_for_diffusion_em(job, capsys):
