@@ -50,3 +50,13 @@ def test_gpu_suite_budget_skips(tmp_path, one_thread, repo_root):
     recs = [json.loads(line) for line in (tmp_path / "gpu_suite_reduced.jsonl").read_text().splitlines()]
     assert not [r for r in recs if "s_per_img" in r or "s_per_step" in r]
     assert any("time budget" in r.get("skipped", "") for r in recs)
+
+
+def test_mstep_given_image_runs_on_a_real_capture(shared_path, repo_root, capsys, one_thread):
+    """bench/mstep_given_image.py: the M-step from a Dirac given the capture's sharp image moves towards its kernel."""
+    data = shared_path("data", "levin_real")
+    assert _load(repo_root, "mstep_given_image").main(["--data", str(data), "--capture", "im1_kernel2", "--calls", "2"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "image=sharp" in line and "start=dirac" in line
+    first, *_, last = (float(v) for v in line.split("calls:")[1].split())
+    assert last < first
