@@ -136,7 +136,5 @@ def diffusion_config_dict(cfg: DiffusionConfig) -> dict:
     return out
 
 
-
-
 __all__ = ["ConfigError", "DiffusionConfig", "KernelConfig", "ModelConfig", "MStepConfig", "load_diffusion_config",
            "load_kernel_config", "load_model_config", "diffusion_config_dict", "diffusion_config_from_dict"]
