@@ -87,6 +87,22 @@ def _prepare(y: torch.Tensor, mode: str, pad: int, multiple: int):
     return y, box0
 
 
+def _prepared(r: Restorer, y: torch.Tensor, mode: str):
+    """`_prepare` with the restorer's kernel size and UNet multiple; refuses an image smaller than the kernel."""
+    yp, box = _prepare(y, mode, r.kernel_size, r.denoiser.model.size_multiple)
+    if min(yp.shape[-2:]) < r.kernel_size:
+        raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {r.kernel_size}x{r.kernel_size}")
+    return yp, box
+
+
+def start_kernels(r: Restorer, y: torch.Tensor, boundary: str = "circular",
+                  k_true: Optional[torch.Tensor] = None) -> tuple:
+    """(k_init, fixed_kernel) of one observation, as `restore` would compute them (the ℓ0 estimate takes
+    seconds: a retry after a divergence reuses it)."""
+    yp, box = _prepared(r, y, boundary)
+    return kernels_for(kernel_source(r.dcfg.kernel, boundary), yp, r.kernel_size, box, k_true)
+
+
 def fit_kernel(k: torch.Tensor, s: int) -> torch.Tensor:
     """A kernel zero-padded or cropped, centred, to s×s and renormalised (the oracle run's fixed kernel)."""
     out = pad_centred(k, s)
@@ -120,20 +136,20 @@ def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_tr
 
 
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
-            k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None) -> EMResult:
+            k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None,
+            start: Optional[tuple] = None) -> EMResult:
     """Deblur one observation (1, C, H, W) in [0, 1] on r.device: pad, run the configured EM, crop back.
 
     σ below SIGMA_FLOOR runs at the floor. boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see
     `boundary_mode`); k_true: the oracle kernel
-    (M-step off, the non-blind bound); callback: per-step dict (see the drivers). Raises DivergenceError when
+    (M-step off, the non-blind bound); callback: per-step dict (see the drivers); start: (k_init, fixed_kernel)
+    from `start_kernels`, else computed here. Raises DivergenceError when
     the guard fails the result (judged on the data region: padding is not data).
     """
     d, s = r.dcfg, r.kernel_size
     sigma = max(float(sigma), SIGMA_FLOOR)
-    yp, box = _prepare(y, boundary, s, r.denoiser.model.size_multiple)
-    if min(yp.shape[-2:]) < s:
-        raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
-    k0, fixed = kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
+    yp, box = _prepared(r, y, boundary)
+    k0, fixed = start if start is not None else kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=fixed, k_init=k0, guard=r.guard,
@@ -162,10 +178,7 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
         raise InputError("batched images (--batch_size > 1) are a Fast EM option")
     B = len(ys)
     k_trues, callbacks = k_trues or [None] * B, callbacks or [None] * B
-    prepared = [_prepare(y, mode, s, r.denoiser.model.size_multiple) for y, mode in zip(ys, boundaries)]
-    for y, (yp, _) in zip(ys, prepared):
-        if min(yp.shape[-2:]) < s:
-            raise InputError(f"image {tuple(y.shape[-2:])} is smaller than the kernel {s}x{s}")
+    prepared = [_prepared(r, y, mode) for y, mode in zip(ys, boundaries)]
     kernels = [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
                for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)]
     out = [None] * B
@@ -195,11 +208,14 @@ def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_f
                          on_retry: Callable[[int, DivergenceError], None] = lambda attempt, e: None,
                          first_attempt: int = 0, **options) -> tuple:
     """`restore` with fresh noise (generator_for(attempt)) after a divergence, up to dcfg.retries more times
-    (counting from `first_attempt`, e.g. 1 after a batched first attempt failed).
+    (counting from `first_attempt`, e.g. 1 after a batched first attempt failed). The start kernels (the ℓ0
+    estimate) are computed once for all attempts.
 
     Returns (EMResult, attempts); raises DivergenceError naming the attempts when every one failed.
     """
     last = None
+    if options.get("start") is None and first_attempt <= r.dcfg.retries:
+        options["start"] = start_kernels(r, y, options.get("boundary", "circular"), options.get("k_true"))
     for attempt in range(first_attempt, r.dcfg.retries + 1):
         try:
             return restore(r, y, sigma, generator_for(attempt), **options), attempt + 1

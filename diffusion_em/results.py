@@ -23,10 +23,11 @@ from util.errors import ProjectError
 from util.outputs import (kernel_to_image, make_montage, save_gif, save_json, save_kernel_png, save_npy, save_png,
                           save_text)
 
-FIELDS = ("name", "status", "message", "sigma", "sigma_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
+FIELDS = ("name", "status", "message", "sigma", "sigma_source", "kernel_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
           "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
           "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_particles", "seconds", "nfe", "attempts",
           "reblur_rms_frame", "flag")
+ADDED_FIELDS = ("kernel_source",)  # newer than some results folders: a folder whose log lacks them still resumes
 MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
                "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
 RECORD_FILES = ("config.yaml", "metrics.csv", "summary.json")
@@ -90,7 +91,9 @@ class ResultsFolder:
         if self.metrics.is_file() and self.metrics.stat().st_size > 0:
             with open(self.metrics, newline="", errors="replace") as f:
                 header = f.readline().strip().split(",")
-            if tuple(header) != self.fields:
+            if tuple(header) == tuple(f for f in self.fields if f not in ADDED_FIELDS):
+                self.fields = tuple(header)  # an older version's log: resume it in its own columns
+            elif tuple(header) != self.fields:
                 raise OutputError(f"{self.metrics}: holds another header ({','.join(header[:4])},...); it is not "
                                   f"this version's metrics log: move it away or choose another --save_dir")
 
@@ -136,7 +139,8 @@ class ResultsFolder:
         return rows
 
     def append(self, row: dict) -> None:
-        append_csv_row(self.log, self.fields, row)
+        append_csv_row(self.log, self.fields, {k: v for k, v in row.items()
+                                                 if k in self.fields or k not in ADDED_FIELDS})
 
     def merge_rank_logs(self, order: list) -> dict:
         """Rank 0 after the barrier: metrics.csv := the last row per image, `order` (input names) first;

@@ -24,8 +24,8 @@ from diffusion_em.config import (BOUNDARIES, ConfigError, DiffusionConfig, Kerne
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
-from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, load_restorer, repo_path,
-                                  restore_batch, restore_with_retries)
+from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, kernel_source, load_restorer,
+                                  repo_path, restore_batch, restore_with_retries)
 from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
@@ -203,6 +203,8 @@ class Loaded:
     sigma_source: str
     sigma_run: float           # σ of the RGB observation the sampler sees
     gray: bool
+    boundary: str              # the boundary model it runs with (restore.boundary_mode)
+    kernel_from: str           # where its kernel comes from: em | l0 | l0_em | true (the oracle)
     t0: float
     callback: Optional[object] = None
     frames: list = field(default_factory=list)
@@ -227,8 +229,10 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     if opts.true_kernel and loaded.k_true is None:
         raise InputError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
     callback, frames, kernels = _progress_recorder(r.dcfg.steps) if opts.save_progress else (None, [], [])
-    return Loaded(sample, index, loaded, image_to_tensor(loaded.y, r.device), sigma, source, sigma_run, gray, t0,
-                  callback, frames, kernels)
+    boundary = boundary_mode(opts.boundary or r.dcfg.boundary, sample.kind, sample.boundary)
+    kernel_from = "true" if opts.true_kernel else kernel_source(r.dcfg.kernel, boundary)
+    return Loaded(sample, index, loaded, image_to_tensor(loaded.y, r.device), sigma, source, sigma_run, gray,
+                  boundary, kernel_from, t0, callback, frames, kernels)
 
 
 def _generator(r: Restorer, opts: RunOptions, index: int, attempt: int) -> torch.Generator:
@@ -252,8 +256,7 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
         on_retry(first_attempt - 1, failed)
     return restore_with_retries(
         r, one.y, one.sigma_run, lambda attempt: _generator(r, opts, one.index, attempt), on_retry,
-        first_attempt=first_attempt, boundary=boundary_mode(opts.boundary or r.dcfg.boundary, one.sample.kind, one.sample.boundary),
-        k_true=_k_true(opts, one), callback=one.callback)
+        first_attempt=first_attempt, boundary=one.boundary, k_true=_k_true(opts, one), callback=one.callback)
 
 
 def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
@@ -271,7 +274,7 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
                     one.kernels)
     m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
     row = {"name": one.sample.name, "status": "ok", "message": "", "sigma": one.sigma,
-           "sigma_source": one.sigma_source, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
+           "sigma_source": one.sigma_source, "kernel_source": one.kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
            "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
     row["flag"] = ";".join(quality_flags(row, one.sigma))
     if row["flag"]:
@@ -336,7 +339,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
             raise MemoryError(f"the memory budget fits these {len(ready)} images one at a time, not together")
         results = restore_batch(
             r, [o.y for o in ready], [o.sigma_run for o in ready], [_generator(r, opts, o.index, 0) for o in ready],
-            [boundary_mode(opts.boundary or r.dcfg.boundary, o.sample.kind, o.sample.boundary) for o in ready], [_k_true(opts, o) for o in ready],
+            [o.boundary for o in ready], [_k_true(opts, o) for o in ready],
             [o.callback for o in ready]) if ready else []
     except Exception as e:
         if not _out_of_memory(e):

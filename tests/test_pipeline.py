@@ -1,4 +1,5 @@
 """End-to-end smoke tests of the entry scripts' job with a tiny random UNet (few steps) on every input format."""
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -193,6 +194,63 @@ def test_divergence_guard_fails_garbage_with_a_message(setup):
     assert not (out / "images" / "im0.png").exists()  # never written as a success
 
 
+
+def test_retries_reuse_the_l0_kernel(setup, monkeypatch):
+    """The classical ℓ0 estimate (seconds on a photo) was recomputed for every retry after a divergence."""
+    from diffusion_em import restore as restore_module
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    d.update(guard_residual=25.0, guard_saturation=0.1, retries=2, kernel="l0")
+    strict = tmp / "strict_l0.yaml"
+    strict.write_text(yaml.safe_dump(d))
+    calls = []
+    l0 = restore_module.l0_kernel
+    monkeypatch.setattr(restore_module, "l0_kernel", lambda *a, **k: calls.append(1) or l0(*a, **k))
+    assert main(_args(tmp, strict, data, tmp / "out", "--max_images", "1"), method="fast_em") == 1
+    r = _rows(tmp / "out")[0]
+    assert r["status"] == "failed" and "after 3 attempts" in r["message"] and len(calls) == 1
+
+
+@pytest.mark.parametrize("method,config,kernel,expected", [
+    ("fast_em", "fastem_pigdm", "em", "em"), ("fast_em", "fastem_pigdm", "l0", "l0"),
+    ("fast_em", "fastem_pigdm", "auto", "l0"),  # the tiny set declares no boundary: a photo
+    ("diffusion_em", "pigdm", "l0_em", "l0_em"), ("diffusion_em", "pigdm", "em", "em")])
+def test_metrics_name_the_kernel_source(setup, monkeypatch, method, config, kernel, expected):
+    """metrics.csv says per image where its kernel came from (with `auto` it depends on the boundary); the
+    ℓ0 estimate is computed exactly when that source needs it, Diffusion EM's l0_em included."""
+    from diffusion_em import restore as restore_module
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs[config].read_text())
+    d["kernel"] = kernel
+    cfg = tmp / f"{config}_{kernel}.yaml"
+    cfg.write_text(yaml.safe_dump(d))
+    calls = []
+    l0 = restore_module.l0_kernel
+    monkeypatch.setattr(restore_module, "l0_kernel", lambda *a, **k: calls.append(1) or l0(*a, **k))
+    assert main(_args(tmp, cfg, data, tmp / "out"), method=method) == 0
+    assert [r["kernel_source"] for r in _rows(tmp / "out")] == [expected] * 2
+    assert len(calls) == (2 if "l0" in expected else 0)
+    if method == "fast_em":
+        assert main(_args(tmp, cfg, data, tmp / "oracle", "--true_kernel"), method=method) == 0
+        assert [r["kernel_source"] for r in _rows(tmp / "oracle")] == ["true"] * 2
+
+
+def test_a_log_without_the_kernel_source_column_resumes(setup):
+    """A results folder written before the kernel_source column existed resumes in its own columns."""
+    from diffusion_em.results import ADDED_FIELDS, FIELDS
+    tmp, cfgs, data = setup
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1"), method="fast_em") == 0
+    old = [f for f in FIELDS if f not in ADDED_FIELDS]
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(out / "metrics.csv", "w", newline="") as f:  # the log as the previous version wrote it
+        w = csv.DictWriter(f, fieldnames=old, extrasaction="ignore", lineterminator="\n")
+        w.writeheader(), w.writerows(rows)
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 0
+    rows = _rows(out)
+    assert [r["name"] for r in rows] == ["im0", "im1"] and all(r["status"] == "ok" for r in rows)
+    assert "kernel_source" not in rows[1] and (out / "metrics.csv").read_text().splitlines()[0] == ",".join(old)
 
 def test_a_bug_is_a_crash_not_a_failed_row(setup, monkeypatch):
     """The loop caught ValueError and OSError, so a programming error became a 'failed' row and exit 1."""

@@ -91,6 +91,7 @@ def test_batch_size_equals_one_by_one(job, monkeypatch, kernel):
     assert run.main(_args(job, out / "one")) == 0
     assert run.main(_args(job, out / "batched", "--batch_size", "3")) == 0
     _same_outputs(out / "one", out / "batched")
+    assert {r["kernel_source"] for r in _rows(out / "one").values()} == {kernel}
     assert len(l0_kernels) == (0 if kernel == "em" else 2 * N_IMAGES)
     if kernel == "l0":  # held fixed: the written kernels are the ℓ0 estimates
         for i in range(N_IMAGES):
