@@ -52,12 +52,15 @@ class OutputError(ProjectError, OSError):
     """The output folder cannot hold this run's results; the message names the folder or file."""
 
 
-def _differences(old, new, prefix: str = "") -> list:
-    """'key: old → new' for every leaf that differs between two nested dicts."""
+def _differences(old, new, prefix: str = "", defaults=None) -> list:
+    """'key: old → new' for every leaf that differs between two nested dicts. A key the old record lacks is
+    no difference when its new value is its `defaults` value: new options default to the older behaviour."""
     if isinstance(old, dict) and isinstance(new, dict):
-        out = []
+        out, defaults = [], defaults if isinstance(defaults, dict) else {}
         for k in sorted(set(old) | set(new), key=str):
-            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+            if k not in old and k in defaults and new[k] == defaults[k]:
+                continue
+            out += _differences(old.get(k), new.get(k), f"{prefix}{k}.", defaults.get(k))
         return out
     return [] if old == new else [f"{prefix[:-1]}: {old!r} → {new!r}"]
 
@@ -107,13 +110,14 @@ class ResultsFolder:
             return {"unreadable": str(cfg)}
         return data.get("settings", {"unrecorded": True}) if isinstance(data, dict) else {"unreadable": str(cfg)}
 
-    def claim(self, settings: dict, overwrite: bool) -> None:
+    def claim(self, settings: dict, overwrite: bool, defaults: Optional[dict] = None) -> None:
         """Make the folder's record describe `settings`: resume when they match; refuse when they do not,
-        unless `overwrite`, which moves the old record aside first."""
+        unless `overwrite`, which moves the old record aside first. `defaults`: settings of this version's
+        defaults, so a record made before an option existed still matches when the option is at its default."""
         old = self.recorded_settings()
         has_results = self.metrics.is_file() and self.metrics.stat().st_size > 0
-        if old is not None and old != settings and (has_results or (self.path / "summary.json").exists()):
-            diff = _differences(old, settings)
+        diff = [] if old is None else _differences(old, settings, defaults=defaults)
+        if diff and (has_results or (self.path / "summary.json").exists()):
             if not overwrite:
                 shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
                 raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "

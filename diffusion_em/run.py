@@ -452,7 +452,8 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
         samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))
         if ranks.main:
             out.check()
-            out.claim(settings, args.overwrite)
+            out.claim(settings, args.overwrite, defaults={"diffusion": diffusion_config_dict(DiffusionConfig()),
+                                                          "kernel": as_dict(KernelConfig())})
     except ProjectError as e:
         failed = e
     if not _all_ok(ranks, failed is None):
