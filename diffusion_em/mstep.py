@@ -54,7 +54,6 @@ class MStepConfig:
     coarse: float = 0.0         # Fast EM: the first fraction of the steps run the M-step at half resolution
     domain: str = "pixel"       # 'pixel' | 'gradient': data term on image gradients (less weight on low frequencies)
     start: float = 0.0          # Fast EM: the kernel stays at its initial value for this first fraction of the steps (1: always)
-    threshold: float = 0.0      # taps below this fraction of the kernel's maximum are zeroed after each call (0: off, the paper)
 
     def __post_init__(self):
         if self.domain not in DOMAINS:
@@ -64,8 +63,7 @@ class MStepConfig:
         for name, ok, rule in (("J", self.J >= 1, ">= 1"), ("every", self.every >= 1, ">= 1"),
                                ("beta", self.beta > 0, "> 0"), ("lam", self.lam >= 0, ">= 0"),
                                ("coarse", 0 <= self.coarse <= 1, "in [0, 1]"),
-                               ("start", 0 <= self.start <= 1, "in [0, 1]"),
-                               ("threshold", 0 <= self.threshold < 1, "in [0, 1)")):
+                               ("start", 0 <= self.start <= 1, "in [0, 1]")):
             if not ok:
                 raise ValueError(f"key '{name}' must be {rule}, got {getattr(self, name)}")
 
@@ -164,9 +162,6 @@ def m_step(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg:
             if denoiser is not None:
                 Z = project_simplex(denoiser(Z.to(y.dtype), sig_d).to(Z.dtype))
             K = Z
-        if cfg.threshold > 0:  # classical blind deconvolution's clean-up of faint spurious taps (Cho & Lee 2009)
-            K = torch.where(K >= cfg.threshold * K.amax(), K, torch.zeros_like(K))
-            K = K / K.sum()
     return K.reshape(k.shape).to(k.dtype)
 
 

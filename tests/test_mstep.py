@@ -202,20 +202,3 @@ def test_coarse_m_step_recovers_a_large_smooth_kernel():
     resolution_limit = kernel_mse(resize_kernel(resize_kernel(k[None, None], 17), 33), k)[0]
     assert aligned < 2 * resolution_limit, (aligned, resolution_limit)  # as good as half resolution allows
     assert raw == aligned  # centred like the truth: the two scales' grids agree
-
-
-def test_threshold_zeroes_faint_taps_of_the_same_estimate():
-    """`threshold` is the plain M-step's kernel with taps under threshold·max zeroed, renormalised (a noisy
-    estimate has such taps)."""
-    k = _true_kernel(1).float()
-    x = _textured(1, 3, 64, 64, 7, torch.float32)
-    g = torch.Generator().manual_seed(1)
-    y = conv_circular(x, k) + 20 / 255 * torch.randn(x.shape, generator=g)
-    plain = m_step(y, x, dirac(33), 20 / 255, MStepConfig(J=3))
-    cut = m_step(y, x, dirac(33), 20 / 255, MStepConfig(J=3, threshold=0.1))
-    faint = plain < 0.1 * plain.max()
-    assert (faint & (plain > 0)).any() and (cut[faint] == 0).all()
-    assert torch.allclose(cut[~faint], plain[~faint] / plain[~faint].sum(), atol=1e-6)
-    assert abs(cut.sum().item() - 1) < 1e-5
-    with pytest.raises(ValueError, match="key 'threshold' must be in"):
-        MStepConfig(threshold=1.0)

@@ -50,13 +50,13 @@ def test_rerun_with_other_settings_is_refused_and_the_record_kept(tiny_run, caps
 
 
 def test_a_record_older_than_an_option_resumes_only_at_its_default(tiny_run, capsys):
-    """A folder made before `mstep.threshold` and `kernel` existed: the same run resumes (they hold their
+    """A folder made before `mstep.start` and `kernel` existed: the same run resumes (they hold their
     defaults, the older behaviour); a non-default value of an option the record lacks is refused."""
     tmp, cfgs, data = tiny_run
     out = tmp / "out"
     assert main(_args(tmp, cfgs["fastem_pigdm_paper"], data, out, "--max_images", "1"), method="fast_em") == 0
     rec = yaml.safe_load((out / "config.yaml").read_text())
-    del rec["settings"]["diffusion"]["mstep"]["threshold"], rec["settings"]["diffusion"]["kernel"]
+    del rec["settings"]["diffusion"]["mstep"]["start"], rec["settings"]["diffusion"]["kernel"]
     (out / "config.yaml").write_text(yaml.safe_dump(rec))
     other = tmp / "l0.yaml"
     other.write_text(yaml.safe_dump({**yaml.safe_load(cfgs["fastem_pigdm_paper"].read_text()), "kernel": "l0"}))
