@@ -21,7 +21,7 @@ from util.config import ConfigError, build, read_yaml
 
 METHODS = ("fast_em", "diffusion_em")
 GUIDANCES = ("pigdm", "dps")
-KERNELS = ("em", "l0", "l0_em", "auto")
+KERNELS = ("em", "l0", "l0_em", "l0_box", "auto")
 BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
 # keys that only mean something for one method or guidance: giving them for another is an error
 ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
@@ -45,7 +45,8 @@ class DiffusionConfig:
     em_rounds: int = 10              # L, Diffusion EM only
     mstep: MStepConfig = field(default_factory=MStepConfig)
     kernel: str = "em"               # 'em': M-step from a Dirac (paper) | 'l0': the classical ℓ0 kernel, fixed |
-                                     # 'l0_em': M-step from the ℓ0 kernel | 'auto': 'l0' on photos, 'em' on circular sets
+                                     # 'l0_em': M-step from the ℓ0 kernel | 'l0_box': M-step from a Dirac inside
+                                     # the ℓ0 kernel's size box | 'auto': 'l0' on photos, 'em' on circular sets
     boundary: str = "auto"           # 'auto': circular for synthetic test sets, 'taper' for plain photos
     n_particles: int = 1
     branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)
@@ -69,8 +70,8 @@ class DiffusionConfig:
             raise ValueError(f"key 'eta' must be in [0, 1], got {self.eta}")
         if self.retries < 0:
             raise ValueError(f"key 'retries' must be >= 0, got {self.retries}")
-        if self.method == "diffusion_em" and self.kernel not in ("em", "l0_em"):
-            raise ValueError(f"key 'kernel' must be 'em' or 'l0_em' with Diffusion EM (its rounds re-estimate the "
+        if self.method == "diffusion_em" and self.kernel not in ("em", "l0_em", "l0_box"):
+            raise ValueError(f"key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM (its rounds re-estimate the "
                              f"kernel), got {self.kernel!r}")
         if self.mstep.pigdm_r2 and (self.method != "fast_em" or self.guidance != "pigdm"):
             raise ValueError("key 'mstep.pigdm_r2' applies to Fast EM with ΠGDM guidance only")

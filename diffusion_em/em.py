@@ -147,7 +147,7 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
                       guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
                       progress: bool = False, data_box: Optional[tuple] = None, eta: float = 1.0,
-                      branch_fraction: float = 1.0) -> EMResult:
+                      branch_fraction: float = 1.0, support: Optional[torch.Tensor] = None) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
@@ -156,11 +156,12 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
     only; the padding around it is filled with the current prediction k ⊛ x̂0 (diffusion_em/boundary.py).
     `eta` < 1: DDIM steps (Schedule.step_coefs); the particles share one trajectory until the last
     `branch_fraction` of the steps (sampler.branch_start). `mcfg.coarse`: the first steps' M-steps run at
-    half resolution (mstep.m_step_coarse). Raises DivergenceError when the guard fails.
+    half resolution (mstep.m_step_coarse). `support` (bool s×s): the full-resolution M-step's kernel stays
+    inside it (mstep.support_box). Raises DivergenceError when the guard fails.
     """
     res = fast_diffusion_em_batch(denoiser, [y], [sigma], guidance, mcfg, kernel_size, [generator], kernel_denoiser,
                                   n_particles, [k_init], [fixed_kernel], guard, [callback], progress, [data_box],
-                                  eta, branch_fraction)[0]
+                                  eta, branch_fraction, [support])[0]
     if isinstance(res, DivergenceError):
         raise res
     return res
@@ -171,12 +172,12 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
                             k_inits: Optional[list] = None, fixed_kernels: Optional[list] = None,
                             guard: Optional[Guard] = Guard(), callbacks: Optional[list] = None,
                             progress: bool = False, data_boxes: Optional[list] = None, eta: float = 1.0,
-                            branch_fraction: float = 1.0) -> list:
+                            branch_fraction: float = 1.0, supports: Optional[list] = None) -> list:
     """Fast EM on B images of one size in one UNet batch, each with its own kernel, σ, M-step and generator.
 
     Equals B separate `fast_diffusion_em` runs (same generators): only the UNet evaluation is shared.
-    ys: B tensors (1, C, H, W); k_inits / fixed_kernels / callbacks / data_boxes: None or B entries (each may
-    be None).
+    ys: B tensors (1, C, H, W); k_inits / fixed_kernels / callbacks / data_boxes / supports: None or B entries
+    (each may be None).
     Returns B entries: an EMResult, or the DivergenceError that stopped that image (the others go on).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
@@ -185,7 +186,7 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
     if len({tuple(y.shape) for y in ys}) != 1 or ys[0].shape[0] != 1:
         raise ValueError(f"a batch needs images (1, C, H, W) of one size, got {[tuple(y.shape) for y in ys]}")
     k_inits, fixed_kernels = k_inits or [None] * B, fixed_kernels or [None] * B
-    callbacks = callbacks or [None] * B
+    callbacks, supports = callbacks or [None] * B, supports or [None] * B
     shape = tuple(ys[0].shape[-2:])
     masks = [data_mask(shape, box, ys[0].device, ys[0].dtype) for box in (data_boxes or [None] * B)]
     ops = [BlurOperator.from_kernel(_initial_kernel(kernel_size, y, f if f is not None else k0), shape, s)
@@ -211,8 +212,12 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
         for j, b in enumerate(live):
             if fixed_kernels[b] is None and n % mcfg.every == 0 and n >= round(mcfg.start * N):  # the M-step
                 r2 = guidance.r2(sched, i) if mcfg.pigdm_r2 else None
-                update = m_step_coarse if n < round(mcfg.coarse * N) else m_step  # coarse-to-fine kernels
-                k = update(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser, r2=r2)
+                if n < round(mcfg.coarse * N):  # coarse-to-fine kernels (no support box at half resolution)
+                    k = m_step_coarse(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg,
+                                      kernel_denoiser, r2=r2)
+                else:
+                    k = m_step(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser,
+                               r2=r2, support=supports[b])
                 ops[b] = ops[b].with_kernel(recenter_kernel(k) if mcfg.recenter else k)
             traces[b].append(_record(_where(n + 1, N, t), i, t, x0[rows[j]], ops[b].kernel))
             try:
@@ -245,12 +250,13 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
                  kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                  rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
                  callback: Optional[Callable[[dict], None]] = None, progress: bool = False,
-                 data_box: Optional[tuple] = None, eta: float = 1.0, branch_fraction: float = 1.0) -> EMResult:
+                 data_box: Optional[tuple] = None, eta: float = 1.0, branch_fraction: float = 1.0,
+                 support: Optional[torch.Tensor] = None) -> EMResult:
     """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
 
     `callback(info)` gets the Fast-EM keys plus "round" (0-based). `data_box` as in Fast EM; the guidance
     fills the padding with the previous step's prediction (each step returns its x̂0 after the update).
-    `eta`, `branch_fraction` as in Fast EM.
+    `eta`, `branch_fraction`, `support` as in Fast EM.
     """
     if mcfg.pigdm_r2:
         raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
@@ -278,6 +284,6 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
                 callback({"round": l, "i": i, "t": t, "x": x, "x0": x0, "kernel": op.kernel})
         x = final_image(denoiser, x)
         y_m = y if mask is None else fill_padding(y, mask, op.A(x))
-        k = m_step(y_m, x, k, sigma, mcfg, kernel_denoiser)  # the M-step, on this round's samples
+        k = m_step(y_m, x, k, sigma, mcfg, kernel_denoiser, support=support)  # the M-step, on this round's samples
         k = recenter_kernel(k) if mcfg.recenter else k
     return EMResult(x=x, kernel=k[0, 0], nfe=nfe, trace=trace)

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 
 from classical.nonblind import grad_otfs
 from util.fft import o2p, p2o
-from util.geometry import project_simplex
+from util.geometry import project_simplex, project_simplex_on
 
-__all__ = ["MStepConfig", "m_step", "m_step_coarse", "resize_kernel", "MStepState"]
+__all__ = ["MStepConfig", "m_step", "m_step_coarse", "resize_kernel", "MStepState", "support_box"]
 
 COLOUR_MODES = ("joint", "per_channel_mean")
 DOMAINS = ("pixel", "gradient")
@@ -142,13 +142,33 @@ def data_step(K: torch.Tensor, st: MStepState) -> torch.Tensor:
     return st.z0 + o2p(p2o(K, (st.M, st.M)) * st.G, (st.M, st.M), (s, s))
 
 
+def support_box(k: torch.Tensor, rel: float = 0.05, margin: int = 2, grow: float = 0.25) -> torch.Tensor:
+    """A box (bool, s×s) centred on the array centre (where kernels are re-centred) holding the taps of k above
+    rel·max, each half-extent enlarged by `margin` px + `grow`·itself: the kernel size a first estimate
+    (the classical ℓ0 kernel) suggests, with room for its error."""
+    s1, s2 = k.shape[-2:]
+    k = k.reshape(s1, s2)
+    on = k > rel * k.max()
+    box = torch.zeros(s1, s2, dtype=torch.bool, device=k.device)
+    half = []
+    for dim, (n, c) in enumerate(((s1, s1 // 2), (s2, s2 // 2))):
+        idx = torch.nonzero(on.any(1 - dim)).flatten()
+        h = max(c - int(idx.min()), int(idx.max()) - c, 0)
+        half.append(min(h + margin + int(round(grow * h)), n))
+    (hr, hc), (c1, c2) = half, (s1 // 2, s2 // 2)
+    box[max(0, c1 - hr):c1 + hr + 1, max(0, c2 - hc):c2 + hc + 1] = True
+    return box
+
+
 def m_step(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg: MStepConfig = MStepConfig(),
-           denoiser: Optional[Callable] = None, r2: Optional[float] = None) -> torch.Tensor:
+           denoiser: Optional[Callable] = None, r2: Optional[float] = None,
+           support: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One M-step call (J HQS iterations) from the previous kernel k; returns the new kernel, same layout as k.
 
     y (1,C,H,W), x (n,C,H,W) in [0,1]; k (s,s) or (1,1,s,s) sets the kernel size s; sigma = noise std of y
     in [0,1] units; denoiser(k (1,1,s,s), σ_d) -> (1,1,s,s) or None for no prior; r2: ΠGDM's r_t² for the
-    App. D variant (None: authors' M-step). All on y's device; k's dtype is kept.
+    App. D variant (None: authors' M-step); support: bool (s,s) taps the kernel may use (`support_box`; None:
+    all). All on y's device; k's dtype is kept.
     """
     s = k.shape[-1]
     if k.shape[-2] != s or k.numel() != s * s:
@@ -157,10 +177,11 @@ def m_step(y: torch.Tensor, x: torch.Tensor, k: torch.Tensor, sigma: float, cfg:
     with torch.no_grad():  # the kernel update is not differentiated through (x may carry a graph)
         st = precompute(y.detach(), x.detach(), sigma, cfg, s, r2)
         K = k.detach().reshape(1, 1, s, s).to(device=y.device, dtype=st.z0.dtype)
+        proj = project_simplex if support is None else (lambda z: project_simplex_on(z, support.to(z.device)))
         for _ in range(cfg.J):
-            Z = project_simplex(data_step(K[0], st)[None])
+            Z = proj(data_step(K[0], st)[None])
             if denoiser is not None:
-                Z = project_simplex(denoiser(Z.to(y.dtype), sig_d).to(Z.dtype))
+                Z = proj(denoiser(Z.to(y.dtype), sig_d).to(Z.dtype))
             K = Z
     return K.reshape(k.shape).to(k.dtype)
 

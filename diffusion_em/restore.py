@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from diffusion_em.config import DiffusionConfig, KernelConfig
 from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em, fast_diffusion_em_batch
+from diffusion_em.mstep import support_box
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import make_guidance
 from guided_diffusion.model_config import ModelConfig, build_unet
@@ -97,8 +98,8 @@ def _prepared(r: Restorer, y: torch.Tensor, mode: str):
 
 def start_kernels(r: Restorer, y: torch.Tensor, boundary: str = "circular",
                   k_true: Optional[torch.Tensor] = None) -> tuple:
-    """(k_init, fixed_kernel) of one observation, as `restore` would compute them (the ℓ0 estimate takes
-    seconds: a retry after a divergence reuses it)."""
+    """The Start of one observation, as `restore` would compute it (the ℓ0 estimate takes seconds: a retry
+    after a divergence reuses it)."""
     yp, box = _prepared(r, y, boundary)
     return kernels_for(kernel_source(r.dcfg.kernel, boundary), yp, r.kernel_size, box, k_true)
 
@@ -125,14 +126,23 @@ def l0_kernel(y: torch.Tensor, s: int, box: Optional[tuple] = None) -> torch.Ten
     return estimate_kernel(y[0].clamp(0, 1).to(torch.float64), s, box=box).to(y.dtype)
 
 
-def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_true: Optional[torch.Tensor]):
-    """(k_init, fixed_kernel) for the EM drivers: the oracle's true kernel, the ℓ0 kernel, or neither."""
+class Start(NamedTuple):
+    """How the EM drivers start one image's kernel: from k_init (None: a Dirac), or held at fixed_kernel; the
+    M-step's kernel confined to support (None: anywhere)."""
+    k_init: Optional[torch.Tensor] = None
+    fixed_kernel: Optional[torch.Tensor] = None
+    support: Optional[torch.Tensor] = None
+
+
+def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_true: Optional[torch.Tensor]) -> Start:
+    """The Start for a kernel source: the oracle's true kernel, the ℓ0 kernel (as start, fixed kernel or
+    size box), or a Dirac."""
     if k_true is not None:
-        return None, fit_kernel(k_true.to(y), s)
+        return Start(fixed_kernel=fit_kernel(k_true.to(y), s))
     if source == "em":
-        return None, None
+        return Start()
     k = l0_kernel(y, s, box)
-    return (None, k) if source == "l0" else (k, None)
+    return {"l0": Start(fixed_kernel=k), "l0_em": Start(k_init=k), "l0_box": Start(support=support_box(k))}[source]
 
 
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
@@ -142,27 +152,27 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
 
     σ below SIGMA_FLOOR runs at the floor. boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see
     `boundary_mode`); k_true: the oracle kernel
-    (M-step off, the non-blind bound); callback: per-step dict (see the drivers); start: (k_init, fixed_kernel)
-    from `start_kernels`, else computed here. Raises DivergenceError when
+    (M-step off, the non-blind bound); callback: per-step dict (see the drivers); start: a `Start` from
+    `start_kernels`, else computed here. Raises DivergenceError when
     the guard fails the result (judged on the data region: padding is not data).
     """
     d, s = r.dcfg, r.kernel_size
     sigma = max(float(sigma), SIGMA_FLOOR)
     yp, box = _prepared(r, y, boundary)
-    k0, fixed = start if start is not None else kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
+    st = start if start is not None else kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
         res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
-                                n_particles=d.n_particles, fixed_kernel=fixed, k_init=k0, guard=r.guard,
-                                callback=callback, progress=True, data_box=box, eta=d.eta,
-                                branch_fraction=d.branch_fraction)
+                                n_particles=d.n_particles, fixed_kernel=st.fixed_kernel, k_init=st.k_init,
+                                guard=r.guard, callback=callback, progress=True, data_box=box, eta=d.eta,
+                                branch_fraction=d.branch_fraction, support=st.support)
     else:
         if k_true is not None:
             raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
                              "re-estimate it")
         res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
-                           n_particles=d.n_particles, rounds=d.em_rounds, k_init=k0, guard=r.guard,
+                           n_particles=d.n_particles, rounds=d.em_rounds, k_init=st.k_init, guard=r.guard,
                            callback=callback, progress=True, data_box=box, eta=d.eta,
-                           branch_fraction=d.branch_fraction)
+                           branch_fraction=d.branch_fraction, support=st.support)
     res = _judged(r, res, yp, box, sigma)
     if isinstance(res, DivergenceError):
         raise res
@@ -187,7 +197,8 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
         res = fast_diffusion_em_batch(
             r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx], r.guidance, d.mstep, s,
             [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
-            k_inits=[kernels[b][0] for b in idx], fixed_kernels=[kernels[b][1] for b in idx],
+            k_inits=[kernels[b].k_init for b in idx], fixed_kernels=[kernels[b].fixed_kernel for b in idx],
+            supports=[kernels[b].support for b in idx],
             guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
             data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
         for b, rb in zip(idx, res):

@@ -96,7 +96,7 @@ def _diff():
     (_fast, {"steps": "many"}, "key 'steps' must be int"),
     (_fast, {"boundary": "mirror"}, "key 'boundary' must be one of"),
     (_fast, {"kernel": "gaussian"}, "key 'kernel' must be one of"),
-    (_diff, {"kernel": "auto"}, "key 'kernel' must be 'em' or 'l0_em' with Diffusion EM"),
+    (_diff, {"kernel": "auto"}, "key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM"),
     (_diff, {"mstep": {"start": 0.2}}, "key 'mstep.start' applies only to method 'fast_em'"),
 ])
 def test_diffusion_config_errors_name_the_key(tmp_path, make, change, message):

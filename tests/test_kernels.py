@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernel_denoiser.kernels import camera_shake_kernels, kernel_stats
-from util.geometry import center_of_mass, project_simplex, recenter
+from util.geometry import center_of_mass, project_simplex, project_simplex_on, recenter
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: thread start-up dominates
@@ -88,6 +88,17 @@ def test_project_simplex_known_cases_and_validity():
     torch.testing.assert_close(q.sum((-2, -1)), torch.ones(3, 1), atol=1e-5, rtol=0)
     torch.testing.assert_close(project_simplex(q), q, atol=1e-7, rtol=0)  # idempotent on valid kernels
 
+
+def test_project_simplex_on_a_support_is_the_constrained_projection():
+    """Onto {k ≥ 0, Σk = 1, k = 0 outside the support}: the brute-force projection of the inside taps."""
+    g = np.random.default_rng(1)
+    V = g.normal(size=(30, 2, 4)) * g.uniform(0.05, 3, size=(30, 1, 1)) + g.uniform(-2, 2, size=(30, 1, 1))
+    support = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    P = project_simplex_on(torch.from_numpy(V), support).numpy()
+    inside = support.numpy()
+    for v, p in zip(V, P):
+        assert (p[~inside] == 0).all()
+        np.testing.assert_allclose(p[inside], brute_force_simplex_projection(v[inside]), atol=1e-12)
 
 # -------------------------------------------------------------------------------------------- recenter
 def _offcentre_batch():

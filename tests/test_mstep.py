@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_em.mstep import MStepConfig, data_step, m_step, m_step_coarse, precompute, resize_kernel
+from diffusion_em.mstep import MStepConfig, data_step, m_step, m_step_coarse, precompute, resize_kernel, support_box
 from util.geometry import dirac
 from kernel_denoiser.kernels import camera_shake_kernels
 from util.fft import conv_circular, o2p, p2o
@@ -202,3 +202,31 @@ def test_coarse_m_step_recovers_a_large_smooth_kernel():
     resolution_limit = kernel_mse(resize_kernel(resize_kernel(k[None, None], 17), 33), k)[0]
     assert aligned < 2 * resolution_limit, (aligned, resolution_limit)  # as good as half resolution allows
     assert raw == aligned  # centred like the truth: the two scales' grids agree
+
+
+def test_support_box_holds_the_kernel_with_a_margin():
+    k = torch.zeros(33, 33, dtype=torch.float64)
+    k[15:18, 14:19] = 1.0  # rows 16 ± 1, cols 16 − 2 … 16 + 2
+    k[10, 16] = 0.01       # a faint tap below 5 % of the maximum does not count
+    box = support_box(k / k.sum())
+    rows, cols = torch.nonzero(box.any(1)).flatten(), torch.nonzero(box.any(0)).flatten()
+    assert (rows.min().item(), rows.max().item()) == (16 - 3, 16 + 3)  # half-extent 1 + margin 2
+    assert (cols.min().item(), cols.max().item()) == (16 - 4, 16 + 4)  # 2 + 2 (+ 0.25·2 rounds to 0)
+    assert box.sum().item() == 7 * 9
+    big = support_box(torch.ones(33, 33))
+    assert big.all()  # clipped to the array
+
+
+def test_m_step_inside_a_support_box():
+    """The kernel never leaves the box; noise-free, a kernel that fits the box is still recovered."""
+    k = torch.zeros(33, 33, dtype=torch.float64)
+    k[14:19, 13:20] = torch.rand(5, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    k /= k.sum()
+    x = _textured(1, 3, 64, 64, 8)
+    y = conv_circular(x, k)
+    box = support_box(k)
+    K = dirac(33).double()
+    for _ in range(20):
+        K = m_step(y, x, K, 1e-3, MStepConfig(), support=box)
+        assert (K[0, 0][~box] == 0).all() and abs(K.sum().item() - 1) < 1e-9
+    assert kernel_mse(K, k)[0] < 1e-3 * kernel_mse(dirac(33).double(), k)[0]

@@ -214,6 +214,7 @@ def test_retries_reuse_the_l0_kernel(setup, monkeypatch):
 @pytest.mark.parametrize("method,config,kernel,expected", [
     ("fast_em", "fastem_pigdm", "em", "em"), ("fast_em", "fastem_pigdm", "l0", "l0"),
     ("fast_em", "fastem_pigdm", "auto", "l0"),  # the tiny set declares no boundary: a photo
+    ("fast_em", "fastem_pigdm", "l0_box", "l0_box"), ("diffusion_em", "pigdm", "l0_box", "l0_box"),
     ("diffusion_em", "pigdm", "l0_em", "l0_em"), ("diffusion_em", "pigdm", "em", "em")])
 def test_metrics_name_the_kernel_source(setup, monkeypatch, method, config, kernel, expected):
     """metrics.csv says per image where its kernel came from (with `auto` it depends on the boundary); the

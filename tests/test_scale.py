@@ -70,7 +70,7 @@ def _same_outputs(a, b):
     assert (sa["images"], sa["ok"]) == (sb["images"], sb["ok"]) == (N_IMAGES, N_IMAGES)
 
 
-@pytest.mark.parametrize("kernel", ["em", "l0_em", "l0"])
+@pytest.mark.parametrize("kernel", ["em", "l0_em", "l0", "l0_box"])
 def test_batch_size_equals_one_by_one(job, monkeypatch, kernel):
     tmp, cfg, data = job  # l0 / l0_em: each image's own classical kernel (a start or fixed), batched or not
     d = yaml.safe_load(cfg.read_text())

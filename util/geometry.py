@@ -187,6 +187,13 @@ def recenter(k: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, s1, s2)
 
 
+def project_simplex_on(k: torch.Tensor, support: torch.Tensor, total: float = 1.0) -> torch.Tensor:
+    """Euclidean projection of k (..., s1, s2) onto {k ≥ 0, Σk = total, k = 0 outside `support`} (bool, s1×s2):
+    the simplex projection with the taps outside lowered below any threshold θ it can pick (θ ≥ min − total)."""
+    low = k.amin() - total - 1.0
+    return project_simplex(torch.where(support, k, low), total) * support
+
+
 def project_simplex(k: torch.Tensor, total: float = 1.0) -> torch.Tensor:
     """Exact Euclidean projection of each kernel (..., s1, s2) onto {k ≥ 0, Σk = total}.
 
