@@ -174,18 +174,22 @@ def test_each_baseline_on_a_tiny_case(tiny_sets, method, one_thread):
 def test_kernel_sources_for_the_em_drivers(one_thread):
     """`kernel`: em → neither (Dirac start); l0 → the ℓ0 kernel fixed; l0_em → it as the M-step's start;
     auto → l0 on photos (non-periodic boundary), em on circular sets; the oracle's true kernel wins."""
+    from diffusion_em.mstep import support_box
     from diffusion_em.restore import kernel_source, kernels_for
     x = _blocks(96)
     k = _l_kernel(11)
     y = conv_circular(x, k)[None].expand(1, 3, 96, 96).float()
     k_l0 = estimate_kernel(y[0].double(), 15).float()
-    assert kernels_for("em", y, 15, None, None) == (None, None)
+    assert kernels_for("em", y, 15, None, None) == (None, None, None)
     fixed = kernels_for("l0", y, 15, None, None)
     start = kernels_for("l0_em", y, 15, None, None)
-    assert fixed[0] is None and start[1] is None
-    assert fixed[1].shape == (15, 15) and fixed[1].dtype == torch.float32 and torch.allclose(fixed[1], k_l0, atol=1e-6)
-    assert torch.equal(start[0], fixed[1])
+    box = kernels_for("l0_box", y, 15, None, None)
+    assert fixed.k_init is None and fixed.support is None and start.fixed_kernel is None and start.support is None
+    assert fixed.fixed_kernel.shape == (15, 15) and fixed.fixed_kernel.dtype == torch.float32
+    assert torch.allclose(fixed.fixed_kernel, k_l0, atol=1e-6) and torch.equal(start.k_init, fixed.fixed_kernel)
+    assert box.k_init is None and box.fixed_kernel is None and torch.equal(box.support, support_box(fixed.fixed_kernel))
     oracle = kernels_for("l0", y, 15, None, k)
-    assert oracle[0] is None and torch.allclose(oracle[1].sum(), torch.tensor(1.0)) and oracle[1].shape == (15, 15)
+    assert oracle.k_init is None and oracle.support is None and oracle.fixed_kernel.shape == (15, 15)
+    assert torch.allclose(oracle.fixed_kernel.sum(), torch.tensor(1.0))
     assert [kernel_source("auto", b) for b in ("circular", "taper", "reflect")] == ["em", "l0", "l0"]
     assert kernel_source("l0_em", "circular") == "l0_em"
