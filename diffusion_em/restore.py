@@ -97,7 +97,7 @@ def _prepared(r: Restorer, y: torch.Tensor, mode: str):
 
 
 def start_kernels(r: Restorer, y: torch.Tensor, boundary: str = "circular",
-                  k_true: Optional[torch.Tensor] = None) -> tuple:
+                  k_true: Optional[torch.Tensor] = None) -> Start:
     """The Start of one observation, as `restore` would compute it (the ℓ0 estimate takes seconds: a retry
     after a divergence reuses it)."""
     yp, box = _prepared(r, y, boundary)
@@ -142,12 +142,14 @@ def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_tr
     if source == "em":
         return Start()
     k = l0_kernel(y, s, box)
-    return {"l0": Start(fixed_kernel=k), "l0_em": Start(k_init=k), "l0_box": Start(support=support_box(k))}[source]
+    if source == "l0":
+        return Start(fixed_kernel=k)
+    return Start(k_init=k) if source == "l0_em" else Start(support=support_box(k))
 
 
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
             k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None,
-            start: Optional[tuple] = None) -> EMResult:
+            start: Optional[Start] = None) -> EMResult:
     """Deblur one observation (1, C, H, W) in [0, 1] on r.device: pad, run the configured EM, crop back.
 
     σ below SIGMA_FLOOR runs at the floor. boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see
