@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.config import diffusion_config_dict, diffusion_config_from_dict  # noqa: E402
 from diffusion_em.em import DivergenceError, Guard  # noqa: E402
-from diffusion_em.restore import boundary_mode, restore  # noqa: E402
+from diffusion_em.restore import boundary_mode, guidance_for, restore  # noqa: E402
 from diffusion_em.run import build_parser, restorer_from_args  # noqa: E402
 from kernel_denoiser.kernels import kernel_stats  # noqa: E402
 from util.images import image_to_tensor, tensor_to_image  # noqa: E402
@@ -71,7 +71,7 @@ def variant_restorer(base, overrides: dict):
         (d[sec] if sec else d)[name] = v
     dcfg = diffusion_config_from_dict(d, f"variant {overrides}")
     guard = Guard(max_residual=dcfg.guard_residual, max_saturation_excess=dcfg.guard_saturation)
-    return dataclasses.replace(base, dcfg=dcfg, guard=guard)
+    return dataclasses.replace(base, dcfg=dcfg, guard=guard, guidance=guidance_for(dcfg))
 
 
 def run_cases(args) -> None:

@@ -16,6 +16,8 @@ Variants (`--variants`):
 - `ours_conv1x1_off`: channels-last, but 1×1 skip convolutions through nn.Conv2d (the lever measured by `ours`).
 - `ours`: the default path: frozen, channels-last, SDPA, 1×1 convolutions as one GEMM.
 - `ours_bf16`: `ours` under CPU/GPU bf16 autocast.
+- `ours_chunk1`, `ours_nchw_chunk1`: a batch evaluated one image per UNet call (EpsDenoiser(max_batch=1), the
+  CPU default since it measured faster than one batched call), channels-last or NCHW.
 - `ours_compiled`, `ours_compiled_bf16`: `torch.compile` (inductor) of `ours`; the first call's extra time is
   reported as `compile_s`, and `break_even_calls` = compile_s / (ours − compiled) per-call saving
   (a 100-step Fast EM image makes 100 forward+input-gradient calls).
@@ -40,15 +42,17 @@ from guided_diffusion.model_config import load_model_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"ffhq": "configs/model_config.yaml", "bundled": "configs/model_config_bundled.yaml"}
-# name: (original-style costs, channels_last, autocast dtype, 1x1 convs as GEMM, torch.compile)
+# name: (original-style costs, channels_last, autocast dtype, 1x1 convs as GEMM, torch.compile, rows per call)
 VARIANTS = {
-    "original_style": (True, False, None, False, False),
-    "ours_nchw": (False, False, None, True, False),
-    "ours_conv1x1_off": (False, True, None, False, False),
-    "ours": (False, True, None, True, False),
-    "ours_bf16": (False, True, torch.bfloat16, True, False),
-    "ours_compiled": (False, True, None, True, True),
-    "ours_compiled_bf16": (False, True, torch.bfloat16, True, True),
+    "original_style": (True, False, None, False, False, None),
+    "ours_nchw": (False, False, None, True, False, None),
+    "ours_conv1x1_off": (False, True, None, False, False, None),
+    "ours": (False, True, None, True, False, None),
+    "ours_bf16": (False, True, torch.bfloat16, True, False, None),
+    "ours_compiled": (False, True, None, True, True, None),
+    "ours_compiled_bf16": (False, True, torch.bfloat16, True, True, None),
+    "ours_chunk1": (False, True, None, True, False, 1),
+    "ours_nchw_chunk1": (False, False, None, True, False, 1),
 }
 
 
@@ -94,21 +98,25 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def make_call(m, x0, t, channels_last: bool, dtype, mode: str):
+def make_call(m, x0, t, channels_last: bool, dtype, mode: str, chunk=None):
     x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
     dev = x0.device.type
+    n = chunk or x0.shape[0]
+
+    def net(x_in):  # the batch in chunks of n rows, as EpsDenoiser(max_batch=n) evaluates it
+        return torch.cat([m(x_in[j:j + n], t[j:j + n]) for j in range(0, x_in.shape[0], n)])
 
     def ctx():
         return torch.autocast(dev, dtype=dtype) if dtype else torch.autocast(dev, enabled=False)
 
     def fwd():
         with torch.no_grad(), ctx():
-            m(x, t)
+            net(x)
 
     def fwd_grad():
         xx = x.detach().requires_grad_(True)
         with ctx():
-            out = m(xx, t)
+            out = net(xx)
         torch.autograd.grad(out.float().sum(), xx)
     return fwd if mode == "forward" else fwd_grad
 
@@ -140,14 +148,15 @@ def main():
         device = torch.device(dev_name)
         models = {}
         for n in names:
-            orig, cl, _, g1, comp = VARIANTS[n]
+            orig, cl, _, g1, comp, _ = VARIANTS[n]
             m = build(args.model, orig, cl, g1, device)
             models[n] = torch.compile(m) if comp else m
         for B in args.batch:
             x0 = torch.randn(B, 3, args.size, args.size, device=device)
             t = torch.full((B,), 500, device=device)
             for mode in args.modes:
-                fns = {n: make_call(models[n], x0, t, VARIANTS[n][1], VARIANTS[n][2], mode) for n in names}
+                fns = {n: make_call(models[n], x0, t, VARIANTS[n][1], VARIANTS[n][2], mode, VARIANTS[n][5])
+                       for n in names}
                 first = {n: timed(fns[n], device) for n in names}  # warm-up; includes compilation
                 times, cpus = {n: [] for n in names}, {n: [] for n in names}
                 for _ in range(args.repeats):
@@ -162,7 +171,7 @@ def main():
                     ts = times[n]
                     rec = {"variant": n, "model": args.model, "device": dev_name,
                            "dtype": "bf16" if VARIANTS[n][2] else "fp32", "channels_last": VARIANTS[n][1],
-                           "batch": B, "size": args.size, "mode": mode, "repeats": len(ts),
+                           "batch": B, "rows_per_call": VARIANTS[n][5] or B, "size": args.size, "mode": mode, "repeats": len(ts),
                            "min_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
                            "min_vs_original": round(min(ts) / base_min, 3),
                            "median_vs_original": round(statistics.median(ts) / base_med, 3),

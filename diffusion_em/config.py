@@ -26,7 +26,8 @@ BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
 # keys that only mean something for one method or guidance: giving them for another is an error
 ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
            ("mstep", "start"): (("method", "fast_em"),),
-            ("mstep", "pigdm_r2"): (("method", "fast_em"), ("guidance", "pigdm"))}
+            ("mstep", "pigdm_r2"): (("method", "fast_em"), ("guidance", "pigdm")),
+            ("pigdm_jacobian",): (("guidance", "pigdm"),)}
 # keys of earlier versions: where they went
 MOVED = {"schedule": "the β schedule belongs to the weights: set 'schedule' in the model config",
          "mstep_every": "it is now 'every' in the 'mstep' section",
@@ -39,6 +40,7 @@ class DiffusionConfig:
     guidance: str = "pigdm"          # 'pigdm' | 'dps'
     steps: int = 100                 # respaced diffusion steps (paper: ΠGDM 100, DPS 1000)
     zeta: float = 1.0                # guidance weight factor (ΠGDM: × authors' weight; DPS: ζ in [0,1] units)
+    pigdm_jacobian: str = "unet"     # 'unet': ΠGDM's VJP through the UNet (paper) | 'none': no backward pass
     clip_denoised: bool = True
     precision: str = "fp32"          # UNet autocast: 'fp32' | 'bf16' (GPUs; CPUs with BF16 units, docs/speed.md) | 'fp16' (GPU)
     compile: bool = False            # torch.compile (inductor) the UNet: a one-off compilation, then faster calls
@@ -58,7 +60,8 @@ class DiffusionConfig:
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("guidance", GUIDANCES), ("boundary", BOUNDARIES), ("kernel", KERNELS),
-                              ("precision", ("fp32", "bf16", "fp16")), ("output", OUTPUTS)):
+                              ("precision", ("fp32", "bf16", "fp16")), ("output", OUTPUTS),
+                              ("pigdm_jacobian", ("unet", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"key '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("steps", "em_rounds", "n_particles"):

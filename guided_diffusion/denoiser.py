@@ -27,10 +27,16 @@ class EpsDenoiser:
     the model in place. `autocast_dtype` (e.g. torch.bfloat16) runs the UNet under autocast; ε is returned
     in float32 either way. `compile_backend` (e.g. 'inductor') evaluates it through `torch.compile`: a one-off
     compilation on the first calls (and per new input size), then faster calls (docs/speed.md).
+    `max_batch` evaluates a larger batch in chunks of that many rows: on a CPU a batch of four 256² images
+    costs more than four single ones (the activations leave the cache; docs/speed.md), and chunks of 1 make a
+    batched run equal the one-by-one run bit for bit. None: one call.
     """
 
     def __init__(self, model, schedule: Schedule, clip: bool = True, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = True, compile_backend: str | None = None):
+                 channels_last: bool = True, compile_backend: str | None = None, max_batch: int | None = None):
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1 or None, got {max_batch}")
+        self.max_batch = max_batch
         self.model = model
         self.schedule = schedule
         self.clip = clip
@@ -45,13 +51,15 @@ class EpsDenoiser:
     def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
         t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)
         x_in = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last and x_t.dim() == 4 else x_t
-        if self.autocast_dtype is not None:
-            with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-                out = self.net(x_in, t)
-            out = out.float()
-        else:
-            out = self.net(x_in, t)
+        n = self.max_batch or x_t.shape[0]
+        out = torch.cat([self._net(x_in[j:j + n], t[j:j + n]) for j in range(0, x_t.shape[0], n)])
         return out[:, : x_t.shape[1]].contiguous()
+
+    def _net(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.autocast_dtype is None:
+            return self.net(x_in, t)
+        with torch.autocast(x_in.device.type, dtype=self.autocast_dtype):
+            return self.net(x_in, t).float()
 
     def x0(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
         """Tweedie estimate x̂0 in model space [-1, 1]."""

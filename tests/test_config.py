@@ -81,6 +81,10 @@ def _fast():
     return yaml.safe_load((ROOT / "configs" / "diffusion_config_fastem_pigdm.yaml").read_text())
 
 
+def _fast_dps():
+    return yaml.safe_load((ROOT / "configs" / "diffusion_config_fastem_dps.yaml").read_text())
+
+
 def _diff():
     return yaml.safe_load((ROOT / "configs" / "diffusion_config_pigdm.yaml").read_text())
 
@@ -90,6 +94,8 @@ def _diff():
     (_diff, {"mstep": {"every": 2}}, "key 'mstep.every' applies only to method 'fast_em'"),
     (_diff, {"mstep": {"pigdm_r2": True}}, "pigdm_r2"),
     (_fast, {"guidance": "dps", "mstep": {"pigdm_r2": False}}, "key 'mstep.pigdm_r2' applies only to guidance 'pigdm'"),
+    (_fast_dps, {"pigdm_jacobian": "none"}, "key 'pigdm_jacobian' applies only to guidance 'pigdm'"),
+    (_fast, {"pigdm_jacobian": "identity"}, "key 'pigdm_jacobian' must be one of"),
     (_fast, {"schedule": "linear"}, "model config"),
     (_fast, {"mstep_every": 2}, "'every' in the 'mstep' section"),
     (_fast, {"mstep": {"J": 0}}, r"\[mstep\]: key 'J' must be >= 1"),
@@ -124,3 +130,13 @@ def test_the_schedule_comes_from_the_model_config(tmp_path, tiny_unet, tiny_unet
     ctx = restorer_from_args(args, "fast_em")
     assert (ctx.denoiser.schedule.alphas_cumprod == Schedule.create(7, "cosine").alphas_cumprod).all()
     assert not (ctx.denoiser.schedule.alphas_cumprod == Schedule.create(7, "linear").alphas_cumprod).all()
+
+
+def test_the_guidance_follows_the_config():
+    from diffusion_em.config import diffusion_config_from_dict
+    from diffusion_em.restore import guidance_for
+    from guided_diffusion.guidance import DPS
+    g = guidance_for(diffusion_config_from_dict({**_fast(), "pigdm_jacobian": "none", "zeta": 0.5}, "t"))
+    assert g.jacobian == "none" and g.zeta == 0.5 and not g.needs_grad
+    assert guidance_for(diffusion_config_from_dict(_fast(), "t")).needs_grad  # the paper's VJP by default
+    assert isinstance(guidance_for(diffusion_config_from_dict(_fast_dps(), "t")), DPS)

@@ -153,8 +153,8 @@ def test_paper_config_is_the_papers_algorithm():
 
 def test_branching_batch_equals_one_by_one(tiny_unet):
     """Late-branching particles in the multi-image batch: each image gets exactly its one-by-one run."""
-    from tests.test_batch import S, PerSample, _problem
-    den = EpsDenoiser(PerSample(tiny_unet), Schedule.create(4))
+    from tests.test_batch import S, _problem
+    den = EpsDenoiser(tiny_unet, Schedule.create(4), max_batch=1)
     ys, ks, sigmas = _problem()
     gens = lambda: [torch.Generator().manual_seed(20 + b) for b in range(3)]  # noqa: E731
     batch = fast_diffusion_em_batch(den, ys, sigmas, PiGDM(), MStepConfig(J=2), S, gens(), n_particles=3,

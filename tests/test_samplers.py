@@ -64,3 +64,45 @@ def test_make_guidance():
         make_guidance("ddrm")
     with pytest.raises(ValueError, match="rule"):
         PiGDM(rule="magic")
+
+
+def test_pigdm_without_jacobian_is_a_ddpm_step_from_the_gaussian_posterior_mean(tiny_unet):
+    """jacobian='none': no backward pass, and the step equals the unguided DDPM step taken from
+    x̂0 + r²·Aᵀ(r²AAᵀ + σ²)⁻¹(y − A x̂0) (ΠGDM's Gaussian p(x0 | x_t) = N(x̂0, r²I) conditioned on y)."""
+    den = EpsDenoiser(tiny_unet, Schedule.create(6))
+    op = BlurOperator.from_kernel(torch.ones(3, 3) / 9, (32, 32), 0.05)
+    y = torch.rand(1, 3, 32, 32)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rule = PiGDM(jacobian="none", zeta=2.0)
+    assert not rule.needs_grad and PiGDM().needs_grad
+    pred = predict_x0(den, x, 3, track_grad=False)
+    assert not pred.x0.requires_grad  # forward only
+    guided = ddpm_update(den, pred, 3, torch.Generator().manual_seed(2), rule, op, y)
+    r2 = 2.0 * rule.r2(den.schedule, 3)
+    x0_y = (pred.x0 + r2 * op.pigdm_solve(y, pred.x0, r2)).clamp(0, 1)
+    moved = pred._replace(x0_model=2 * x0_y - 1, x0=x0_y)
+    plain = ddpm_update(den, moved, 3, torch.Generator().manual_seed(2))
+    assert torch.allclose(guided, plain, atol=1e-6) and not torch.allclose(guided, ddpm_update(
+        den, pred, 3, torch.Generator().manual_seed(2)))
+    # with an identity blur and tiny noise the data-consistent x̂0 is y itself (inside [0, 1])
+    ident = BlurOperator.from_kernel(torch.ones(1, 1), (32, 32), 1e-4)
+    y_in = y.clamp(0.05, 0.95)
+    x0_id = (pred.x0 + r2 * ident.pigdm_solve(y_in, pred.x0, r2)).clamp(0, 1)
+    assert torch.allclose(x0_id, y_in, atol=1e-4)
+    with pytest.raises(ValueError, match="jacobian"):
+        PiGDM(jacobian="identity")
+
+
+def test_max_batch_evaluates_rows_alone(tiny_unet):
+    """max_batch=n: the UNet sees chunks of n rows; each row gets exactly its own single-row result (and the
+    gradient flows through all chunks)."""
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    whole, chunked = EpsDenoiser(tiny_unet, Schedule.create(4)), EpsDenoiser(tiny_unet, Schedule.create(4), max_batch=2)
+    rows = torch.cat([whole.eps(x[j:j + 1], 2) for j in range(5)])
+    assert torch.equal(EpsDenoiser(tiny_unet, Schedule.create(4), max_batch=1).eps(x, 2), rows)
+    assert torch.allclose(chunked.eps(x, 2), whole.eps(x, 2), atol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad(chunked.x0(xg, 2).sum(), xg)
+    assert g.shape == x.shape and (g.flatten(1).abs().sum(1) > 0).all()
+    with pytest.raises(ValueError, match="max_batch"):
+        EpsDenoiser(tiny_unet, Schedule.create(4), max_batch=0)
