@@ -48,7 +48,7 @@ class DiffusionConfig:
     mstep: MStepConfig = field(default_factory=MStepConfig)
     kernel: str = "em"               # 'em': M-step from a Dirac (paper) | 'l0': the classical ℓ0 kernel, fixed |
                                      # 'l0_em': M-step from the ℓ0 kernel | 'l0_box': M-step from a Dirac inside
-                                     # the ℓ0 kernel's size box | 'auto': 'l0' on photos, 'em' on circular sets
+                                     # the ℓ0 kernel's size box | 'auto': 'l0' on photos, 'l0_box' on circular sets
     boundary: str = "auto"           # 'auto': circular for synthetic test sets, 'taper' for plain photos
     n_particles: int = 1
     branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from diffusion_em import grayscale, shard
-from diffusion_em.config import (BOUNDARIES, ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
+from diffusion_em.config import (BOUNDARIES, KERNELS, ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
@@ -75,6 +75,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--boundary", default=None, choices=BOUNDARIES,
                    help="override the config's boundary: auto (periodic only where meta.csv declares "
                         "'circular'), circular, taper, reflect, replicate")
+    p.add_argument("--kernel", default=None, choices=KERNELS,
+                   help="override the config's kernel source: auto (ℓ0 fixed on photos, l0_box on circular sets), "
+                        "em (paper), l0, l0_em, l0_box")
     p.add_argument("--memory_budget_gb", type=float, default=None,
                    help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
                         "0: no check)")
@@ -126,7 +129,7 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
 
 def load_configs(args: argparse.Namespace, method: str) -> tuple:
     """(DiffusionConfig with the flags' overrides, KernelConfig, ModelConfig); no model is loaded."""
-    overrides = {k: getattr(args, k) for k in ("n_particles", "steps") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel") if getattr(args, k) is not None}
     dcfg = load_diffusion_config(repo_path(args.diffusion_config), overrides)
     if dcfg.method != method:
         raise ConfigError(f"{args.diffusion_config}: method '{dcfg.method}' belongs to {SCRIPTS[dcfg.method]}, "

@@ -173,7 +173,7 @@ def test_each_baseline_on_a_tiny_case(tiny_sets, method, one_thread):
 
 def test_kernel_sources_for_the_em_drivers(one_thread):
     """`kernel`: em → neither (Dirac start); l0 → the ℓ0 kernel fixed; l0_em → it as the M-step's start;
-    auto → l0 on photos (non-periodic boundary), em on circular sets; the oracle's true kernel wins."""
+    auto → l0 on photos (non-periodic boundary), l0_box on circular sets; the oracle's true kernel wins."""
     from diffusion_em.mstep import support_box
     from diffusion_em.restore import kernel_source, kernels_for
     x = _blocks(96)
@@ -191,5 +191,5 @@ def test_kernel_sources_for_the_em_drivers(one_thread):
     oracle = kernels_for("l0", y, 15, None, k)
     assert oracle.k_init is None and oracle.support is None and oracle.fixed_kernel.shape == (15, 15)
     assert torch.allclose(oracle.fixed_kernel.sum(), torch.tensor(1.0))
-    assert [kernel_source("auto", b) for b in ("circular", "taper", "reflect")] == ["em", "l0", "l0"]
+    assert [kernel_source("auto", b) for b in ("circular", "taper", "reflect")] == ["l0_box", "l0", "l0"]
     assert kernel_source("l0_em", "circular") == "l0_em"

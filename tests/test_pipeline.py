@@ -179,6 +179,18 @@ def test_config_errors(setup, tmp_path, capsys):
     assert main(_args(tmp, bad, data, tmp / "o"), method="diffusion_em") == 2
     assert "'steps' must be int" in capsys.readouterr().err
     assert main(_args(tmp, cfgs["pigdm"], data, tmp / "o", "--sigma", "10"), method="diffusion_em") == 2
+    capsys.readouterr()
+    assert main(_args(tmp, cfgs["pigdm"], data, tmp / "o", "--kernel", "l0"), method="diffusion_em") == 2
+    assert "key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM" in capsys.readouterr().err
+
+
+def test_the_kernel_flag_overrides_the_config(setup):
+    """--kernel replaces the config's `kernel` for the run; the saved settings record says so."""
+    tmp, cfgs, data = setup
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "k", "--kernel", "l0_box", "--max_images", "1"),
+                method="fast_em") == 0
+    assert [r["kernel_source"] for r in _rows(tmp / "k")] == ["l0_box"]
+    assert json.loads((tmp / "k" / "summary.json").read_text())["settings"]["diffusion"]["kernel"] == "l0_box"
 
 
 def test_divergence_guard_fails_garbage_with_a_message(setup):
