@@ -198,17 +198,19 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
 
 
 def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundaries: list,
-                  k_trues: Optional[list] = None, callbacks: Optional[list] = None) -> list:
+                  k_trues: Optional[list] = None, callbacks: Optional[list] = None,
+                  starts: Optional[list] = None) -> list:
     """`restore` for several observations, Fast EM only: those of one padded size share each UNet batch
-    (`fast_diffusion_em_batch`; images never mix). Returns one EMResult or DivergenceError per observation."""
+    (`fast_diffusion_em_batch`; images never mix). `starts`: each observation's Start (`start_kernels`),
+    computed here when not given. Returns one EMResult or DivergenceError per observation."""
     d, s = r.dcfg, r.kernel_size
     if d.method != "fast_em":
         raise InputError("batched images (--batch_size > 1) are a Fast EM option")
     B = len(ys)
     k_trues, callbacks = k_trues or [None] * B, callbacks or [None] * B
     prepared = [_prepared(r, y, mode) for y, mode in zip(ys, boundaries)]
-    kernels = [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
-               for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)]
+    kernels = starts or [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
+                         for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)]
     out = [None] * B
     for shape in dict.fromkeys(tuple(yp.shape) for yp, _ in prepared):  # one batch per padded size, in order
         idx = [b for b in range(B) if tuple(prepared[b][0].shape) == shape]

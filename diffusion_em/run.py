@@ -25,7 +25,7 @@ from diffusion_em.config import (BOUNDARIES, KERNELS, ConfigError, DiffusionConf
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
 from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, kernel_source, load_restorer,
-                                  repo_path, restore_batch, restore_with_retries)
+                                  repo_path, restore_batch, restore_with_retries, start_kernels)
 from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from util.config import as_dict
@@ -246,8 +246,9 @@ def _k_true(opts: RunOptions, one: Loaded):
     return torch.from_numpy(one.loaded.k_true) if opts.true_kernel else None
 
 
-def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, failed=None) -> tuple:
-    """(EMResult, attempts) from attempt `first_attempt` on; `failed`: the error of the attempt before it."""
+def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, failed=None, start=None) -> tuple:
+    """(EMResult, attempts) from attempt `first_attempt` on; `failed`: the error of the attempt before it;
+    `start`: the image's start kernels when already computed (the ℓ0 estimate is not redone)."""
     if first_attempt > r.dcfg.retries:
         raise DivergenceError(f"{failed} (after {first_attempt} attempts)")
 
@@ -259,7 +260,8 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
         on_retry(first_attempt - 1, failed)
     return restore_with_retries(
         r, one.y, one.sigma_run, lambda attempt: _generator(r, opts, one.index, attempt), on_retry,
-        first_attempt=first_attempt, boundary=one.boundary, k_true=_k_true(opts, one), callback=one.callback)
+        first_attempt=first_attempt, boundary=one.boundary, k_true=_k_true(opts, one), callback=one.callback,
+        start=start)
 
 
 def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
@@ -337,27 +339,29 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
         except ProjectError as e:
             rows[sample.name] = _failed_row(sample, e, known[sample.name])
     t0 = time.time()
+    starts = [None] * len(ready)
     try:
         if not _fit_together(r, opts, ready):
             raise MemoryError(f"the memory budget fits these {len(ready)} images one at a time, not together")
+        starts = [start_kernels(r, o.y, o.boundary, _k_true(opts, o)) for o in ready]  # reused by retries
         results = restore_batch(
             r, [o.y for o in ready], [o.sigma_run for o in ready], [_generator(r, opts, o.index, 0) for o in ready],
             [o.boundary for o in ready], [_k_true(opts, o) for o in ready],
-            [o.callback for o in ready]) if ready else []
+            [o.callback for o in ready], starts) if ready else []
     except Exception as e:
         if not _out_of_memory(e):
             raise
         print(f"batch of {len(ready)}: {' '.join(str(e).split())[:160]}; one image at a time", file=sys.stderr)
         results = [None] * len(ready)
     share = (time.time() - t0) / max(1, len(ready))
-    for one, res in zip(ready, results):
+    for one, res, start in zip(ready, results, starts):
         name = one.sample.name
         try:
             t1, attempts, spent = time.time(), 1, share
             if res is None:  # the batch ran out of memory
-                spent, (res, attempts) = 0.0, _retry(r, opts, one)
+                spent, (res, attempts) = 0.0, _retry(r, opts, one, start=start)
             elif isinstance(res, DivergenceError):
-                res, attempts = _retry(r, opts, one, first_attempt=1, failed=res)
+                res, attempts = _retry(r, opts, one, first_attempt=1, failed=res, start=start)
             rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg.output)
         except ProjectError as e:
             rows[name] = _failed_row(one.sample, e, known[name])

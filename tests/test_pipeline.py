@@ -221,6 +221,11 @@ def test_retries_reuse_the_l0_kernel(setup, monkeypatch):
     assert main(_args(tmp, strict, data, tmp / "out", "--max_images", "1"), method="fast_em") == 1
     r = _rows(tmp / "out")[0]
     assert r["status"] == "failed" and "after 3 attempts" in r["message"] and len(calls) == 1
+    calls.clear()  # batched: the first attempt runs in the batch, the retries alone, one ℓ0 estimate per image
+    assert main(_args(tmp, strict, data, tmp / "batched", "--batch_size", "2"), method="fast_em") == 1
+    rows = _rows(tmp / "batched")
+    assert len(rows) == 2 and all(r["status"] == "failed" and "after 3 attempts" in r["message"] for r in rows)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("method,config,kernel,expected", [
