@@ -96,7 +96,8 @@ def run_cases(args) -> None:
             r = variant_restorer(base, over)
             row = {**case, "variant": vname, "overrides": over}
             oracle = args.oracle and (not args.oracle_for or vname in args.oracle_for.split(","))
-            for tag, k in [("blind", None)] + ([("oracle", torch.from_numpy(s.k_true))] if oracle else []):
+            tags = ([] if args.oracle_only else [("blind", None)]) + ([("oracle", torch.from_numpy(s.k_true))] if oracle else [])
+            for tag, k in tags:
                 gen = torch.Generator(device=r.device).manual_seed(args.seed * 1_000_003 + index * 1009)
                 t0 = time.time()
                 try:
@@ -189,6 +190,7 @@ def main(argv=None):
     p = build_parser("fast_em")
     p.add_argument("--variants", default='{"config": {}}', help="JSON {name: {config key: value}}")
     p.add_argument("--oracle", action="store_true", help="also run each variant with the true kernel")
+    p.add_argument("--oracle_only", action="store_true", help="run only the true-kernel runs (with --oracle)")
     p.add_argument("--oracle_for", default=None, help="comma-separated variants that get the oracle run (default: all)")
     p.add_argument("--names", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--out", default=None, help="append the JSON lines to this file")

@@ -41,6 +41,7 @@ class DiffusionConfig:
     steps: int = 100                 # respaced diffusion steps (paper: ΠGDM 100, DPS 1000)
     zeta: float = 1.0                # guidance weight factor (ΠGDM: × authors' weight; DPS: ζ in [0,1] units)
     pigdm_jacobian: str = "unet"     # 'unet': ΠGDM's VJP through the UNet (paper) | 'none': no backward pass
+    zeta_true_kernel: Optional[float] = None  # ζ when the kernel is known (--true_kernel); None: zeta
     clip_denoised: bool = True
     precision: str = "fp32"          # UNet autocast: 'fp32' | 'bf16' (GPUs; CPUs with BF16 units, docs/speed.md) | 'fp16' (GPU)
     compile: bool = False            # torch.compile (inductor) the UNet: a one-off compilation, then faster calls
@@ -71,6 +72,8 @@ class DiffusionConfig:
             raise ValueError(f"key 'branch_fraction' must be in (0, 1], got {self.branch_fraction}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"key 'eta' must be in [0, 1], got {self.eta}")
+        if self.zeta_true_kernel is not None and not self.zeta_true_kernel > 0:
+            raise ValueError(f"key 'zeta_true_kernel' must be > 0 or null, got {self.zeta_true_kernel}")
         if self.retries < 0:
             raise ValueError(f"key 'retries' must be >= 0, got {self.retries}")
         if self.method == "diffusion_em" and self.kernel not in ("em", "l0_em", "l0_box"):

@@ -78,10 +78,16 @@ def prefers_channels_last(model_cfg: ModelConfig, device: torch.device) -> bool:
     return device.type != "cpu" or model_cfg.num_channels >= 64
 
 
-def guidance_for(dcfg: DiffusionConfig):
-    """The guidance rule a diffusion config names, with its weight and options."""
+def guidance_for(dcfg: DiffusionConfig, true_kernel: bool = False):
+    """The guidance rule a diffusion config names, with its weight and options; with a known kernel
+    (`true_kernel`) its weight is `zeta_true_kernel` where set (README "Guidance weight with a known kernel")."""
     extra = {"jacobian": dcfg.pigdm_jacobian} if dcfg.guidance == "pigdm" else {}
-    return make_guidance(dcfg.guidance, zeta=dcfg.zeta, **extra)
+    zeta = dcfg.zeta_true_kernel if true_kernel and dcfg.zeta_true_kernel is not None else dcfg.zeta
+    return make_guidance(dcfg.guidance, zeta=zeta, **extra)
+
+
+def _guidance(r: Restorer, true_kernel: bool):
+    return guidance_for(r.dcfg, True) if true_kernel and r.dcfg.zeta_true_kernel is not None else r.guidance
 
 
 def boundary_mode(setting: str, kind: str, declared: Optional[str] = None) -> str:
@@ -179,7 +185,8 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepared(r, y, boundary)
     st = start if start is not None else kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
-        res = fast_diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
+        res = fast_diffusion_em(r.denoiser, yp, sigma, _guidance(r, k_true is not None), d.mstep, s, generator,
+                                r.kernel_denoiser,
                                 n_particles=d.n_particles, fixed_kernel=st.fixed_kernel, k_init=st.k_init,
                                 guard=r.guard, callback=callback, progress=True, data_box=box, eta=d.eta,
                                 branch_fraction=d.branch_fraction, support=st.support)
@@ -215,7 +222,8 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
     for shape in dict.fromkeys(tuple(yp.shape) for yp, _ in prepared):  # one batch per padded size, in order
         idx = [b for b in range(B) if tuple(prepared[b][0].shape) == shape]
         res = fast_diffusion_em_batch(
-            r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx], r.guidance, d.mstep, s,
+            r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx],
+            _guidance(r, all(k_trues[b] is not None for b in idx)), d.mstep, s,
             [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
             k_inits=[kernels[b].k_init for b in idx], fixed_kernels=[kernels[b].fixed_kernel for b in idx],
             supports=[kernels[b].support for b in idx],

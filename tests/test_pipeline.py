@@ -291,3 +291,22 @@ def test_quality_flags():
                          s) == ["worse_than_blurry"]
     assert quality_flags({"psnr_aligned": None, "psnr_blurry_aligned": None, "reblur_rms_frame": 4 * s},
                          s) == ["poor_fit"]
+
+
+def test_zeta_true_kernel_weights_only_the_known_kernel_runs(setup):
+    """`zeta_true_kernel` is the guidance weight of --true_kernel runs (a known kernel); blind runs keep `zeta`."""
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    d.pop("zeta_true_kernel", None)
+    cfg = {}
+    for name, extra in (("plain", {}), ("known3", {"zeta_true_kernel": 3.0}), ("zeta3", {"zeta": 3.0})):
+        cfg[name] = tmp / f"zk_{name}.yaml"
+        cfg[name].write_text(yaml.safe_dump({**d, **extra}))
+    psnr = {}
+    for name in cfg:
+        for flags in ((), ("--true_kernel",)):
+            out = tmp / f"zk_{name}{'_true' if flags else ''}"
+            assert main(_args(tmp, cfg[name], data, out, "--max_images", "1", *flags), method="fast_em") == 0
+            psnr[name, bool(flags)] = _rows(out)[0]["psnr"]
+    assert psnr["known3", True] == psnr["zeta3", True] != psnr["plain", True]  # the known kernel gets ζ = 3
+    assert psnr["known3", False] == psnr["plain", False] != psnr["zeta3", False]  # blind keeps ζ = 1
