@@ -10,7 +10,8 @@ kernel extent from such a file, `--compare FILE.jsonl` one aligned-PSNR table ac
     python bench/quality_options.py --input_dir D --variants '{"paper": {}, "mean4": {"n_particles": 4, "branch_fraction": 0.3, "output": "mean"}}' --oracle --out r.jsonl
     python bench/quality_options.py --table r.jsonl
 
-Takes the flags of test_FastDiffEM.py (configs, --steps, --seed, --threads, --max_images...). Variant keys
+`--oracle_only` (with `--oracle`) skips the blind runs. Takes the flags of test_FastDiffEM.py (configs,
+--steps, --seed, --threads, --max_images...). Variant keys
 are diffusion-config keys; 'mstep.KEY' sets a key of the M-step section.
 """
 from __future__ import annotations

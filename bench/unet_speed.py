@@ -38,6 +38,7 @@ import torch.utils.checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guided_diffusion import unet as U  # noqa: E402
+from guided_diffusion.denoiser import in_chunks  # noqa: E402
 from guided_diffusion.model_config import load_model_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,10 +102,9 @@ def _sync(device):
 def make_call(m, x0, t, channels_last: bool, dtype, mode: str, chunk=None):
     x = x0.contiguous(memory_format=torch.channels_last) if channels_last else x0
     dev = x0.device.type
-    n = chunk or x0.shape[0]
 
-    def net(x_in):  # the batch in chunks of n rows, as EpsDenoiser(max_batch=n) evaluates it
-        return torch.cat([m(x_in[j:j + n], t[j:j + n]) for j in range(0, x_in.shape[0], n)])
+    def net(x_in):  # as EpsDenoiser(max_batch=chunk) evaluates the batch
+        return in_chunks(m, x_in, t, chunk)
 
     def ctx():
         return torch.autocast(dev, dtype=dtype) if dtype else torch.autocast(dev, enabled=False)

@@ -73,8 +73,9 @@ def load_restorer(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelCon
 
 
 def prefers_channels_last(model_cfg: ModelConfig, device: torch.device) -> bool:
-    """NHWC convolutions: always on GPUs; on CPUs (one image per UNet call) only for wide nets: at 256²,
-    2 threads, −7 % on the FFHQ net (128 channels), +12 % on the bundled prior (32 channels; docs/speed.md)."""
+    """NHWC convolutions: always on GPUs; on CPUs (one image per UNet call) only for wide nets: at 256², −7 %
+    on the FFHQ net (128 channels), +12 % (1 thread) to +14 % (2 threads) on the bundled prior (32 channels;
+    docs/speed.md)."""
     return device.type != "cpu" or model_cfg.num_channels >= 64
 
 
@@ -87,7 +88,7 @@ def guidance_for(dcfg: DiffusionConfig, true_kernel: bool = False):
 
 
 def _guidance(r: Restorer, true_kernel: bool):
-    return guidance_for(r.dcfg, True) if true_kernel and r.dcfg.zeta_true_kernel is not None else r.guidance
+    return guidance_for(r.dcfg, true_kernel=True) if true_kernel else r.guidance
 
 
 def boundary_mode(setting: str, kind: str, declared: Optional[str] = None) -> str:

@@ -18,6 +18,13 @@ def to_model(x_phys: torch.Tensor) -> torch.Tensor:
     return 2 * x_phys - 1
 
 
+def in_chunks(net, x: torch.Tensor, t: torch.Tensor, n: int | None) -> torch.Tensor:
+    """net(x, t) evaluated on chunks of n rows, concatenated (None, or a batch of at most n rows: one call)."""
+    if n is None or x.shape[0] <= n:
+        return net(x, t)
+    return torch.cat([net(x[j:j + n], t[j:j + n]) for j in range(0, x.shape[0], n)])
+
+
 class EpsDenoiser:
     """Wraps an ε-predictor `model(x_t, t)` (≥3 output channels; the first 3 are ε).
 
@@ -51,8 +58,7 @@ class EpsDenoiser:
     def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
         t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)
         x_in = x_t.contiguous(memory_format=torch.channels_last) if self.channels_last and x_t.dim() == 4 else x_t
-        n = self.max_batch or x_t.shape[0]
-        out = torch.cat([self._net(x_in[j:j + n], t[j:j + n]) for j in range(0, x_t.shape[0], n)])
+        out = in_chunks(self._net, x_in, t, self.max_batch)
         return out[:, : x_t.shape[1]].contiguous()
 
     def _net(self, x_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

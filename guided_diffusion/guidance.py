@@ -23,8 +23,8 @@ class PiGDM:
     rule='exact': r² = r2_fn(i) (the true Var[x0 | x_t] in [0,1] units when known), weight ζ·β_t/sqrt(α_t),
     which adds ζ·∇log p(y | x_t) to the DDPM mean — exact for a Gaussian prior (tests/test_posterior.py).
 
-    jacobian='unet' (the paper) back-propagates through the denoiser (a vector-Jacobian product: about 2.5× the
-    cost of the forward pass, and its activations in memory). jacobian='none' uses ΠGDM's own Gaussian
+    jacobian='unet' (the paper) back-propagates through the denoiser (a vector-Jacobian product: 1.9–2.5× the
+    cost of the forward pass on a CPU, and its activations in memory). jacobian='none' uses ΠGDM's own Gaussian
     approximation p(x0 | x_t) ≈ N(x̂0, r²I) without the Jacobian: x̂0 is replaced by that Gaussian's posterior
     mean given y, x̂0 + ζr²·u (the Wiener-like data-consistent estimate, clamped to [0, 1]), before the DDPM
     step; forward passes only (README "ΠGDM without the Jacobian").
