@@ -186,11 +186,16 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepared(r, y, boundary)
     st = start if start is not None else kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
-        res = fast_diffusion_em(r.denoiser, yp, sigma, _guidance(r, k_true is not None), d.mstep, s, generator,
-                                r.kernel_denoiser,
-                                n_particles=d.n_particles, fixed_kernel=st.fixed_kernel, k_init=st.k_init,
-                                guard=r.guard, callback=callback, progress=True, data_box=box, eta=d.eta,
-                                branch_fraction=d.branch_fraction, support=st.support)
+        run = lambda n, st: fast_diffusion_em(r.denoiser, yp, sigma, _guidance(r, k_true is not None), d.mstep, s,
+                                             generator, r.kernel_denoiser, n_particles=n,
+                                             fixed_kernel=st.fixed_kernel, k_init=st.k_init, guard=r.guard,
+                                             callback=callback, progress=True, data_box=box, eta=d.eta,
+                                             branch_fraction=d.branch_fraction, support=st.support)
+        first = None
+        if d.final_pass and st.fixed_kernel is None:  # the kernel-finding run; its image is not kept
+            first = run(d.kernel_pass_particles or d.n_particles, st)
+            st = Start(fixed_kernel=first.kernel)
+        res = _after(first, run(d.n_particles, st))
     else:
         if k_true is not None:
             raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
@@ -217,22 +222,45 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
     B = len(ys)
     k_trues, callbacks = k_trues or [None] * B, callbacks or [None] * B
     prepared = [_prepared(r, y, mode) for y, mode in zip(ys, boundaries)]
-    kernels = starts or [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
-                         for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)]
-    out = [None] * B
-    for shape in dict.fromkeys(tuple(yp.shape) for yp, _ in prepared):  # one batch per padded size, in order
-        idx = [b for b in range(B) if tuple(prepared[b][0].shape) == shape]
-        res = fast_diffusion_em_batch(
-            r.denoiser, [prepared[b][0] for b in idx], [sigmas[b] for b in idx],
-            _guidance(r, all(k_trues[b] is not None for b in idx)), d.mstep, s,
-            [generators[b] for b in idx], r.kernel_denoiser, n_particles=d.n_particles,
-            k_inits=[kernels[b].k_init for b in idx], fixed_kernels=[kernels[b].fixed_kernel for b in idx],
-            supports=[kernels[b].support for b in idx],
-            guard=r.guard, callbacks=[callbacks[b] for b in idx], progress=True,
-            data_boxes=[prepared[b][1] for b in idx], eta=d.eta, branch_fraction=d.branch_fraction)
-        for b, rb in zip(idx, res):
-            out[b] = rb if isinstance(rb, DivergenceError) else _judged(r, rb, *prepared[b], sigmas[b])
+    kernels = list(starts or [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
+                              for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)])
+
+    def run(idx: list, n: int) -> dict:  # Fast EM on the images idx, one UNet batch per padded size, in order
+        done = {}
+        for shape in dict.fromkeys(tuple(prepared[b][0].shape) for b in idx):
+            group = [b for b in idx if tuple(prepared[b][0].shape) == shape]
+            res = fast_diffusion_em_batch(
+                r.denoiser, [prepared[b][0] for b in group], [sigmas[b] for b in group],
+                _guidance(r, all(k_trues[b] is not None for b in group)), d.mstep, s,
+                [generators[b] for b in group], r.kernel_denoiser, n_particles=n,
+                k_inits=[kernels[b].k_init for b in group], fixed_kernels=[kernels[b].fixed_kernel for b in group],
+                supports=[kernels[b].support for b in group],
+                guard=r.guard, callbacks=[callbacks[b] for b in group], progress=True,
+                data_boxes=[prepared[b][1] for b in group], eta=d.eta, branch_fraction=d.branch_fraction)
+            done.update(zip(group, res))
+        return done
+
+    first = {}
+    if d.final_pass:  # the kernel-finding runs, then the final runs with their kernels fixed (as `restore`)
+        first = run([b for b in range(B) if kernels[b].fixed_kernel is None], d.kernel_pass_particles or d.n_particles)
+        for b, f in first.items():
+            if not isinstance(f, DivergenceError):
+                kernels[b] = Start(fixed_kernel=f.kernel)
+    final = run([b for b in range(B) if not isinstance(first.get(b), DivergenceError)], d.n_particles)
+    out = []
+    for b in range(B):
+        rb = final.get(b, first.get(b))
+        if not isinstance(rb, DivergenceError):
+            rb = _judged(r, _after(first.get(b), rb), *prepared[b], sigmas[b])
+        out.append(rb)
     return out
+
+
+def _after(first: Optional[EMResult], res: EMResult) -> EMResult:
+    """A final run's result counting the kernel-finding run before it (its evaluations and trace)."""
+    if first is None:
+        return res
+    return EMResult(x=res.x, kernel=res.kernel, nfe=first.nfe + res.nfe, trace=first.trace + res.trace)
 
 
 def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float):

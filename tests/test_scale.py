@@ -58,12 +58,13 @@ def _same_outputs(a, b):
     assert (sa["images"], sa["ok"]) == (sb["images"], sb["ok"]) == (N_IMAGES, N_IMAGES)
 
 
-@pytest.mark.parametrize("kernel", ["em", "l0_em", "l0", "l0_box"])
-def test_batch_size_equals_one_by_one(job, monkeypatch, kernel):
+@pytest.mark.parametrize("kernel,extra", [("em", {}), ("l0_em", {}), ("l0", {}), ("l0_box", {}),
+                                          ("l0_box", {"final_pass": True, "kernel_pass_particles": 1})])
+def test_batch_size_equals_one_by_one(job, monkeypatch, kernel, extra):
     tmp, cfg, data = job  # l0 / l0_em: each image's own classical kernel (a start or fixed), batched or not
-    d = yaml.safe_load(cfg.read_text())
-    cfg = tmp / f"fastem_{kernel}.yaml"
-    cfg.write_text(yaml.safe_dump({**d, "kernel": kernel}))
+    d = yaml.safe_load(cfg.read_text())  # final_pass: the kernel-finding runs are batched too
+    cfg = tmp / f"fastem_{kernel}{len(extra)}.yaml"
+    cfg.write_text(yaml.safe_dump({**d, "kernel": kernel, **extra}))
     job = (tmp, cfg, data)
     # no stand-in UNet: on a CPU the runner evaluates one image per UNet call (max_batch=1), so batches are exact
     l0_kernels = []  # the ℓ0 estimates the option really computed
