@@ -54,6 +54,7 @@ class DiffusionConfig:
     n_particles: int = 1
     final_pass: bool = False         # Fast EM finds the kernel, then one non-blind run with it fixed makes the image
     kernel_pass_particles: Optional[int] = None  # particles of that kernel-finding run (None: n_particles)
+    kernel_pass_steps: Optional[int] = None      # its diffusion steps (None: steps)
     branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)
     output: str = "sample"           # 'sample': first particle (paper) | 'mean': particle average (posterior mean)
     eta: float = 1.0                 # 1: DDPM ancestral steps (paper) | < 1: DDIM steps, 0 deterministic
@@ -67,7 +68,8 @@ class DiffusionConfig:
                               ("pigdm_jacobian", ("unet", "none"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"key '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("steps", "em_rounds", "n_particles", "kernel_pass_particles"):
+        for name in ("steps", "em_rounds", "n_particles", "kernel_pass_particles",
+                     "kernel_pass_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"key '{name}' must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.branch_fraction <= 1.0:

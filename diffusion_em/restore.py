@@ -51,6 +51,12 @@ class Restorer:
     kernel_size: int
     device: torch.device
     guard: Guard
+    schedule_kind: str = "linear"  # the β schedule of the weights (respacing for `kernel_pass_steps`)
+
+    def kernel_pass_denoiser(self) -> EpsDenoiser:
+        """The denoiser of `final_pass`'s kernel-finding run: the same UNet, `kernel_pass_steps` steps."""
+        n = self.dcfg.kernel_pass_steps
+        return self.denoiser if n is None else self.denoiser.respaced(Schedule.create(n, self.schedule_kind))
 
 
 def load_restorer(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelConfig, device: torch.device,
@@ -69,7 +75,8 @@ def load_restorer(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelCon
         kd = load_kernel_denoiser(repo_path(kcfg.denoiser_path), device=device)
     guard = Guard(max_residual=dcfg.guard_residual, max_saturation_excess=dcfg.guard_saturation)
     return Restorer(denoiser=denoiser, guidance=guidance_for(dcfg), kernel_denoiser=kd,
-                    dcfg=dcfg, kernel_size=kcfg.kernel_size, device=device, guard=guard)
+                    dcfg=dcfg, kernel_size=kcfg.kernel_size, device=device, guard=guard,
+                    schedule_kind=model_cfg.schedule)
 
 
 def prefers_channels_last(model_cfg: ModelConfig, device: torch.device) -> bool:
@@ -186,16 +193,16 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepared(r, y, boundary)
     st = start if start is not None else kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
-        run = lambda n, st: fast_diffusion_em(r.denoiser, yp, sigma, _guidance(r, k_true is not None), d.mstep, s,
-                                             generator, r.kernel_denoiser, n_particles=n,
+        run = lambda den, n, st: fast_diffusion_em(den, yp, sigma, _guidance(r, k_true is not None), d.mstep, s,
+                                                  generator, r.kernel_denoiser, n_particles=n,
                                              fixed_kernel=st.fixed_kernel, k_init=st.k_init, guard=r.guard,
                                              callback=callback, progress=True, data_box=box, eta=d.eta,
                                              branch_fraction=d.branch_fraction, support=st.support)
         first = None
         if d.final_pass and st.fixed_kernel is None:  # the kernel-finding run; its image is not kept
-            first = run(d.kernel_pass_particles or d.n_particles, st)
+            first = run(r.kernel_pass_denoiser(), d.kernel_pass_particles or d.n_particles, st)
             st = Start(fixed_kernel=first.kernel)
-        res = _after(first, run(d.n_particles, st))
+        res = _after(first, run(r.denoiser, d.n_particles, st))
     else:
         if k_true is not None:
             raise InputError("the oracle kernel (--true_kernel) is a Fast EM option: Diffusion EM would still "
@@ -225,12 +232,12 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
     kernels = list(starts or [kernels_for(kernel_source(d.kernel, mode), yp, s, box, k_true)
                               for (yp, box), mode, k_true in zip(prepared, boundaries, k_trues)])
 
-    def run(idx: list, n: int) -> dict:  # Fast EM on the images idx, one UNet batch per padded size, in order
+    def run(den: EpsDenoiser, idx: list, n: int) -> dict:  # Fast EM on images idx, a UNet batch per padded size
         done = {}
         for shape in dict.fromkeys(tuple(prepared[b][0].shape) for b in idx):
             group = [b for b in idx if tuple(prepared[b][0].shape) == shape]
             res = fast_diffusion_em_batch(
-                r.denoiser, [prepared[b][0] for b in group], [sigmas[b] for b in group],
+                den, [prepared[b][0] for b in group], [sigmas[b] for b in group],
                 _guidance(r, all(k_trues[b] is not None for b in group)), d.mstep, s,
                 [generators[b] for b in group], r.kernel_denoiser, n_particles=n,
                 k_inits=[kernels[b].k_init for b in group], fixed_kernels=[kernels[b].fixed_kernel for b in group],
@@ -242,11 +249,12 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
 
     first = {}
     if d.final_pass:  # the kernel-finding runs, then the final runs with their kernels fixed (as `restore`)
-        first = run([b for b in range(B) if kernels[b].fixed_kernel is None], d.kernel_pass_particles or d.n_particles)
+        first = run(r.kernel_pass_denoiser(), [b for b in range(B) if kernels[b].fixed_kernel is None],
+                    d.kernel_pass_particles or d.n_particles)
         for b, f in first.items():
             if not isinstance(f, DivergenceError):
                 kernels[b] = Start(fixed_kernel=f.kernel)
-    final = run([b for b in range(B) if not isinstance(first.get(b), DivergenceError)], d.n_particles)
+    final = run(r.denoiser, [b for b in range(B) if not isinstance(first.get(b), DivergenceError)], d.n_particles)
     out = []
     for b in range(B):
         rb = final.get(b, first.get(b))

@@ -4,6 +4,8 @@ Everything outside sees images in [0, 1] (`to_phys` / `to_model` convert).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from guided_diffusion.schedule import Schedule
@@ -54,6 +56,12 @@ class EpsDenoiser:
         if isinstance(model, torch.nn.Module):
             model.eval().requires_grad_(False)
         self.net = torch.compile(model, backend=compile_backend) if compile_backend else model
+
+    def respaced(self, schedule: Schedule) -> "EpsDenoiser":
+        """The same network (shared, not copied) on another schedule, e.g. fewer steps."""
+        out = copy.copy(self)
+        out.schedule = schedule
+        return out
 
     def eps(self, x_t: torch.Tensor, i: int) -> torch.Tensor:
         t = torch.full((x_t.shape[0],), int(self.schedule.timesteps[i]), device=x_t.device, dtype=torch.long)

@@ -313,12 +313,13 @@ def test_zeta_true_kernel_weights_only_the_known_kernel_runs(setup):
 
 
 def test_final_pass_reruns_with_the_found_kernel_fixed(setup):
-    """`final_pass`: a kernel-finding Fast EM run (`kernel_pass_particles`), then one run with its kernel held
-    fixed at the blind ζ; both draw from the one generator, in that order."""
+    """`final_pass`: a kernel-finding Fast EM run (`kernel_pass_particles`, `kernel_pass_steps`), then one run
+    with its kernel held fixed at the blind ζ; both draw from the one generator, in that order."""
     import dataclasses
 
     from diffusion_em.restore import Start, restore
     from diffusion_em.run import build_parser, restorer_from_args
+    from guided_diffusion.schedule import Schedule
     from util.images import image_to_tensor
     from util.inputs import list_inputs, load_sample
 
@@ -327,13 +328,20 @@ def test_final_pass_reruns_with_the_found_kernel_fixed(setup):
     base = restorer_from_args(args, "fast_em")
     s = load_sample(list_inputs(data)[0])
     y = image_to_tensor(s.y)
-    two = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, final_pass=True, kernel_pass_particles=1))
-    res = restore(two, y, s.sigma, torch.Generator().manual_seed(7), boundary="circular")
-    gen = torch.Generator().manual_seed(7)
-    one = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, n_particles=1))
-    first = restore(one, y, s.sigma, gen, boundary="circular")
-    second = restore(base, y, s.sigma, gen, boundary="circular", start=Start(fixed_kernel=first.kernel))
-    assert torch.equal(res.kernel, first.kernel) and torch.equal(res.x, second.x)
-    assert res.x.shape[0] == base.dcfg.n_particles and res.nfe == first.nfe + second.nfe
+    with_ = lambda **kw: dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, **kw))
+    fewer = base.dcfg.steps - 1
+    for steps in (None, fewer):
+        two = with_(final_pass=True, kernel_pass_particles=1, kernel_pass_steps=steps)
+        res = restore(two, y, s.sigma, torch.Generator().manual_seed(7), boundary="circular")
+        gen = torch.Generator().manual_seed(7)
+        one = with_(n_particles=1)
+        if steps is not None:
+            one = dataclasses.replace(one, denoiser=base.denoiser.respaced(Schedule.create(steps, base.schedule_kind)))
+        first = restore(one, y, s.sigma, gen, boundary="circular")
+        second = restore(base, y, s.sigma, gen, boundary="circular", start=Start(fixed_kernel=first.kernel))
+        assert torch.equal(res.kernel, first.kernel) and torch.equal(res.x, second.x)
+        assert res.x.shape[0] == base.dcfg.n_particles and res.nfe == first.nfe + second.nfe
+        assert len(res.trace) == len(first.trace) + len(second.trace)
+    assert first.nfe == fewer  # one particle, the fewer steps
     blind = restore(base, y, s.sigma, torch.Generator().manual_seed(7), boundary="circular")
     assert not torch.equal(res.x, blind.x)

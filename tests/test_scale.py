@@ -59,7 +59,7 @@ def _same_outputs(a, b):
 
 
 @pytest.mark.parametrize("kernel,extra", [("em", {}), ("l0_em", {}), ("l0", {}), ("l0_box", {}),
-                                          ("l0_box", {"final_pass": True, "kernel_pass_particles": 1})])
+                                          ("l0_box", {"final_pass": True, "kernel_pass_particles": 1, "kernel_pass_steps": 3})])
 def test_batch_size_equals_one_by_one(job, monkeypatch, kernel, extra):
     tmp, cfg, data = job  # l0 / l0_em: each image's own classical kernel (a start or fixed), batched or not
     d = yaml.safe_load(cfg.read_text())  # final_pass: the kernel-finding runs are batched too
