@@ -84,6 +84,8 @@ def run_cases(args) -> None:
     if args.names:
         samples = [s for s in samples if s.name in set(args.names.split(","))]
     samples = samples[: args.max_images]
+    # as the runner: --boundary, else the config's, resolved per image with what meta.csv declares
+    boundary_of = lambda sample: boundary_mode(args.boundary or base.dcfg.boundary, sample.kind, sample.boundary)
     for index, sample in enumerate(samples):
         s = load_sample(sample)
         ks = int(max(s.k_true.shape))
@@ -102,7 +104,7 @@ def run_cases(args) -> None:
                 gen = torch.Generator(device=r.device).manual_seed(args.seed * 1_000_003 + index * 1009)
                 t0 = time.time()
                 try:
-                    res = restore(r, y, s.sigma, gen, boundary=boundary_mode(r.dcfg.boundary, sample.kind), k_true=k)
+                    res = restore(r, y, s.sigma, gen, boundary=boundary_of(sample), k_true=k)
                 except DivergenceError as e:
                     row[f"{tag}_error"] = str(e)
                     continue

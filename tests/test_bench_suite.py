@@ -60,3 +60,25 @@ def test_mstep_given_image_runs_on_a_real_capture(shared_path, repo_root, capsys
     assert "image=sharp" in line and "start=dirac" in line
     first, *_, last = (float(v) for v in line.split("calls:")[1].split())
     assert last < first
+
+
+def test_quality_options_runs_each_image_with_the_runners_boundary(tiny_run, repo_root, monkeypatch):
+    """bench/quality_options.py resolves the boundary as the runner does: --boundary, else the config's
+    `auto` with what meta.csv declares (and so the kernel source `auto` picks from it)."""
+    from tests.cli import cli_args
+    qo = _load(repo_root, "quality_options")
+    tmp, cfgs, _ = tiny_run
+    data = tmp / "set64"  # the aligned scores crop a 15-px border
+    _tiny_set(data, size=64)
+    (data / "kernel").mkdir()
+    np.save(data / "kernel" / "c0.npy", np.full((3, 3), 1 / 9, np.float32))
+    seen = []
+    real = qo.restore
+    monkeypatch.setattr(qo, "restore", lambda *a, **k: seen.append(k["boundary"]) or real(*a, **k))
+    args = cli_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o")
+    for flag, declared, want in ((["--boundary", "circular"], "", "circular"), ([], "", "taper"),
+                                 ([], "circular", "circular")):
+        (data / "meta.csv").write_text(f"name,sigma,boundary\nc0,0.05,{declared}\n")
+        seen.clear()
+        qo.main(args + flag)
+        assert seen == [want]
