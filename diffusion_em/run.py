@@ -78,6 +78,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--kernel", default=None, choices=KERNELS,
                    help="override the config's kernel source: auto (ℓ0 fixed on photos, l0_box on circular sets), "
                         "em (paper), l0, l0_em, l0_box")
+    if method == "fast_em":
+        p.add_argument("--final_pass", action="store_true", default=None,
+                       help="after Fast EM, one non-blind run with its kernel fixed makes the image (about 2x "
+                            "the time; config key final_pass; README \"A second run with the found kernel\")")
     p.add_argument("--memory_budget_gb", type=float, default=None,
                    help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
                         "0: no check)")
@@ -129,7 +133,8 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
 
 def load_configs(args: argparse.Namespace, method: str) -> tuple:
     """(DiffusionConfig with the flags' overrides, KernelConfig, ModelConfig); no model is loaded."""
-    overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel", "final_pass")
+                 if getattr(args, k, None) is not None}
     dcfg = load_diffusion_config(repo_path(args.diffusion_config), overrides)
     if dcfg.method != method:
         raise ConfigError(f"{args.diffusion_config}: method '{dcfg.method}' belongs to {SCRIPTS[dcfg.method]}, "

@@ -185,12 +185,21 @@ def test_config_errors(setup, tmp_path, capsys):
 
 
 def test_the_kernel_flag_overrides_the_config(setup):
-    """--kernel replaces the config's `kernel` for the run; the saved settings record says so."""
+    """--kernel and --final_pass replace the config's keys for the run; the saved settings record says so."""
     tmp, cfgs, data = setup
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "k", "--kernel", "l0_box", "--max_images", "1"),
                 method="fast_em") == 0
     assert [r["kernel_source"] for r in _rows(tmp / "k")] == ["l0_box"]
     assert json.loads((tmp / "k" / "summary.json").read_text())["settings"]["diffusion"]["kernel"] == "l0_box"
+
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "f", "--final_pass", "--kernel", "em", "--max_images", "1"),
+                method="fast_em") == 0
+    steps = yaml.safe_load(cfgs["fastem_pigdm"].read_text())["steps"]
+    assert [int(r["nfe"]) for r in _rows(tmp / "f")] == [2 * steps]  # the kernel-finding run, then the final one
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "f0", "--final_pass", "--kernel", "l0", "--max_images", "1"),
+                method="fast_em") == 0
+    assert [int(r["nfe"]) for r in _rows(tmp / "f0")] == [steps]  # a fixed kernel: nothing to find
+    assert json.loads((tmp / "f" / "summary.json").read_text())["settings"]["diffusion"]["final_pass"] is True
 
 
 def test_divergence_guard_fails_garbage_with_a_message(setup):
