@@ -66,6 +66,8 @@ METHODS = {
                              FAST, "runner", oracle="fastem_default_oracle", blind=True),
     "fastem_default_em": Method("Fast EM ΠGDM, default config with kernel: em (M-step from a Dirac, no box; the default before 2026-11-27 evening)",
                                 FAST + ("--kernel", "em"), "runner", oracle="fastem_default_oracle", blind=True),
+    "fastem_final_pass": Method("Fast EM ΠGDM, default config + final_pass (a second run with the found kernel fixed; about 2x the time)",
+                                FAST + ("--final_pass",), "runner", oracle="fastem_default_oracle", blind=True),
     "fastem_default_oracle": Method("Fast EM default config, true k (--true_kernel; 4 branched particles, mean)",
                                     FAST + ("--true_kernel",), "runner"),
     "diffem": Method("Diffusion EM ΠGDM", ("test_DiffEM.py",), "runner", oracle="fastem_oracle", blind=True),

@@ -185,7 +185,8 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     σ below SIGMA_FLOOR runs at the floor. boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see
     `boundary_mode`); k_true: the oracle kernel
     (M-step off, the non-blind bound); callback: per-step dict (see the drivers); start: a `Start` from
-    `start_kernels`, else computed here. Raises DivergenceError when
+    `start_kernels`, else computed here. With `final_pass` (and a kernel to find) the Fast EM run only finds
+    the kernel and a second run with it fixed makes the image. Raises DivergenceError when
     the guard fails the result (judged on the data region: padding is not data).
     """
     d, s = r.dcfg, r.kernel_size
@@ -193,11 +194,12 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
     yp, box = _prepared(r, y, boundary)
     st = start if start is not None else kernels_for(kernel_source(d.kernel, boundary), yp, s, box, k_true)
     if d.method == "fast_em":
-        run = lambda den, n, st: fast_diffusion_em(den, yp, sigma, _guidance(r, k_true is not None), d.mstep, s,
-                                                  generator, r.kernel_denoiser, n_particles=n,
-                                             fixed_kernel=st.fixed_kernel, k_init=st.k_init, guard=r.guard,
-                                             callback=callback, progress=True, data_box=box, eta=d.eta,
-                                             branch_fraction=d.branch_fraction, support=st.support)
+        def run(den: EpsDenoiser, n: int, st: Start) -> EMResult:
+            return fast_diffusion_em(den, yp, sigma, _guidance(r, k_true is not None), d.mstep, s, generator,
+                                     r.kernel_denoiser, n_particles=n, fixed_kernel=st.fixed_kernel,
+                                     k_init=st.k_init, guard=r.guard, callback=callback, progress=True,
+                                     data_box=box, eta=d.eta, branch_fraction=d.branch_fraction, support=st.support)
+
         first = None
         if d.final_pass and st.fixed_kernel is None:  # the kernel-finding run; its image is not kept
             first = run(r.kernel_pass_denoiser(), d.kernel_pass_particles or d.n_particles, st)
