@@ -3,6 +3,7 @@ import importlib.util
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -82,3 +83,24 @@ def test_quality_options_runs_each_image_with_the_runners_boundary(tiny_run, rep
         seen.clear()
         qo.main(args + flag)
         assert seen == [want]
+
+
+def test_set_with_kernels_copies_a_set_with_a_runs_kernels(tmp_path, repo_root):
+    swk = _load(repo_root, "set_with_kernels")
+    _tiny_set(tmp_path / "set", n=2)
+    (tmp_path / "set" / "kernel").mkdir()
+    (tmp_path / "run" / "kernels").mkdir(parents=True)
+    for i in range(2):
+        np.save(tmp_path / "set" / "kernel" / f"c{i}.npy", np.full((3, 3), 1 / 9, np.float32))
+        np.save(tmp_path / "run" / "kernels" / f"c{i}.npy", np.eye(5, dtype=np.float32) / 5 * (i + 1))
+    args = ["--set", str(tmp_path / "set"), "--run", str(tmp_path / "run"), "--out", str(tmp_path / "copy")]
+    assert swk.main(args) == 0
+    for i in range(2):
+        assert np.array_equal(np.load(tmp_path / "copy" / "kernel" / f"c{i}.npy"), np.eye(5, dtype=np.float32) / 5 * (i + 1))
+        assert (tmp_path / "copy" / "sharp" / f"c{i}.png").exists() and (tmp_path / "copy" / "blurry" / f"c{i}.npy").exists()
+    assert (tmp_path / "copy" / "meta.csv").read_text() == (tmp_path / "set" / "meta.csv").read_text()
+    with pytest.raises(SystemExit, match="exists"):
+        swk.main(args)  # never writes over a folder
+    (tmp_path / "run" / "kernels" / "c1.npy").unlink()
+    with pytest.raises(SystemExit, match="no kernel for c1"):
+        swk.main(args[:-1] + [str(tmp_path / "copy2")])
