@@ -29,8 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.config import diffusion_config_dict, diffusion_config_from_dict  # noqa: E402
 from diffusion_em.em import DivergenceError, Guard  # noqa: E402
-from diffusion_em.restore import boundary_mode, guidance_for, restore  # noqa: E402
-from diffusion_em.run import build_parser, restorer_from_args  # noqa: E402
+from diffusion_em.restore import guidance_for, restore  # noqa: E402
+from diffusion_em.run import build_parser, image_boundary, restorer_from_args  # noqa: E402
 from kernel_denoiser.kernels import kernel_stats  # noqa: E402
 from util.images import image_to_tensor, tensor_to_image  # noqa: E402
 from util.inputs import list_inputs, load_sample  # noqa: E402
@@ -84,8 +84,6 @@ def run_cases(args) -> None:
     if args.names:
         samples = [s for s in samples if s.name in set(args.names.split(","))]
     samples = samples[: args.max_images]
-    # as the runner: --boundary, else the config's, resolved per image with what meta.csv declares
-    boundary_of = lambda sample: boundary_mode(args.boundary or base.dcfg.boundary, sample.kind, sample.boundary)
     for index, sample in enumerate(samples):
         s = load_sample(sample)
         ks = int(max(s.k_true.shape))
@@ -104,7 +102,7 @@ def run_cases(args) -> None:
                 gen = torch.Generator(device=r.device).manual_seed(args.seed * 1_000_003 + index * 1009)
                 t0 = time.time()
                 try:
-                    res = restore(r, y, s.sigma, gen, boundary=boundary_of(sample), k_true=k)
+                    res = restore(r, y, s.sigma, gen, boundary=image_boundary(args.boundary, base.dcfg, sample), k_true=k)
                 except DivergenceError as e:
                     row[f"{tag}_error"] = str(e)
                     continue

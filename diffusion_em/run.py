@@ -170,6 +170,12 @@ def settings_record(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelC
             "input_dir": str(Path(input_dir).resolve()), **({"boundary": opts.boundary} if opts.boundary else {})}
 
 
+def image_boundary(flag: Optional[str], dcfg: DiffusionConfig, sample) -> str:
+    """The boundary model one image runs with: `--boundary` (flag), else the config's, resolved with what the
+    image's meta.csv declares (`restore.boundary_mode`)."""
+    return boundary_mode(flag or dcfg.boundary, sample.kind, sample.boundary)
+
+
 def _progress_recorder(steps: int):
     """(callback, x̂0 frames, kernel frames): ~20 frames of x̂0 (first particle) and the kernel."""
     frames, kernels = [], []
@@ -237,7 +243,7 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     if opts.true_kernel and loaded.k_true is None:
         raise InputError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
     callback, frames, kernels = _progress_recorder(r.dcfg.steps) if opts.save_progress else (None, [], [])
-    boundary = boundary_mode(opts.boundary or r.dcfg.boundary, sample.kind, sample.boundary)
+    boundary = image_boundary(opts.boundary, r.dcfg, sample)
     kernel_from = "true" if opts.true_kernel else kernel_source(r.dcfg.kernel, boundary)
     return Loaded(sample, index, loaded, image_to_tensor(loaded.y, r.device), sigma, source, sigma_run, gray,
                   boundary, kernel_from, t0, callback, frames, kernels)
