@@ -57,6 +57,7 @@ class DiffusionConfig:
     kernel_pass_steps: Optional[int] = None      # its diffusion steps (None: steps)
     branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)
     output: str = "sample"           # 'sample': first particle (paper) | 'mean': particle average (posterior mean)
+    classical_blend: float = 0.0     # w: output (1 − w)·diffusion + w·hyper-Laplacian deconvolution with the final kernel (0: paper)
     eta: float = 1.0                 # 1: DDPM ancestral steps (paper) | < 1: DDIM steps, 0 deterministic
     retries: int = 1                 # divergence guard: extra attempts with fresh noise before failing an image
     guard_residual: float = 25.0     # fail when mean (k⊛x − y)² > guard_residual·σ² + 1e-3
@@ -74,6 +75,8 @@ class DiffusionConfig:
                 raise ValueError(f"key '{name}' must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.branch_fraction <= 1.0:
             raise ValueError(f"key 'branch_fraction' must be in (0, 1], got {self.branch_fraction}")
+        if not 0.0 <= self.classical_blend <= 1.0:
+            raise ValueError(f"key 'classical_blend' must be in [0, 1], got {self.classical_blend}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"key 'eta' must be in [0, 1], got {self.eta}")
         if self.zeta_true_kernel is not None and not self.zeta_true_kernel > 0:

@@ -38,17 +38,26 @@ class EMResult:
     nfe: int                        # UNet evaluations
     trace: list = field(default_factory=list)   # per-step dicts: where, i, t, saturation of x̂0, kernel max
     reblur_mse: Optional[float] = None  # mean (k⊛x − y)² over the observed frame (set by the runner's guard)
+    classical: Optional[torch.Tensor] = None  # (1, C, H, W) classical deconvolution with `kernel` (restore.py)
 
     @property
     def x_mean(self) -> torch.Tensor:
         return self.x.mean(0, keepdim=True)
 
-    def image(self, output: str = "sample") -> torch.Tensor:
+    def image(self, output: str = "sample", blend: float = 0.0) -> torch.Tensor:
         """The result (1, C, H, W): 'sample' = the first particle, a posterior sample (the paper's output);
-        'mean' = the particle average, an estimate of the posterior mean (lower squared error)."""
+        'mean' = the particle average, an estimate of the posterior mean (lower squared error). blend = w > 0:
+        (1 − w)·that + w·`classical`, the classical deconvolution of y with the same kernel (config key
+        `classical_blend`; README "Blending with a classical deconvolution")."""
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        return self.x[:1] if output == "sample" else self.x_mean
+        x = self.x[:1] if output == "sample" else self.x_mean
+        if blend == 0:
+            return x
+        if self.classical is None:
+            raise ValueError("blend > 0 needs the classical deconvolution (restore computes it when the config's "
+                             "classical_blend > 0)")
+        return (1 - blend) * x + blend * self.classical.to(x)
 
 
 def saturation(x: torch.Tensor, lo: float = 0.02, hi: float = 0.98) -> float:

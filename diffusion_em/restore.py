@@ -23,6 +23,7 @@ from guided_diffusion.schedule import Schedule
 from guided_diffusion.unet import load_weights
 from kernel_denoiser.network import load_kernel_denoiser
 from classical.blind_l0 import estimate_kernel
+from classical.nonblind import hyper_laplacian, hyper_laplacian_lambda
 from util.config import ConfigError
 from util.errors import InputError
 from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
@@ -273,13 +274,25 @@ def _after(first: Optional[EMResult], res: EMResult) -> EMResult:
     return EMResult(x=res.x, kernel=res.kernel, nfe=first.nfe + res.nfe, trace=first.trace + res.trace)
 
 
+def classical_deconvolution(yp: torch.Tensor, kernel: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The hyper-Laplacian deconvolution (Krishnan & Fergus 2009, classical.nonblind, its practical λ(σ)) of a
+    padded observation (1, C, H, W) with a kernel, on the same frame and FFT model as the diffusion run."""
+    x = hyper_laplacian(yp.to(torch.float64), kernel.to(torch.float64), hyper_laplacian_lambda(sigma))
+    return x.clamp(0, 1).to(yp.dtype)
+
+
 def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float):
-    """The cropped result, or the DivergenceError the guard raises on it (on the data region only)."""
+    """The cropped result, or the DivergenceError the guard raises on it (on the data region only). With
+    `classical_blend` > 0 it carries the classical deconvolution with its kernel, for `EMResult.image`."""
     try:
         resid = r.guard.check_result(res, yp, sigma, box)
     except DivergenceError as e:
         return e
-    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid)
+    classical = None
+    if r.dcfg.classical_blend > 0:
+        classical = crop(classical_deconvolution(yp, res.kernel, sigma), box)
+    return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid,
+                    classical=classical)
 
 
 def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],

@@ -163,10 +163,12 @@ class ResultsFolder:
 
     def write_image(self, name: str, x_img: np.ndarray, particles: list, kernel: np.ndarray, y: np.ndarray,
                     x_true: Optional[np.ndarray], k_true: Optional[np.ndarray], save_npy_too: bool,
-                    frames: list = (), kernel_frames: list = ()) -> None:
-        """One image's outputs, each written atomically."""
+                    frames: list = (), kernel_frames: list = (), diffusion_only: Optional[np.ndarray] = None) -> None:
+        """One image's outputs, each written atomically (`diffusion_only`: the image before a classical blend)."""
         out = self.path
         save_png(out / "images" / f"{name}.png", x_img)
+        if diffusion_only is not None:
+            save_png(out / "images" / f"{name}_diffusion.png", diffusion_only)
         if len(particles) > 1:
             for j, p in enumerate(particles):
                 save_png(out / "images" / f"{name}_p{j}.png", p)

@@ -276,18 +276,21 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
 
 
 def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
-               output: str = "sample") -> dict:
-    """Write one image's outputs (the image per `output`: 'sample' | 'mean'); returns its metrics row."""
+               output: str = "sample", blend: float = 0.0) -> dict:
+    """Write one image's outputs (the image per `output`: 'sample' | 'mean', blended with the classical
+    deconvolution by `blend`; then the diffusion-only image is written beside it); returns its metrics row."""
     loaded = one.loaded
-    x_img = tensor_to_image(res.image(output)[0].clamp(0, 1))
+    x_img = tensor_to_image(res.image(output, blend)[0].clamp(0, 1))
+    x_diffusion = tensor_to_image(res.image(output)[0].clamp(0, 1)) if blend else None
     particles = [tensor_to_image(p) for p in res.x]
     y_obs, x_true = loaded.y, loaded.x_true
     if one.gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
         x_img, y_obs, particles = grayscale.to_gray(x_img), y_obs[..., :1], [grayscale.to_gray(p) for p in particles]
         x_true = None if x_true is None else grayscale.to_gray(x_true)
+        x_diffusion = None if x_diffusion is None else grayscale.to_gray(x_diffusion)
     k = res.kernel.detach().cpu().numpy()
     out.write_image(one.sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, one.frames,
-                    one.kernels)
+                    one.kernels, diffusion_only=x_diffusion)
     m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
     row = {"name": one.sample.name, "status": "ok", "message": "", "sigma": one.sigma,
            "sigma_source": one.sigma_source, "kernel_source": one.kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
@@ -313,7 +316,8 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     try:
         one = load_one(r, opts, sample, index, known)
         res, attempts = _retry(r, opts, one)
-        return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg.output)
+        return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg.output,
+                          r.dcfg.classical_blend)
     except Exception as e:
         if not _out_of_memory(e):
             raise
@@ -373,7 +377,8 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
                 spent, (res, attempts) = 0.0, _retry(r, opts, one, start=start)
             elif isinstance(res, DivergenceError):
                 res, attempts = _retry(r, opts, one, first_attempt=1, failed=res, start=start)
-            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg.output)
+            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg.output,
+                                    r.dcfg.classical_blend)
         except ProjectError as e:
             rows[name] = _failed_row(one.sample, e, known[name])
         except Exception as e:

@@ -53,7 +53,8 @@ def test_output_mean_writes_the_particle_average(setup):
     d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
     for output in ("mean", "sample"):
         p = tmp / f"diff_{output}.yaml"
-        p.write_text(yaml.safe_dump({**d, "n_particles": 3, "branch_fraction": 0.5, "output": output}))
+        p.write_text(yaml.safe_dump({**d, "n_particles": 3, "branch_fraction": 0.5, "output": output,
+                                     "classical_blend": 0.0}))
         out = tmp / f"out_{output}"
         assert main(_args(tmp, p, data, out, "--save_npy", "--max_images", "1"), method="fast_em") == 0
         parts = [np.asarray(Image.open(out / "images" / f"im0_p{j}.png"), np.float64) / 255 for j in range(3)]
@@ -61,6 +62,56 @@ def test_output_mean_writes_the_particle_average(setup):
         want = np.mean(parts, 0) if output == "mean" else parts[0]
         assert np.abs(got - want).max() <= 1.5 / 255  # the particle PNGs are 8-bit
         assert np.abs(parts[0] - parts[1]).max() > 2 / 255  # the particles differ
+
+
+@pytest.mark.parametrize("boundary", ["circular", "taper"])
+def test_classical_blend_mixes_in_the_hyper_laplacian_deconvolution_with_the_final_kernel(setup, boundary):
+    """classical_blend w: the output is (1 − w)·diffusion + w·(Krishnan–Fergus deconvolution of y with the run's
+    own final kernel, on the run's padded frame, cropped back); the diffusion run itself is unchanged."""
+    import dataclasses
+
+    from classical.nonblind import hyper_laplacian, hyper_laplacian_lambda
+    from diffusion_em.restore import restore
+    from diffusion_em.run import build_parser, restorer_from_args
+    from util.geometry import crop, pad_for_boundary
+    from util.images import image_to_tensor
+    from util.inputs import list_inputs, load_sample
+
+    tmp, cfgs, data = setup
+    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
+    base = restorer_from_args(args, "fast_em")
+    s = load_sample(list_inputs(data)[0])
+    y = image_to_tensor(s.y)
+    runs = {}
+    for w in (0.0, 0.25):
+        r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=w, output="mean"))
+        runs[w] = restore(r, y, s.sigma, torch.Generator().manual_seed(3), boundary=boundary)
+    plain, blended = runs[0.0], runs[0.25]
+    assert plain.classical is None and torch.equal(plain.x, blended.x) and torch.equal(plain.kernel, blended.kernel)
+    yp, box = (y, (0, 0, 32, 32)) if boundary == "circular" else pad_for_boundary(y, base.kernel_size, boundary)
+    want = crop(hyper_laplacian(yp.double(), blended.kernel.double(), hyper_laplacian_lambda(s.sigma)).clamp(0, 1), box)
+    assert torch.allclose(blended.classical.double(), want, atol=1e-6)
+    assert (blended.classical - plain.x_mean).abs().max() > 0.05  # so the blend below tests something
+    assert torch.allclose(blended.image("mean", 0.25), 0.75 * plain.x_mean + 0.25 * blended.classical)
+    assert torch.equal(blended.image("mean"), plain.image("mean"))
+    with pytest.raises(ValueError, match="classical"):
+        plain.image("mean", 0.5)
+
+
+def test_the_runner_writes_the_blend_and_the_diffusion_image(setup):
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    assert d["classical_blend"] == 0.5  # the shipped default
+    out = tmp / "blend"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--save_npy", "--max_images", "1"), method="fast_em") == 0
+    got = np.load(out / "npy" / "im0.npy")
+    diffusion = np.asarray(Image.open(out / "images" / "im0_diffusion.png"), np.float64) / 255
+    parts = np.mean([np.asarray(Image.open(out / "images" / f"im0_p{j}.png"), np.float64) / 255
+                     for j in range(d["n_particles"])], 0)
+    assert np.abs(diffusion - parts).max() <= 1.5 / 255  # the diffusion image is the particle mean
+    assert np.abs(got - diffusion).max() > 0.02  # the written result is not
+    row = _rows(out)[0]
+    assert row["status"] == "ok"
 
 
 def test_seeded_twice_identical_and_resume(setup):
