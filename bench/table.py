@@ -51,6 +51,7 @@ class Method:
 
 FAST = ("test_FastDiffEM.py",)
 PAPER = FAST + ("--diffusion_config", "configs/diffusion_config_fastem_pigdm_paper.yaml")
+NOBLEND = ("--classical_blend", "0")
 METHODS = {
     "blurry": Method("blurry input", ("-m", "diffusion_em.baselines", "--method", "blurry"), "baseline"),
     "tikhonov_oracle": Method("Tikhonov, true k, oracle λ", ("-m", "diffusion_em.baselines", "--method", "tikhonov_oracle"), "baseline"),
@@ -62,14 +63,20 @@ METHODS = {
     "fastem_oracle": Method("ΠGDM oracle (true k, --true_kernel), n = 1", PAPER + ("--true_kernel",), "runner"),
     "fastem_mean4": Method("Fast EM ΠGDM, mean of 4 independent particles", PAPER + ("--n_particles", "4"), "runner",
                            oracle="fastem_oracle", blind=True),
-    "fastem_default": Method("Fast EM ΠGDM, default config (kernel: auto = ℓ0 kernel on non-periodic input, l0_box on circular; 4 branched particles, mean)",
+    "fastem_default": Method("Fast EM ΠGDM, default config (kernel: auto = ℓ0 kernel on non-periodic input, l0_box on circular; 4 branched particles, mean; classical_blend 0.5)",
                              FAST, "runner", oracle="fastem_default_oracle", blind=True),
-    "fastem_default_em": Method("Fast EM ΠGDM, default config with kernel: em (M-step from a Dirac, no box; the default before 2026-11-27 evening)",
-                                FAST + ("--kernel", "em"), "runner", oracle="fastem_default_oracle", blind=True),
-    "fastem_final_pass": Method("Fast EM ΠGDM, default config + final_pass (a second run with the found kernel fixed; about 2x the time)",
+    "fastem_default_noblend": Method("Fast EM ΠGDM, default config, diffusion image alone (--classical_blend 0; the default before 2026-11-28)",
+                                     FAST + NOBLEND, "runner", oracle="fastem_default_oracle_noblend", blind=True),
+    "fastem_default_em": Method("Fast EM ΠGDM, default config with kernel: em (M-step from a Dirac, no box; the default before 2026-11-27 evening), diffusion image alone",
+                                FAST + ("--kernel", "em") + NOBLEND, "runner", oracle="fastem_default_oracle_noblend", blind=True),
+    "fastem_final_pass": Method("Fast EM ΠGDM, default config + final_pass (a second run with the found kernel fixed; about 2x the time; classical_blend 0.5)",
                                 FAST + ("--final_pass",), "runner", oracle="fastem_default_oracle", blind=True),
-    "fastem_default_oracle": Method("Fast EM default config, true k (--true_kernel; 4 branched particles, mean)",
+    "fastem_final_pass_noblend": Method("Fast EM ΠGDM, default config + final_pass, diffusion image alone (--classical_blend 0)",
+                                        FAST + ("--final_pass",) + NOBLEND, "runner", oracle="fastem_default_oracle_noblend", blind=True),
+    "fastem_default_oracle": Method("Fast EM default config, true k (--true_kernel; 4 branched particles, mean; classical_blend 0.5)",
                                     FAST + ("--true_kernel",), "runner"),
+    "fastem_default_oracle_noblend": Method("Fast EM default config, true k, diffusion image alone (--true_kernel --classical_blend 0)",
+                                            FAST + ("--true_kernel",) + NOBLEND, "runner"),
     "diffem": Method("Diffusion EM ΠGDM", ("test_DiffEM.py",), "runner", oracle="fastem_oracle", blind=True),
     "fastem_dps": Method("Fast EM DPS", FAST + ("--diffusion_config", "configs/diffusion_config_fastem_dps.yaml"), "runner",
                          oracle="fastem_dps_oracle", blind=True),

@@ -78,6 +78,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     p.add_argument("--kernel", default=None, choices=KERNELS,
                    help="override the config's kernel source: auto (ℓ0 fixed on photos, l0_box on circular sets), "
                         "em (paper), l0, l0_em, l0_box")
+    p.add_argument("--classical_blend", type=float, default=None, metavar="W",
+                   help="override the config's classical_blend: output (1 - W)·diffusion + W·hyper-Laplacian "
+                        "deconvolution with the final kernel; 0: diffusion only (README \"Blending with a classical "
+                        "deconvolution\")")
     if method == "fast_em":
         p.add_argument("--final_pass", action="store_true", default=None,
                        help="after Fast EM, one non-blind run with its kernel fixed makes the image (about 2x "
@@ -133,7 +137,7 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
 
 def load_configs(args: argparse.Namespace, method: str) -> tuple:
     """(DiffusionConfig with the flags' overrides, KernelConfig, ModelConfig); no model is loaded."""
-    overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel", "final_pass")
+    overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel", "final_pass", "classical_blend")
                  if getattr(args, k, None) is not None}
     dcfg = load_diffusion_config(repo_path(args.diffusion_config), overrides)
     if dcfg.method != method:

@@ -110,8 +110,14 @@ def test_the_runner_writes_the_blend_and_the_diffusion_image(setup):
                      for j in range(d["n_particles"])], 0)
     assert np.abs(diffusion - parts).max() <= 1.5 / 255  # the diffusion image is the particle mean
     assert np.abs(got - diffusion).max() > 0.02  # the written result is not
-    row = _rows(out)[0]
-    assert row["status"] == "ok"
+    assert _rows(out)[0]["status"] == "ok"
+    # --classical_blend 0: the diffusion image alone, as the settings record says
+    off = tmp / "noblend"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, off, "--save_npy", "--max_images", "1", "--classical_blend", "0"),
+                method="fast_em") == 0
+    assert json.loads((off / "summary.json").read_text())["settings"]["diffusion"]["classical_blend"] == 0
+    assert not (off / "images" / "im0_diffusion.png").exists()
+    assert np.abs(np.load(off / "npy" / "im0.npy") - diffusion).max() <= 1 / 255  # the same diffusion run
 
 
 def test_seeded_twice_identical_and_resume(setup):
