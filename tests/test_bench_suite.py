@@ -104,3 +104,31 @@ def test_set_with_kernels_copies_a_set_with_a_runs_kernels(tmp_path, repo_root):
     (tmp_path / "run" / "kernels" / "c1.npy").unlink()
     with pytest.raises(SystemExit, match="no kernel for c1"):
         swk.main(args[:-1] + [str(tmp_path / "copy2")])
+
+
+def test_blend_weights_scores_the_mixtures_of_two_runs(tmp_path, repo_root, capsys):
+    bw = _load(repo_root, "blend_weights")
+    from util.metrics import aligned_scores
+    _tiny_set(tmp_path / "set", n=2, size=48)
+    (tmp_path / "set" / "kernel").mkdir()
+    g = np.random.default_rng(1)
+    truth = {}
+    for i in range(2):
+        np.save(tmp_path / "set" / "kernel" / f"c{i}.npy", np.full((3, 3), 1 / 9, np.float32))
+        truth[i] = np.asarray(Image.open(tmp_path / "set" / "sharp" / f"c{i}.png"), np.float64) / 255
+        for run, amp in (("a", 0.1), ("b", 0.2)):
+            (tmp_path / run / "images").mkdir(parents=True, exist_ok=True)
+            noisy = np.clip(truth[i] + amp * g.standard_normal(truth[i].shape), 0, 1)
+            Image.fromarray(np.round(noisy * 255).astype(np.uint8)).save(tmp_path / run / "images" / f"c{i}.png")
+    # a blended result's diffusion image is read in preference to its blend
+    d0 = np.round(np.clip(truth[0] + 0.05 * g.standard_normal(truth[0].shape), 0, 1) * 255) / 255
+    Image.fromarray(np.round(d0 * 255).astype(np.uint8)).save(tmp_path / "a" / "images" / "c0_diffusion.png")
+    assert bw.main(["--set", str(tmp_path / "set"), "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"),
+                    "--weights", "0,0.5,1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    c0 = [float(v) for v in lines[1].split()[1:]]
+    want = lambda x: aligned_scores(x, truth[0], 3)["psnr_aligned"]  # noqa: E731
+    b0 = np.asarray(Image.open(tmp_path / "b" / "images" / "c0.png"), np.float64) / 255
+    assert lines[1].startswith("c0 ") and abs(c0[0] - want(d0)) < 0.006 and abs(c0[2] - want(b0)) < 0.006
+    assert abs(c0[1] - want(np.clip(0.5 * d0 + 0.5 * b0, 0, 1))) < 0.006  # printed to 0.01 dB
+    assert lines[-2].startswith("mean (2 cases, 0 skipped)")

@@ -1,0 +1,67 @@
+"""Aligned PSNR of (1 − w)·A + w·B for a grid of w, where A and B are two result folders on one test set.
+
+How the default `classical_blend` was chosen (README "Blending with a classical deconvolution"): A = a
+diffusion run (its images/NAME_diffusion.png when present, else images/NAME.png), B = the hyper-Laplacian
+deconvolution with that run's own kernels (`bench/set_with_kernels.py --run A`, then `python -m
+diffusion_em.baselines --method hyper_laplacian` on the copy). Both are read as the 8-bit PNGs the runs wrote,
+so a figure here can differ from the runner's blend (done before quantisation) by ~0.01 dB.
+
+    python bench/blend_weights.py --set SET --a RUN_A --b RUN_B [--weights 0,0.25,0.5,0.75,1]
+
+Prints one line per case (the PSNR at each w, then the blurry input's) and the means; cases missing from
+either folder are skipped and counted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.images import read_image  # noqa: E402
+from util.inputs import list_inputs, load_sample  # noqa: E402
+from util.metrics import aligned_scores  # noqa: E402
+
+
+def image_of(run: Path, name: str):
+    """A run's diffusion image of `name` (before any blend), or None when the run has none."""
+    for f in (run / "images" / f"{name}_diffusion.png", run / "images" / f"{name}.png"):
+        if f.is_file():
+            return read_image(f)
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--set", required=True, help="test-set folder with sharp/ and kernel/")
+    p.add_argument("--a", required=True, help="result folder A (weight 1 − w)")
+    p.add_argument("--b", required=True, help="result folder B (weight w)")
+    p.add_argument("--weights", default="0,0.25,0.5,0.75,1", help="comma-separated w in [0, 1]")
+    args = p.parse_args(argv)
+    ws = [float(w) for w in args.weights.split(",")]
+    scores, blurry, skipped = [], [], 0
+    print("case " + " ".join(f"w={w:g}" for w in ws) + " blurry")
+    for sample in list_inputs(args.set):
+        s = load_sample(sample)
+        a, b = image_of(Path(args.a), sample.name), image_of(Path(args.b), sample.name)
+        if a is None or b is None or s.x_true is None or s.k_true is None:
+            skipped += 1
+            continue
+        ks = int(max(s.k_true.shape))
+        row = [aligned_scores(np.clip((1 - w) * a + w * b, 0, 1), s.x_true, ks)["psnr_aligned"] for w in ws]
+        scores.append(row)
+        blurry.append(aligned_scores(np.clip(s.y, 0, 1), s.x_true, ks)["psnr_aligned"])
+        print(sample.name + " " + " ".join(f"{v:.2f}" for v in row) + f" {blurry[-1]:.2f}", flush=True)
+    if not scores:
+        raise SystemExit("no case has images in both folders")
+    m = np.mean(scores, 0)
+    below = (np.asarray(scores) < np.asarray(blurry)[:, None]).sum(0)
+    print(f"mean ({len(scores)} cases, {skipped} skipped) " + " ".join(f"{v:.2f}" for v in m) + f" {np.mean(blurry):.2f}")
+    print("below blurry " + " ".join(str(int(v)) for v in below))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
