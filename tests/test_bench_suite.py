@@ -163,4 +163,4 @@ def test_mstep_given_truth_finds_the_kernel_from_the_true_image(tmp_path, repo_r
     assert mgt.main(["--set", str(d), "--run", str(tmp_path / "run"), "--calls", "5"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     run, truth, restored = (float(v.split()[-1]) for v in last.split(": ", 1)[1].split(", "))
-    assert truth < 0.2 * restored and truth < 0.2 * run
+    assert truth < 0.2 * restored and truth < 0.2 * run, last
