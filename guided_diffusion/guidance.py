@@ -56,13 +56,13 @@ class PiGDM:
         v = float(schedule.posterior_variance[i])
         return self.zeta * math.sqrt(float(schedule.alphas_cumprod[i])) * (v / (1 + v)) / math.sqrt(1 + v)
 
-    def correction(self, x_t, x0_phys, schedule: Schedule, i: int, op, y) -> torch.Tensor:
+    def correction(self, x_t, x0_phys, schedule: Schedule, i: int, op, y, eta: float = 1.0) -> torch.Tensor:
         if self.jacobian == "none":
             x0 = x0_phys.detach()
             r2 = self.zeta * self.r2(schedule, i)
             x0_y = (x0 + r2 * op.pigdm_solve(y, x0, r2)).clamp(0, 1)
-            # the DDPM mean's x̂0 coefficient, ×2 from [0, 1] to model units
-            return 2 * float(schedule.posterior_mean_coef1[i]) * (x0_y - x0)
+            # the step's x̂0 coefficient (DDPM, or DDIM for η < 1), ×2 from [0, 1] to model units
+            return 2 * schedule.step_coefs(i, eta)[0] * (x0_y - x0)
         u = op.pigdm_solve(y, x0_phys.detach(), self.r2(schedule, i))
         # ∇_{x_t}⟨sg(u), x̂0⟩: a vector-Jacobian product through the denoiser (per sample: sum over batch).
         g, = torch.autograd.grad((u * x0_phys).sum(), x_t)
@@ -76,7 +76,7 @@ class DPS:
     zeta: float = 1.0
     needs_grad = True
 
-    def correction(self, x_t, x0_phys, schedule: Schedule, i: int, op, y) -> torch.Tensor:
+    def correction(self, x_t, x0_phys, schedule: Schedule, i: int, op, y, eta: float = 1.0) -> torch.Tensor:
         residual = (y - op.A(x0_phys)).flatten(1)
         norm = residual.norm(dim=1).sum()  # per-sample norms; their sum gives per-sample gradients
         g, = torch.autograd.grad(norm, x_t)

@@ -55,7 +55,7 @@ def ddpm_update(denoiser: EpsDenoiser, pred: Prediction, i: int, generator: torc
     if i > 0 and std > 0:
         mean = mean + std * gaussian(mean.shape, generator, mean.device)
     if guidance is not None:
-        mean = mean + guidance.correction(pred.x_t, pred.x0, denoiser.schedule, i, op, y)
+        mean = mean + guidance.correction(pred.x_t, pred.x0, denoiser.schedule, i, op, y, eta)
     return mean
 
 

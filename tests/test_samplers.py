@@ -77,13 +77,14 @@ def test_pigdm_without_jacobian_is_a_ddpm_step_from_the_gaussian_posterior_mean(
     assert not rule.needs_grad and PiGDM().needs_grad
     pred = predict_x0(den, x, 3, track_grad=False)
     assert not pred.x0.requires_grad  # forward only
-    guided = ddpm_update(den, pred, 3, torch.Generator().manual_seed(2), rule, op, y)
     r2 = 2.0 * rule.r2(den.schedule, 3)
     x0_y = (pred.x0 + r2 * op.pigdm_solve(y, pred.x0, r2)).clamp(0, 1)
     moved = pred._replace(x0_model=2 * x0_y - 1, x0=x0_y)
-    plain = ddpm_update(den, moved, 3, torch.Generator().manual_seed(2))
-    assert torch.allclose(guided, plain, atol=1e-6) and not torch.allclose(guided, ddpm_update(
-        den, pred, 3, torch.Generator().manual_seed(2)))
+    for eta in (1.0, 0.5, 0.0):  # DDPM and DDIM steps alike (their x̂0 coefficients differ)
+        guided = ddpm_update(den, pred, 3, torch.Generator().manual_seed(2), rule, op, y, eta=eta)
+        plain = ddpm_update(den, moved, 3, torch.Generator().manual_seed(2), eta=eta)
+        assert torch.allclose(guided, plain, atol=1e-6) and not torch.allclose(guided, ddpm_update(
+            den, pred, 3, torch.Generator().manual_seed(2), eta=eta))
     # with an identity blur and tiny noise the data-consistent x̂0 is y itself (inside [0, 1])
     ident = BlurOperator.from_kernel(torch.ones(1, 1), (32, 32), 1e-4)
     y_in = y.clamp(0.05, 0.95)
