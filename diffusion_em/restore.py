@@ -276,9 +276,11 @@ def _after(first: Optional[EMResult], res: EMResult) -> EMResult:
 
 def classical_deconvolution(yp: torch.Tensor, kernel: torch.Tensor, sigma: float) -> torch.Tensor:
     """The hyper-Laplacian deconvolution (Krishnan & Fergus 2009, classical.nonblind, its practical λ(σ)) of a
-    padded observation (1, C, H, W) with a kernel, on the same frame and FFT model as the diffusion run."""
-    x = hyper_laplacian(yp.to(torch.float64), kernel.to(torch.float64), hyper_laplacian_lambda(sigma))
-    return x.clamp(0, 1).to(yp.dtype)
+    padded observation (1, C, H, W) with a kernel, on the same frame and FFT model as the diffusion run.
+    Solved on the CPU in float64 (as the `hyper_laplacian` baseline; MPS has no float64), returned on y's device."""
+    cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    x = hyper_laplacian(cpu(yp), cpu(kernel), hyper_laplacian_lambda(sigma))
+    return x.clamp(0, 1).to(yp.device, yp.dtype)
 
 
 def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float):

@@ -280,12 +280,12 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
 
 
 def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
-               output: str = "sample", blend: float = 0.0) -> dict:
-    """Write one image's outputs (the image per `output`: 'sample' | 'mean', blended with the classical
-    deconvolution by `blend`; then the diffusion-only image is written beside it); returns its metrics row."""
+               dcfg: DiffusionConfig) -> dict:
+    """Write one image's outputs (the image per dcfg.output: 'sample' | 'mean', blended with the classical
+    deconvolution by dcfg.classical_blend, and then the diffusion image alone beside it); returns its metrics row."""
     loaded = one.loaded
-    x_img = tensor_to_image(res.image(output, blend)[0].clamp(0, 1))
-    x_diffusion = tensor_to_image(res.image(output)[0].clamp(0, 1)) if blend else None
+    x_img = tensor_to_image(res.image(dcfg.output, dcfg.classical_blend)[0].clamp(0, 1))
+    x_diffusion = tensor_to_image(res.image(dcfg.output)[0].clamp(0, 1)) if dcfg.classical_blend else None
     particles = [tensor_to_image(p) for p in res.x]
     y_obs, x_true = loaded.y, loaded.x_true
     if one.gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
@@ -320,8 +320,7 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     try:
         one = load_one(r, opts, sample, index, known)
         res, attempts = _retry(r, opts, one)
-        return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg.output,
-                          r.dcfg.classical_blend)
+        return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg)
     except Exception as e:
         if not _out_of_memory(e):
             raise
@@ -381,8 +380,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
                 spent, (res, attempts) = 0.0, _retry(r, opts, one, start=start)
             elif isinstance(res, DivergenceError):
                 res, attempts = _retry(r, opts, one, first_attempt=1, failed=res, start=start)
-            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg.output,
-                                    r.dcfg.classical_blend)
+            rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg)
         except ProjectError as e:
             rows[name] = _failed_row(one.sample, e, known[name])
         except Exception as e:
