@@ -2,7 +2,9 @@
 
 `estimate_run_bytes` counts what a guided step keeps alive at once: the UNet's activations saved for the
 input gradient (ΠGDM and DPS both backpropagate through the UNet), attention score matrices, the weights,
-and the FFT buffers of the guidance and the M-step. The per-block tensor counts are an upper-side model of
+and the FFT buffers of the guidance and the M-step. With `backward=False` (ΠGDM with `pigdm_jacobian: none`:
+forward passes only) it counts instead the encoder outputs kept for the skip connections, the widest block's
+working tensors and one attention score matrix. The per-block tensor counts are an upper-side model of
 the ADM UNet (`bench/memory_estimate.py` prints the estimate next to the measured peak). `check_budget`
 compares it with a budget (`--memory_budget_gb`; default: 90 % of the memory available now) and raises a
 ResourceError saying what is needed and the largest square image that fits.
@@ -21,19 +23,24 @@ from util.errors import ResourceError
 
 SAVED_PER_RESBLOCK = 10      # tensors of the block's width kept for backward (norms, activations, convs, skip)
 SAVED_PER_ATTENTION = 8      # q, k, v, norm, projections, output
+WORKING_TENSORS = 6          # tensors of a block alive at once in a forward pass without autograd
 SAFETY = 1.25                # allocator slack and temporaries (estimate 1.3–1.8× the measured peak, bench/measured)
 
 
 def estimate_run_bytes(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int = 33,
-                       channels: int = 3, bytes_per_value: int = 4) -> int:
+                       channels: int = 3, bytes_per_value: int = 4, backward: bool = True) -> int:
     """Peak bytes of one guided diffusion step on an image of height×width (before padding) with
-    `n_particles` particles, for the UNet of `model` (weights included)."""
+    `n_particles` particles, for the UNet of `model` (weights included); `backward`: the guidance
+    backpropagates through the UNet (False only for ΠGDM without its Jacobian)."""
     pad = 2 * kernel_size  # the boundary band, then the UNet's multiple
     mult = _parse_channel_mult(model.channel_mult, model.image_size)
     multiple = 2 ** (len(mult) - 1)
     H = math.ceil((height + pad) / multiple) * multiple
     W = math.ceil((width + pad) / multiple) * multiple
     attn_ds = set(_parse_attention(model.attention_resolutions, model.image_size))
+    if not backward:
+        return int(SAFETY * bytes_per_value * (n_particles * _forward_values(H, W, mult, attn_ds, model)
+                                               + 40 * channels * H * W + _parameter_count(model)))
     values = 0.0
     for level, m in enumerate(mult):
         pixels = H * W / 4 ** level
@@ -49,6 +56,20 @@ def estimate_run_bytes(height: int, width: int, n_particles: int, model: ModelCo
     values += 40 * channels * H * W                  # FFTs of the guidance and the M-step (complex, per channel)
     weights = _parameter_count(model) * 2            # weights and their gradient buffers in autograd
     return int(SAFETY * bytes_per_value * (values + weights))
+
+
+def _forward_values(H: int, W: int, mult: list, attn_ds: set, model: ModelConfig) -> float:
+    """Values alive at the peak of a forward pass without autograd: the skips, then the widest working set."""
+    skips, working = 0.0, 0.0
+    for level, m in enumerate(mult):
+        pixels = H * W / 4 ** level
+        c = model.num_channels * m
+        skips += pixels * c * (model.num_res_blocks + 1)
+        heads = model.num_heads if model.num_head_channels == -1 else max(1, int(c) // model.num_head_channels)
+        has_attn = 2 ** level in attn_ds or level == len(mult) - 1
+        # a decoder block at this level reads a skip-concatenated input twice as wide
+        working = max(working, pixels * c * 2 * WORKING_TENSORS + (2 * heads * pixels ** 2 if has_attn else 0))
+    return skips + working
 
 
 def _parameter_count(model: ModelConfig) -> int:
@@ -78,12 +99,12 @@ def default_budget_bytes(device: torch.device) -> Optional[int]:
     return None if avail is None else int(0.9 * avail)
 
 
-def largest_square(budget: int, n_particles: int, model: ModelConfig, kernel_size: int) -> int:
+def largest_square(budget: int, n_particles: int, model: ModelConfig, kernel_size: int, backward: bool = True) -> int:
     """The largest side s such that an s×s image fits the budget (0 when none does)."""
     lo, hi = 0, 1 << 16
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate_run_bytes(mid, mid, n_particles, model, kernel_size) <= budget:
+        if estimate_run_bytes(mid, mid, n_particles, model, kernel_size, backward=backward) <= budget:
             lo = mid
         else:
             hi = mid - 1
@@ -91,13 +112,13 @@ def largest_square(budget: int, n_particles: int, model: ModelConfig, kernel_siz
 
 
 def check_budget(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int,
-                 budget: Optional[int]) -> None:
+                 budget: Optional[int], backward: bool = True) -> None:
     """Raise ResourceError when the run would need more than `budget` bytes (None: no limit)."""
     if budget is None:
         return
-    need = estimate_run_bytes(height, width, n_particles, model, kernel_size)
+    need = estimate_run_bytes(height, width, n_particles, model, kernel_size, backward=backward)
     if need > budget:
-        side = largest_square(budget, n_particles, model, kernel_size)
+        side = largest_square(budget, n_particles, model, kernel_size, backward)
         raise ResourceError(f"a {width}×{height} image with {n_particles} particle(s) needs about {need / 2**30:.1f} GB, "
                             f"over the memory budget of {budget / 2**30:.1f} GB (--memory_budget_gb); about "
                             f"{side}×{side} px fit: downscale or crop it, use fewer particles, or raise the budget")

@@ -205,7 +205,8 @@ def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) ->
                          f"(use a smaller --kernel_config)")
     if opts.model_cfg is not None:
         try:
-            check_budget(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget)
+            check_budget(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget,
+                         backward=r.dcfg.backprop_unet)
         except ResourceError as e:
             raise ResourceError(f"{sample.blurry}: {e}") from None
 
@@ -339,7 +340,8 @@ def _fit_together(r: Restorer, opts: RunOptions, ready: list) -> bool:
         return True
     H, W = max(o.y.shape[-2] for o in ready), max(o.y.shape[-1] for o in ready)
     try:
-        check_budget(H, W, r.dcfg.n_particles * len(ready), opts.model_cfg, r.kernel_size, opts.memory_budget)
+        check_budget(H, W, r.dcfg.n_particles * len(ready), opts.model_cfg, r.kernel_size, opts.memory_budget,
+                     backward=r.dcfg.backprop_unet)
     except ResourceError:
         return False
     return True

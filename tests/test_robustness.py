@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 from diffusion_em.budget import check_budget, estimate_run_bytes, largest_square
+from diffusion_em.config import DiffusionConfig
 from diffusion_em.run import main
 from guided_diffusion.model_config import load_model_config
 from tests.cli import cli_args as _args, metrics_rows
@@ -77,6 +78,22 @@ def test_memory_estimate_grows_with_size_and_particles(tiny_unet_config, tmp_pat
     check_budget(128, 128, 1, cfg, 9, b)  # fits exactly
     with pytest.raises(ResourceError, match=rf"needs about .* GB.*about {side}×{side} px fit"):
         check_budget(128, 150, 1, cfg, 9, b)
+
+
+def test_forward_only_guidance_is_budgeted_without_the_backward_activations(tiny_unet_config, tmp_path):
+    """ΠGDM without its Jacobian keeps no activations for a backward pass: a 4× smaller estimate, so an image
+    the VJP path cannot fit is admitted; the config says which applies."""
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump({**tiny_unet_config, "model_path": "x"}))
+    cfg = load_model_config(p)
+    full, fwd = estimate_run_bytes(128, 128, 1, cfg, 9), estimate_run_bytes(128, 128, 1, cfg, 9, backward=False)
+    assert 0 < fwd < full / 2 and fwd < estimate_run_bytes(160, 160, 1, cfg, 9, backward=False)
+    with pytest.raises(ResourceError):
+        check_budget(128, 128, 1, cfg, 9, fwd)
+    check_budget(128, 128, 1, cfg, 9, fwd, backward=False)
+    assert largest_square(fwd, 1, cfg, 9, backward=False) >= 128 > largest_square(fwd, 1, cfg, 9)
+    assert DiffusionConfig().backprop_unet and DiffusionConfig(guidance="dps").backprop_unet
+    assert not DiffusionConfig(pigdm_jacobian="none").backprop_unet
 
 
 def test_an_image_over_the_budget_is_refused_early_and_the_run_goes_on(tiny_run):
