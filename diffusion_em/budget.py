@@ -24,7 +24,7 @@ from util.errors import ResourceError
 SAVED_PER_RESBLOCK = 10      # tensors of the block's width kept for backward (norms, activations, convs, skip)
 SAVED_PER_ATTENTION = 8      # q, k, v, norm, projections, output
 WORKING_TENSORS = 6          # tensors of a block alive at once in a forward pass without autograd
-SAFETY = 1.25                # allocator slack and temporaries (estimate 1.3–1.8× the measured peak, bench/measured)
+SAFETY = 1.25                # allocator slack and temporaries (estimate 1.3–1.8× the measured peak with the backward pass, 1.8–2.7× without; bench/measured)
 
 
 def estimate_run_bytes(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int = 33,
