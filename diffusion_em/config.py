@@ -89,11 +89,6 @@ class DiffusionConfig:
         if self.mstep.pigdm_r2 and (self.method != "fast_em" or self.guidance != "pigdm"):
             raise ValueError("key 'mstep.pigdm_r2' applies to Fast EM with ΠGDM guidance only")
 
-    @property
-    def backprop_unet(self) -> bool:
-        """Whether the guidance backpropagates through the UNet (all but ΠGDM without its Jacobian)."""
-        return not (self.guidance == "pigdm" and self.pigdm_jacobian == "none")
-
     def unmet(self, key: tuple) -> Optional[tuple]:
         """(field, required value) that a (section, name) key needs and this config lacks, else None."""
         return next(((f, v) for f, v in ONLY_FOR.get(key, ()) if getattr(self, f) != v), None)

@@ -28,6 +28,7 @@ from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, ke
                                   repo_path, restore_batch, restore_with_retries, start_kernels)
 from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
+from guided_diffusion.sampler import needs_grad
 from util.config import as_dict
 from util.errors import InputError, ProjectError, ResourceError
 from util.images import image_to_tensor, tensor_to_image
@@ -206,7 +207,7 @@ def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) ->
     if opts.model_cfg is not None:
         try:
             check_budget(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget,
-                         backward=r.dcfg.backprop_unet)
+                         backward=needs_grad(r.guidance))
         except ResourceError as e:
             raise ResourceError(f"{sample.blurry}: {e}") from None
 
@@ -341,7 +342,7 @@ def _fit_together(r: Restorer, opts: RunOptions, ready: list) -> bool:
     H, W = max(o.y.shape[-2] for o in ready), max(o.y.shape[-1] for o in ready)
     try:
         check_budget(H, W, r.dcfg.n_particles * len(ready), opts.model_cfg, r.kernel_size, opts.memory_budget,
-                     backward=r.dcfg.backprop_unet)
+                     backward=needs_grad(r.guidance))
     except ResourceError:
         return False
     return True

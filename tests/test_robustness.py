@@ -17,8 +17,10 @@ from PIL import Image
 
 from diffusion_em.budget import check_budget, estimate_run_bytes, largest_square
 from diffusion_em.config import DiffusionConfig
+from diffusion_em.restore import guidance_for
 from diffusion_em.run import main
 from guided_diffusion.model_config import load_model_config
+from guided_diffusion.sampler import needs_grad
 from tests.cli import cli_args as _args, metrics_rows
 from util.errors import ResourceError
 
@@ -92,8 +94,8 @@ def test_forward_only_guidance_is_budgeted_without_the_backward_activations(tiny
         check_budget(128, 128, 1, cfg, 9, fwd)
     check_budget(128, 128, 1, cfg, 9, fwd, backward=False)
     assert largest_square(fwd, 1, cfg, 9, backward=False) >= 128 > largest_square(fwd, 1, cfg, 9)
-    assert DiffusionConfig().backprop_unet and DiffusionConfig(guidance="dps").backprop_unet
-    assert not DiffusionConfig(pigdm_jacobian="none").backprop_unet
+    assert needs_grad(guidance_for(DiffusionConfig())) and needs_grad(guidance_for(DiffusionConfig(guidance="dps")))
+    assert not needs_grad(guidance_for(DiffusionConfig(pigdm_jacobian="none")))
 
 
 def test_an_image_over_the_budget_is_refused_early_and_the_run_goes_on(tiny_run):
