@@ -10,6 +10,11 @@ so a figure here can differ from the runner's blend (done before quantisation) b
 
 Prints one line per case (the PSNR at each w, then the blurry input's) and the means; cases missing from
 either folder are skipped and counted.
+
+`--residual_pick` adds a per-image weight chosen without the ground truth: the w of the grid whose blend has
+the smallest re-blur residual ‖k ⊛ x_w − y‖² with run A's kernel (kernels/NAME.npy; circular blur, so for
+circular test sets), printed as two more columns (the w, its PSNR) and compared with w = 0.5 in the means
+(README "Blending with a classical deconvolution": tried, not kept).
 """
 from __future__ import annotations
 
@@ -18,9 +23,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from util.images import read_image  # noqa: E402
+from diffusion_em.blur import BlurOperator  # noqa: E402
+from util.images import image_to_tensor, read_image  # noqa: E402
 from util.inputs import list_inputs, load_sample  # noqa: E402
 from util.metrics import aligned_scores  # noqa: E402
 
@@ -33,16 +40,26 @@ def image_of(run: Path, name: str):
     return None
 
 
+def residual_pick(run: Path, name: str, y: np.ndarray, mixes: list) -> int:
+    """Index of the mixture with the smallest mean squared re-blur residual under run's kernel (circular)."""
+    k = torch.from_numpy(np.load(run / "kernels" / f"{name}.npy")).double()
+    op = BlurOperator.from_kernel(k, y.shape[:2], 0.0)
+    yt = image_to_tensor(y, dtype=torch.float64)
+    return int(np.argmin([float(((op.A(image_to_tensor(x, dtype=torch.float64)) - yt) ** 2).mean()) for x in mixes]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--set", required=True, help="test-set folder with sharp/ and kernel/")
     p.add_argument("--a", required=True, help="result folder A (weight 1 − w)")
     p.add_argument("--b", required=True, help="result folder B (weight w)")
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1", help="comma-separated w in [0, 1]")
+    p.add_argument("--residual_pick", action="store_true",
+                   help="also pick w per image by the smallest re-blur residual with run A's kernel (circular sets)")
     args = p.parse_args(argv)
     ws = [float(w) for w in args.weights.split(",")]
-    scores, blurry, skipped = [], [], 0
-    print("case " + " ".join(f"w={w:g}" for w in ws) + " blurry")
+    scores, blurry, picked, skipped = [], [], [], 0
+    print("case " + " ".join(f"w={w:g}" for w in ws) + " blurry" + (" picked_w picked" if args.residual_pick else ""))
     for sample in list_inputs(args.set):
         s = load_sample(sample)
         a, b = image_of(Path(args.a), sample.name), image_of(Path(args.b), sample.name)
@@ -50,16 +67,26 @@ def main(argv=None) -> int:
             skipped += 1
             continue
         ks = int(max(s.k_true.shape))
-        row = [aligned_scores(np.clip((1 - w) * a + w * b, 0, 1), s.x_true, ks)["psnr_aligned"] for w in ws]
+        mixes = [np.clip((1 - w) * a + w * b, 0, 1) for w in ws]
+        row = [aligned_scores(x, s.x_true, ks)["psnr_aligned"] for x in mixes]
         scores.append(row)
         blurry.append(aligned_scores(np.clip(s.y, 0, 1), s.x_true, ks)["psnr_aligned"])
-        print(sample.name + " " + " ".join(f"{v:.2f}" for v in row) + f" {blurry[-1]:.2f}", flush=True)
+        extra = ""
+        if args.residual_pick:
+            i = residual_pick(Path(args.a), sample.name, np.clip(s.y, 0, 1), mixes)
+            picked.append(row[i])
+            extra = f" {ws[i]:g} {row[i]:.2f}"
+        print(sample.name + " " + " ".join(f"{v:.2f}" for v in row) + f" {blurry[-1]:.2f}" + extra, flush=True)
     if not scores:
         raise SystemExit("no case has images in both folders")
     m = np.mean(scores, 0)
     below = (np.asarray(scores) < np.asarray(blurry)[:, None]).sum(0)
     print(f"mean ({len(scores)} cases, {skipped} skipped) " + " ".join(f"{v:.2f}" for v in m) + f" {np.mean(blurry):.2f}")
     print("below blurry " + " ".join(str(int(v)) for v in below))
+    if picked and 0.5 in ws:
+        d = np.asarray(picked) - np.asarray(scores)[:, ws.index(0.5)]
+        print(f"residual-picked w: mean {np.mean(picked):.2f}, vs w=0.5 {np.mean(d):+.2f} "
+              f"(better on {int((d > 0).sum())} of {len(d)})")
     return 0
 
 

@@ -132,6 +132,17 @@ def test_blend_weights_scores_the_mixtures_of_two_runs(tmp_path, repo_root, caps
     assert lines[1].startswith("c0 ") and abs(c0[0] - want(d0)) < 0.006 and abs(c0[2] - want(b0)) < 0.006
     assert abs(c0[1] - want(np.clip(0.5 * d0 + 0.5 * b0, 0, 1))) < 0.006  # printed to 0.01 dB
     assert lines[-2].startswith("mean (2 cases, 0 skipped)")
+    # the residual pick: y is the sharp image itself (no blur) and A's kernel a Dirac, so the residual is the
+    # distance to the truth and the less noisy A (w = 0) is picked for c0
+    (tmp_path / "a" / "kernels").mkdir()
+    for i in range(2):
+        np.save(tmp_path / "a" / "kernels" / f"c{i}.npy", np.pad(np.ones((1, 1), np.float32), 1))
+    assert bw.main(["--set", str(tmp_path / "set"), "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"),
+                    "--weights", "0,0.5,1", "--residual_pick"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    row = lines[1].split()
+    assert row[-2] == "0" and abs(float(row[-1]) - want(d0)) < 0.006
+    assert lines[-1].startswith("residual-picked w: mean")
 
 
 def test_mstep_given_truth_finds_the_kernel_from_the_true_image(tmp_path, repo_root, capsys):
