@@ -179,7 +179,10 @@ class ResultsFolder:
         save_png(out / "montage" / f"{name}.png", make_montage(np.clip(y, 0, 1), x_img, x_true, kernel, k_true))
         if frames:
             save_gif(out / "progress" / f"{name}_x0.gif", list(frames))
-            save_gif(out / "progress" / f"{name}_kernel.gif", [kernel_to_image(k, 6) for k in kernel_frames])
+        if len(kernel_frames):  # every step's kernel; the GIF shows ~20 of them
+            every = max(1, len(kernel_frames) // 20)
+            save_npy(out / "progress" / f"{name}_kernels.npy", np.stack(kernel_frames).astype(np.float32))
+            save_gif(out / "progress" / f"{name}_kernel.gif", [kernel_to_image(k, 6) for k in kernel_frames[::every]])
 
     def write_summary(self, summary: dict) -> None:
         save_json(self.path / "summary.json", summary)

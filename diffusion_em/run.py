@@ -182,14 +182,15 @@ def image_boundary(flag: Optional[str], dcfg: DiffusionConfig, sample) -> str:
 
 
 def _progress_recorder(steps: int):
-    """(callback, x̂0 frames, kernel frames): ~20 frames of x̂0 (first particle) and the kernel."""
+    """(callback, x̂0 frames, kernels): ~20 frames of x̂0 (first particle); the kernel after every step
+    (saved whole as progress/NAME_kernels.npy for bench/kernel_trajectory.py, and as a ~20-frame GIF)."""
     frames, kernels = [], []
     every = max(1, steps // 20)
 
     def record(info):
         if info["i"] % every == 0:
             frames.append(tensor_to_image(info["x0"][:1].clamp(0, 1)))
-            kernels.append(info["kernel"][0, 0].detach().cpu().numpy())
+        kernels.append(info["kernel"][0, 0].detach().cpu().numpy().copy())
     return record, frames, kernels
 
 

@@ -175,3 +175,28 @@ def test_mstep_given_truth_finds_the_kernel_from_the_true_image(tmp_path, repo_r
     last = capsys.readouterr().out.splitlines()[-1]
     run, truth, restored = (float(v.split()[-1]) for v in last.split(": ", 1)[1].split(", "))
     assert truth < 0.2 * restored and truth < 0.2 * run, last
+
+
+def test_kernel_trajectory_scores_every_saved_step(tmp_path, repo_root, capsys):
+    """bench/kernel_trajectory.py: a trajectory that passes through the true kernel at step 3 and drifts after it
+    reports its lowest error there, and the final error as the last column."""
+    from util.metrics import kernel_mse
+    kt = _load(repo_root, "kernel_trajectory")
+    (tmp_path / "set" / "kernel").mkdir(parents=True)
+    (tmp_path / "run" / "progress").mkdir(parents=True)
+    truth = np.zeros((9, 9), np.float32)
+    truth[4, 2:7] = 0.2  # a horizontal line
+    dirac = np.zeros((9, 9), np.float32)
+    dirac[4, 4] = 1
+    blob = np.full((9, 9), 1 / 81, np.float32)
+    steps = [dirac, 0.5 * dirac + 0.5 * truth, 0.8 * truth + 0.2 * dirac, truth, 0.7 * truth + 0.3 * blob,
+             0.5 * truth + 0.5 * blob]
+    np.save(tmp_path / "set" / "kernel" / "c0.npy", truth)
+    np.save(tmp_path / "run" / "progress" / "c0_kernels.npy", np.stack(steps))
+    assert kt.main(["--set", str(tmp_path / "set"), "--run", str(tmp_path / "run"), "--every", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    row = [float(v) for v in out[1].split()[1:]]
+    assert len(row) == 6 and row[3] == 0 and abs(row[-1] - kernel_mse(steps[-1], truth)[0] * 1e5) < 0.006
+    assert out[-1].startswith("lowest mean after step 4: 0.000e+00") and out[-1].endswith("1/1")
+    with pytest.raises(SystemExit, match="no \\*_kernels.npy"):
+        kt.main(["--set", str(tmp_path / "set"), "--run", str(tmp_path / "set")])

@@ -129,6 +129,10 @@ def test_seeded_twice_identical_and_resume(setup):
         assert np.array_equal(np.load(a / "npy" / f"{n}.npy"), np.load(b / "npy" / f"{n}.npy"))
         assert np.array_equal(np.load(a / "kernels" / f"{n}.npy"), np.load(b / "kernels" / f"{n}.npy"))
     assert (a / "progress" / "im0_kernel.gif").exists() and (a / "progress" / "im0_x0.gif").exists()
+    traj = np.load(a / "progress" / "im0_kernels.npy")  # the kernel after every step; the last is the result's
+    steps = yaml.safe_load(open(cfgs["fastem_pigdm"]))["steps"]
+    assert traj.shape[0] == steps and np.allclose(traj[-1], np.load(a / "kernels" / "im0.npy"), atol=1e-7)
+    assert np.allclose(traj.sum((1, 2)), 1, atol=1e-5)
     # rerunning skips finished images; --overwrite redoes them
     main(_args(tmp, cfgs["fastem_pigdm"], data, a), method="fast_em")
     assert len(_rows(a)) == 2
