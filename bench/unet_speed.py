@@ -129,6 +129,28 @@ def timed(fn, device) -> tuple:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+CATEGORIES = (("convolution", ("conv",)), ("gemm", ("addmm", "bmm", "::mm", "matmul", "linear", "baddbmm")),
+              ("group_norm", ("group_norm",)), ("attention", ("softmax", "scaled_dot_product", "attention")))
+
+
+def op_category(name: str) -> str:
+    """Which kind of work a profiled aten op is (by its name); everything else is 'elementwise/other'."""
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "elementwise/other")
+
+
+def profile_call(fn) -> dict:
+    """Self CPU seconds of one call by op category (torch.profiler; leaf ops only, so nothing counts twice)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    out = {}
+    for ev in prof.key_averages():
+        c = op_category(ev.key)
+        out[c] = out.get(c, 0.0) + ev.self_cpu_time_total / 1e6
+    return {c: round(v, 4) for c, v in sorted(out.items())}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ffhq", help="ffhq | bundled | a model config path")
@@ -139,6 +161,9 @@ def main():
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when present")
     ap.add_argument("--modes", nargs="+", default=["forward+input_grad"], choices=["forward", "forward+input_grad"])
     ap.add_argument("--variants", nargs="+", default=["original_style", "ours_nchw", "ours"], choices=list(VARIANTS))
+    ap.add_argument("--profile", action="store_true",
+                    help="also print, per variant, one call's self CPU seconds by op category (convolution, GEMM, "
+                         "GroupNorm, attention, the rest): how much of a call no fusion can remove")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,6 +213,13 @@ def main():
                         saving = med[eager] - med[n] if eager in med else None
                         rec["break_even_calls"] = round(comp_s / saving) if saving and saving > 0 else None
                     print(json.dumps(rec), flush=True)
+                if args.profile and device.type == "cpu":
+                    for n in names:
+                        prof = profile_call(fns[n])
+                        total = sum(prof.values())
+                        print(json.dumps({"variant": n, "model": args.model, "batch": B, "mode": mode,
+                                          "profile_self_cpu_s": prof, "total_s": round(total, 4),
+                                          "share": {c: round(v / total, 3) for c, v in prof.items()}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -200,3 +200,37 @@ def test_kernel_trajectory_scores_every_saved_step(tmp_path, repo_root, capsys):
     assert out[-1].startswith("lowest mean after step 4: 0.000e+00") and out[-1].endswith("1/1")
     with pytest.raises(SystemExit, match="no \\*_kernels.npy"):
         kt.main(["--set", str(tmp_path / "set"), "--run", str(tmp_path / "set")])
+
+
+def test_kernel_refine_recovers_the_kernel_from_the_true_image(tmp_path, repo_root, capsys):
+    """bench/kernel_refine.py: a 'run' whose image is the sharp truth and whose kernel is the true one blurred:
+    the least-squares kernel from that image beats the run's kernel, and the run's own column is its MSE."""
+    import torch
+
+    from diffusion_em.blur import BlurOperator
+    from util.metrics import kernel_mse
+    kr = _load(repo_root, "kernel_refine")
+    d, run = tmp_path / "set", tmp_path / "run"
+    for sub in ("blurry", "sharp", "kernel"):
+        (d / sub).mkdir(parents=True)
+    (run / "images").mkdir(parents=True)
+    (run / "kernels").mkdir()
+    g = np.random.default_rng(0)
+    x = np.kron(g.random((24, 24, 3)), np.ones((4, 4, 1))).astype(np.float32)  # 96² piecewise-constant
+    k = np.zeros((15, 15), np.float32)
+    k[7, 3:12] = 1 / 9  # a horizontal stroke
+    y = BlurOperator.from_kernel(torch.from_numpy(k), (96, 96), 0.0).A(torch.from_numpy(x).permute(2, 0, 1)[None])
+    Image.fromarray(np.round(x * 255).astype(np.uint8)).save(d / "sharp" / "c0.png")
+    Image.fromarray(np.round(x * 255).astype(np.uint8)).save(run / "images" / "c0.png")
+    np.save(d / "blurry" / "c0.npy", y[0].permute(1, 2, 0).numpy())
+    np.save(d / "kernel" / "c0.npy", k)
+    blurred = np.zeros_like(k)
+    blurred[6:9, 3:12] = 1 / 27  # the stroke smeared over three rows
+    np.save(run / "kernels" / "c0.npy", blurred)
+    (d / "meta.csv").write_text("name,sigma\nc0,0.01\n")
+    assert kr.main(["--set", str(d), "--run", str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    head, row = out[0].split(), out[1].split()
+    got = dict(zip(head[1:], map(float, row[1:])))
+    assert abs(got["run"] / kernel_mse(blurred, k)[0] - 1) < 0.01  # printed to 3 digits
+    assert got["ls_image"] < 0.2 * got["run"]
