@@ -234,3 +234,18 @@ def test_kernel_refine_recovers_the_kernel_from_the_true_image(tmp_path, repo_ro
     got = dict(zip(head[1:], map(float, row[1:])))
     assert abs(got["run"] / kernel_mse(blurred, k)[0] - 1) < 0.01  # printed to 3 digits
     assert got["ls_image"] < 0.2 * got["run"]
+
+
+def test_unet_speed_profile_splits_a_call_by_op_category(repo_root):
+    """bench/unet_speed.py --profile: a call made only of a convolution and a GroupNorm is attributed to those two."""
+    import torch
+    import torch.nn.functional as F
+    us = _load(repo_root, "unet_speed")
+    assert us.op_category("aten::mkldnn_convolution") == "convolution"
+    assert us.op_category("aten::convolution_backward") == "convolution"
+    assert us.op_category("aten::native_group_norm_backward") == "group_norm"
+    assert us.op_category("aten::addmm") == "gemm" and us.op_category("aten::silu") == "elementwise/other"
+    x, w = torch.randn(1, 8, 64, 64), torch.randn(8, 8, 3, 3)
+    prof = us.profile_call(lambda: F.group_norm(F.conv2d(x, w, padding=1), 4))
+    assert prof["convolution"] > 0 and prof["group_norm"] > 0
+    assert prof.get("elementwise/other", 0) < prof["convolution"] + prof["group_norm"]
