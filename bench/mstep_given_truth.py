@@ -4,7 +4,8 @@ the TRUE sharp image and given a run's restored image, beside the kernel that ru
 For each case: `--calls` M-step calls (J = 10, the bundled 33×33 kernel denoiser, the case's σ, the
 config's M-step settings) from a Dirac with the image held fixed, then the aligned kernel MSE. If the true
 image gives a far better kernel than the restored one, the image estimate (the prior), not the M-step, limits
-the kernels.
+the kernels. Last column: the run's own kernel after `--calls` more M-step calls given its final particles
+(images/NAME_p*.png, else its image) — whether the run stopped before its kernel settled.
 
     python bench/mstep_given_truth.py --set SET --run RESULTS [--calls 30] [--names a,b]
 
@@ -31,9 +32,10 @@ from util.metrics import kernel_mse  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def kernel_given(y: torch.Tensor, x: torch.Tensor, sigma: float, size: int, calls: int, denoiser) -> torch.Tensor:
-    """The kernel after `calls` M-step calls from a Dirac with the image x (1, C, H, W) held fixed."""
-    k = dirac(size)[0, 0]
+def kernel_given(y: torch.Tensor, x: torch.Tensor, sigma: float, size: int, calls: int, denoiser,
+                 k0: torch.Tensor = None) -> torch.Tensor:
+    """The kernel after `calls` M-step calls from k0 (default a Dirac) with the images x (n, C, H, W) held fixed."""
+    k = dirac(size)[0, 0] if k0 is None else k0
     for _ in range(calls):
         k = recenter(m_step(y, x, k, sigma, MStepConfig(), denoiser))
     return k
@@ -63,11 +65,18 @@ def main(argv=None) -> int:
         row = [kernel_mse(k_run, s.k_true)[0]]
         for x in (chw(s.x_true), chw(read_image(restored))):
             row.append(kernel_mse(kernel_given(y, x, s.sigma, k_run.shape[-1], args.calls, den).numpy(), s.k_true)[0])
+        # the run's own fixed point: its kernel, more M-step calls given its final particles (as its last step saw)
+        parts = sorted((run / "images").glob(f"{sample.name}_p[0-9]*.png")) or [restored]
+        xs = torch.cat([chw(read_image(f)) for f in parts])
+        row.append(kernel_mse(kernel_given(y, xs, s.sigma, k_run.shape[-1], args.calls, den,
+                                           torch.from_numpy(k_run)).numpy(), s.k_true)[0])
         rows.append(row)
         print(f"{sample.name}: kernel MSE run {row[0]:.2e}, M-step given the true image {row[1]:.2e}, "
-              f"given the run's image {row[2]:.2e}", flush=True)
+              f"given the run's image {row[2]:.2e}, the run's kernel continued on its particles {row[3]:.2e}",
+              flush=True)
     m = np.mean(rows, 0)
-    print(f"mean of {len(rows)}: run {m[0]:.2e}, given the true image {m[1]:.2e}, given the run's image {m[2]:.2e}")
+    print(f"mean of {len(rows)}: run {m[0]:.2e}, given the true image {m[1]:.2e}, given the run's image {m[2]:.2e}, "
+          f"continued {m[3]:.2e}")
     return 0
 
 
