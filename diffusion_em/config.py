@@ -27,7 +27,11 @@ BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
 ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
            ("mstep", "start"): (("method", "fast_em"),),
             ("mstep", "pigdm_r2"): (("method", "fast_em"), ("guidance", "pigdm")),
-            ("pigdm_jacobian",): (("guidance", "pigdm"),)}
+            ("pigdm_jacobian",): (("guidance", "pigdm"),),
+            # a second run with the found kernel, and the weight with a known kernel: Fast EM only (Diffusion EM
+            # re-estimates the kernel every round and refuses --true_kernel)
+            ("final_pass",): (("method", "fast_em"),), ("kernel_pass_particles",): (("method", "fast_em"),),
+            ("kernel_pass_steps",): (("method", "fast_em"),), ("zeta_true_kernel",): (("method", "fast_em"),)}
 # keys of earlier versions: where they went
 MOVED = {"schedule": "the β schedule belongs to the weights: set 'schedule' in the model config",
          "mstep_every": "it is now 'every' in the 'mstep' section",
@@ -50,7 +54,7 @@ class DiffusionConfig:
     kernel: str = "em"               # 'em': M-step from a Dirac (paper) | 'l0': the classical ℓ0 kernel, fixed |
                                      # 'l0_em': M-step from the ℓ0 kernel | 'l0_box': M-step from a Dirac inside
                                      # the ℓ0 kernel's size box | 'auto': 'l0' on photos, 'l0_box' on circular sets
-    boundary: str = "auto"           # 'auto': circular for synthetic test sets, 'taper' for plain photos
+    boundary: str = "auto"           # 'auto': circular where meta.csv declares it, 'taper' otherwise (plain photos)
     n_particles: int = 1
     final_pass: bool = False         # Fast EM finds the kernel, then one non-blind run with it fixed makes the image
     kernel_pass_particles: Optional[int] = None  # particles of that kernel-finding run (None: n_particles)

@@ -54,11 +54,14 @@ class OutputError(ProjectError, OSError):
 
 def _differences(old, new, prefix: str = "", defaults=None) -> list:
     """'key: old → new' for every leaf that differs between two nested dicts. A key the old record lacks is
-    no difference when its new value is its `defaults` value: new options default to the older behaviour."""
+    no difference when its new value is its `defaults` value: new options default to the older behaviour; a key
+    the new record lacks (it no longer applies to that method) is none when its old value was the default."""
     if isinstance(old, dict) and isinstance(new, dict):
         out, defaults = [], defaults if isinstance(defaults, dict) else {}
         for k in sorted(set(old) | set(new), key=str):
             if k not in old and k in defaults and new[k] == defaults[k]:
+                continue
+            if k not in new and k in defaults and old[k] == defaults[k]:
                 continue
             out += _differences(old.get(k), new.get(k), f"{prefix}{k}.", defaults.get(k))
         return out

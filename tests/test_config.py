@@ -105,6 +105,10 @@ def _diff():
     (_fast, {"classical_blend": 1.5}, r"key 'classical_blend' must be in \[0, 1\]"),
     (_diff, {"kernel": "auto"}, "key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM"),
     (_diff, {"mstep": {"start": 0.2}}, "key 'mstep.start' applies only to method 'fast_em'"),
+    (_diff, {"final_pass": True}, "key 'final_pass' applies only to method 'fast_em'"),
+    (_diff, {"kernel_pass_steps": 50}, "key 'kernel_pass_steps' applies only to method 'fast_em'"),
+    (_diff, {"kernel_pass_particles": 1}, "key 'kernel_pass_particles' applies only to method 'fast_em'"),
+    (_diff, {"zeta_true_kernel": 3.0}, "key 'zeta_true_kernel' applies only to method 'fast_em'"),
 ])
 def test_diffusion_config_errors_name_the_key(tmp_path, make, change, message):
     """Keys for another method were silently ignored (e.g. pigdm_r2 under Diffusion EM); now they are errors."""

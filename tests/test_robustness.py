@@ -68,6 +68,17 @@ def test_a_record_older_than_an_option_resumes_only_at_its_default(tiny_run, cap
     assert main(_args(tmp, cfgs["fastem_pigdm_paper"], data, out), method="fast_em") == 0
     assert "im0: already done" in capsys.readouterr().err and [r["status"] for r in _rows(out).values()] == ["ok"] * 2
 
+def test_a_record_holding_a_key_that_no_longer_applies_resumes_only_at_its_default():
+    """A Diffusion EM folder recorded before `final_pass` became a Fast-EM-only key (the record holds its
+    default, false; the new record lacks it) resumes; one that holds a non-default value is another run."""
+    from diffusion_em.results import _differences
+    defaults = {"diffusion": {"final_pass": False, "steps": 100}}
+    new = {"diffusion": {"steps": 100}}
+    assert _differences({"diffusion": {"final_pass": False, "steps": 100}}, new, defaults=defaults) == []
+    assert _differences({"diffusion": {"final_pass": True, "steps": 100}}, new,
+                        defaults=defaults) == ["diffusion.final_pass: True → None"]
+
+
 # 2 --------------------------------------------------------------------------------------- pixel budget
 def test_memory_estimate_grows_with_size_and_particles(tiny_unet_config, tmp_path):
     p = tmp_path / "m.yaml"
