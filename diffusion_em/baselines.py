@@ -16,7 +16,7 @@ The non-blind oracles of our own method are the runner's `--true_kernel` runs.
 
 Boundary: as the runner's `auto` (`--boundary` overrides): cases whose meta.csv declares `circular` are
 solved on the FFT model as they are; all others are padded with the tapered mirror border of one kernel
-size (util.pad_for_boundary) and cropped back.
+size (util.geometry.pad_for_boundary) and cropped back.
 Writes images/<name>.png, kernels/<name>.npy (+ .png), metrics.csv (the runner's metrics via
 diffusion_em.evaluate.score_case, plus seconds and the λ used), summary.json. Finished images are skipped.
 """
