@@ -148,7 +148,7 @@ def profile_call(fn) -> dict:
     for ev in prof.key_averages():
         c = op_category(ev.key)
         out[c] = out.get(c, 0.0) + ev.self_cpu_time_total / 1e6
-    return {c: round(v, 4) for c, v in sorted(out.items())}
+    return dict(sorted(out.items()))
 
 
 def main():
@@ -218,7 +218,8 @@ def main():
                         prof = profile_call(fns[n])
                         total = sum(prof.values())
                         print(json.dumps({"variant": n, "model": args.model, "batch": B, "mode": mode,
-                                          "profile_self_cpu_s": prof, "total_s": round(total, 4),
+                                          "profile_self_cpu_s": {c: round(v, 4) for c, v in prof.items()},
+                                          "total_s": round(total, 4),
                                           "share": {c: round(v / total, 3) for c, v in prof.items()}}), flush=True)
 
 

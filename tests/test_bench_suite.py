@@ -251,7 +251,7 @@ def test_unet_speed_profile_splits_a_call_by_op_category(repo_root):
     assert us.op_category("aten::convolution_backward") == "convolution"
     assert us.op_category("aten::native_group_norm_backward") == "group_norm"
     assert us.op_category("aten::addmm") == "gemm" and us.op_category("aten::silu") == "elementwise/other"
-    x, w = torch.randn(1, 8, 64, 64), torch.randn(8, 8, 3, 3)
+    x, w = torch.randn(1, 16, 96, 96), torch.randn(16, 16, 3, 3)
     prof = us.profile_call(lambda: F.group_norm(F.conv2d(x, w, padding=1), 4))
     assert prof["convolution"] > 0 and prof["group_norm"] > 0
     assert prof.get("elementwise/other", 0) < prof["convolution"] + prof["group_norm"]
