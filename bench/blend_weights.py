@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.blur import BlurOperator  # noqa: E402
+from diffusion_em.results import diffusion_image_file  # noqa: E402
 from util.images import image_to_tensor, read_image  # noqa: E402
 from util.inputs import list_inputs, load_sample  # noqa: E402
 from util.metrics import aligned_scores  # noqa: E402
@@ -34,10 +35,8 @@ from util.metrics import aligned_scores  # noqa: E402
 
 def image_of(run: Path, name: str):
     """A run's diffusion image of `name` (before any blend), or None when the run has none."""
-    for f in (run / "images" / f"{name}_diffusion.png", run / "images" / f"{name}.png"):
-        if f.is_file():
-            return read_image(f)
-    return None
+    f = diffusion_image_file(run, name)
+    return None if f is None else read_image(f)
 
 
 def residual_pick(run: Path, name: str, y: np.ndarray, mixes: list) -> int:

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.mstep import MStepConfig, m_step  # noqa: E402
+from diffusion_em.results import diffusion_image_file  # noqa: E402
 from kernel_denoiser.network import load_kernel_denoiser  # noqa: E402
 from util.geometry import dirac, recenter  # noqa: E402
 from util.images import read_image  # noqa: E402
@@ -58,8 +59,9 @@ def main(argv=None) -> int:
         if args.names and sample.name not in args.names.split(","):
             continue
         s = load_sample(sample)
-        restored = next(f for f in (run / "images" / f"{sample.name}_diffusion.png",
-                                    run / "images" / f"{sample.name}.png") if f.is_file())
+        restored = diffusion_image_file(run, sample.name)
+        if restored is None:
+            raise SystemExit(f"{run}/images: no image of {sample.name}")
         k_run = np.load(run / "kernels" / f"{sample.name}.npy")
         y = chw(s.y)
         row = [kernel_mse(k_run, s.k_true)[0]]

@@ -68,6 +68,13 @@ def _differences(old, new, prefix: str = "", defaults=None) -> list:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} → {new!r}"]
 
 
+def diffusion_image_file(run: Path, name: str) -> Optional[Path]:
+    """A results folder's image of `name` before any classical blend: images/NAME_diffusion.png when the run
+    blended (`ResultsFolder.write_image`), else images/NAME.png; None when there is neither."""
+    return next((f for f in (run / "images" / f"{name}_diffusion.png", run / "images" / f"{name}.png")
+                 if f.is_file()), None)
+
+
 class ResultsFolder:
     """The output folder of one run (`--save_dir`)."""
 

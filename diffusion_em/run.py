@@ -190,7 +190,7 @@ def _progress_recorder(steps: int):
     def record(info):
         if info["i"] % every == 0:
             frames.append(tensor_to_image(info["x0"][:1].clamp(0, 1)))
-        kernels.append(info["kernel"][0, 0].detach().cpu().numpy().copy())
+        kernels.append(info["kernel"][0, 0].detach())  # on its device: no host sync in the step loop
     return record, frames, kernels
 
 
@@ -296,8 +296,9 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
         x_true = None if x_true is None else grayscale.to_gray(x_true)
         x_diffusion = None if x_diffusion is None else grayscale.to_gray(x_diffusion)
     k = res.kernel.detach().cpu().numpy()
+    kernel_frames = torch.stack(one.kernels).cpu().numpy() if one.kernels else ()
     out.write_image(one.sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, one.frames,
-                    one.kernels, diffusion_only=x_diffusion)
+                    kernel_frames, diffusion_only=x_diffusion)
     m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
     row = {"name": one.sample.name, "status": "ok", "message": "", "sigma": one.sigma,
            "sigma_source": one.sigma_source, "kernel_source": one.kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,

@@ -240,6 +240,7 @@ def test_kernel_refine_recovers_the_kernel_from_the_true_image(tmp_path, repo_ro
     got = dict(zip(head[1:], map(float, row[1:])))
     assert abs(got["run"] / kernel_mse(blurred, k)[0] - 1) < 0.01  # printed to 3 digits
     assert got["ls_image"] < 0.2 * got["run"]
+    assert "within 2 px on 1/1" in out[-1] and "0.33x the truth's on average, below it on 1/1" in out[-1], out[-1]
 
 
 def test_unet_speed_profile_splits_a_call_by_op_category(repo_root):
