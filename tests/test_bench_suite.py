@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 
@@ -256,3 +257,59 @@ def test_unet_speed_profile_splits_a_call_by_op_category(repo_root):
     prof = us.profile_call(lambda: F.group_norm(F.conv2d(x, w, padding=1), 4))
     assert prof["convolution"] > 0 and prof["group_norm"] > 0
     assert prof.get("elementwise/other", 0) < prof["convolution"] + prof["group_norm"]
+
+
+def _pngs(d, n, size, seed):
+    d.mkdir(parents=True)
+    g = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray((g.random((size, size + 8, 3)) * 255).astype(np.uint8)).save(d / f"p{i}.png")
+
+
+def test_gpu_prior_reduced_on_cpu(tmp_path, tiny_run, repo_root):
+    """bench/gpu_prior.py end to end on tiny nets: both priors train and come back (the big one in fp16 parts that
+    --unpack joins into the same fp32 weights), all three are scored, and six deblurring runs leave rows."""
+    gp = _load(repo_root, "gpu_prior")
+    tiny, cfgs, eval_set = tiny_run
+    data = tmp_path / "prior"
+    _pngs(data / "train" / "train", 3, 40, 0)
+    _pngs(data / "train" / "val", 2, 40, 1)
+    _pngs(data / "val", 2, 40, 2)
+    out = tmp_path / "out"
+    assert gp.main(["--reduced", "--device", "cpu", "--data", str(data), "--out", str(out), "--work", str(tmp_path / "w"),
+                    "--same_config", str(tiny / "model.yaml"), "--train_steps", "2", "--threads", "1", "--crop", "32", "--batch", "2",
+                    "--val_images", "2", "--val_size", "32", "--eval_dir", str(eval_set), "--deblur_min_s", "0",
+                    "--deblur_args", "--diffusion_config", str(cfgs["fastem_pigdm"]), "--kernel_config",
+                    str(tiny / "kernel.yaml"), "--max_images", "1", "--steps", "2"]) == 0
+    recs = [json.loads(line) for line in (out / "gpu_prior.jsonl").read_text().splitlines()]
+    trained = {r["prior"]: r for r in recs if r["section"] == "train" and "steps" in r}
+    assert {n: (r["returncode"], r["steps"]) for n, r in trained.items()} == {"same": (0, 2), "big": (0, 2)}
+    assert all(len(r["val"]) >= 2 for r in trained.values())  # the starting weights and the last step
+    scores = {r["prior"]: r for r in recs if r["section"] == "score"}
+    assert set(scores) == {"shipped", "same", "big"} and all(np.isfinite(r["mean"]) for r in scores.values())
+    # the 'same' run started from the shipped weights: its first validation is the shipped score
+    assert abs(float(trained["same"]["val"][0]["mean"]) - scores["shipped"]["mean"]) < 2e-3
+    deblur = {r["run"]: r for r in recs if r["section"] == "deblur" and "run" in r}
+    assert set(deblur) == {f"{p}_{k}" for p in ("shipped", "same", "big") for k in ("blind", "oracle")}
+    assert all(r["finished"] == 1 and r["common_cases"] == 1 for r in deblur.values())
+    assert recs[-1]["section"] == "done"
+    # returned files: within the device tool's limits; the weights load into their nets
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and all((out / f).stat().st_size <= 16 * 2 ** 20 for f in files)
+    from guided_diffusion.model_config import build_unet, load_model_config
+    from guided_diffusion.unet import create_model, load_weights
+    load_weights(build_unet(load_model_config(tiny / "model.yaml")), out / "prior_same.pt")
+    big = gp.unpack(out)
+    net = create_model(**{**gp.TINY_BIG})
+    load_weights(net, big)
+    best = torch.load(tmp_path / "w" / "big" / "best_ema.pt", weights_only=True)
+    assert all(torch.allclose(net.state_dict()[k].float(), v.float(), atol=1e-3, rtol=1e-3) for k, v in best.items())
+
+
+def test_prepared_gpu_scripts_parse(repo_root):
+    """The device call runs these shell scripts unattended: at least their syntax is checked here."""
+    import subprocess
+    scripts = sorted((repo_root / "bench").glob("*.sh"))
+    assert {p.name for p in scripts} >= {"gpu_suite.sh", "gpu_prior.sh", "gpu_session.sh"}
+    for p in scripts:
+        assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, p

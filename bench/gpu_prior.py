@@ -1,0 +1,352 @@
+"""Train stronger diffusion priors on one GPU within a fixed budget, export them and score them (issue 8, item 2).
+
+    python bench/gpu_prior.py --prepare carry/prior          # here, on the CPU: the data the GPU run needs
+    bash bench/gpu_prior.sh                                  # on the GPU machine, carry=["carry/prior"]; ≤ 9 min
+    python bench/gpu_prior.py --unpack DIR                   # here: join the returned parts into DIR/prior_big.pt
+    python bench/gpu_prior.py --reduced --device cpu ...     # the CPU smoke form (tests/test_bench_suite.py)
+
+Phases, each a budget in seconds from the start (a phase never starts past its share; results are written as
+they come, so a cut run still returns what it finished):
+1. **train** (`--train_minutes`), two runs at once on one GPU (small nets leave most of it idle), each
+   `python -m guided_diffusion.train` with bf16 autocast, 256² crops (the inference size: the 16² attention
+   sees 16×16 tokens, not the 4×4 of the 64² crops the shipped prior saw), BSDS500 train + val only, keeping
+   the EMA that validates best (x̂0 PSNR of 16 BSDS500 *test* centre crops at t = 20, 56, 114, 250):
+   - `same`: the shipped architecture (`--same_config`, CPU-fast), continued from its weights: a drop-in
+     replacement for `models/bundled_prior.pt` at the same CPU cost;
+   - `big`: `BIG` below (64 base channels, 2 res blocks, 11.6 M parameters, 46.5 MB fp32), from scratch: for
+     GPU users; several times the CPU cost.
+2. **score**: the same validation for the shipped weights, beside the two best EMAs.
+3. **deblur** (until `--budget_s`): `test_FastDiffEM.py` (README default, blind) and the same with
+   `--true_kernel`, for the shipped, `same` and `big` priors, six processes at once on the first cases of a
+   test-set folder (`--eval_dir`); each image's row lands in its `metrics.csv` as it finishes, and the
+   table compares the priors on the cases every blind (and every oracle) run finished.
+Returned in `--out` (default $OUT; the device tool brings back ≤ 8 files of ≤ 16 MiB): `gpu_prior.jsonl`
+(every record), `logs.tar.gz` (loss/val CSVs, logs, the deblur runs' metrics.csv and config.yaml),
+`prior_same.pt` (fp32, 15.5 MB) and `prior_big.pt.part0/1` (fp16, split; `--unpack` joins and restores fp32).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from guided_diffusion.model_config import build_unet, load_model_config  # noqa: E402
+from guided_diffusion.schedule import get_betas  # noqa: E402
+from guided_diffusion.train import load_val_crops, validate, VAL_T  # noqa: E402
+from guided_diffusion.unet import load_weights  # noqa: E402
+from util.config import as_dict  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+PART_BYTES = 15 * 2 ** 20  # under the device tool's 16 MiB per returned file
+WORKTREE_LIMIT = 64 * 2 ** 20  # what travels to the device machine, tracked files included
+# the bigger prior: ADM's usual 2 res blocks and 64 base channels, kept ≤ 50 MB (fp32) by a flat 2× top
+BIG = dict(image_size=256, num_channels=64, num_res_blocks=2, channel_mult="1,1,2,2,2", learn_sigma=False,
+           class_cond=False, attention_resolutions="16", num_heads=4, num_head_channels=32, num_heads_upsample=-1,
+           use_scale_shift_norm=True, dropout=0.0, resblock_updown=True, use_fp16=False,
+           use_new_attention_order=False, schedule="linear")
+# the reduced (CPU smoke) form's "big" net: a tiny UNet of another width
+TINY_BIG = dict(image_size=32, num_channels=64, num_res_blocks=1, channel_mult="1,2", learn_sigma=False,
+                attention_resolutions="2", num_heads=2, use_scale_shift_norm=True, resblock_updown=True)
+
+
+# ============================================================================================== here (CPU)
+def prepare(dest: Path, bsds: Path, eval_set: Path, eval_cases: int, val_images: int) -> int:
+    """Copy BSDS500 train + val (training), the first `val_images` test images (validation) and the first
+    `eval_cases` cases of a test-set folder (deblurring) into `dest`, a git-ignored folder to `carry`."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    for sub in ("train", "val"):
+        shutil.copytree(bsds / sub, dest / "train" / sub)
+    (dest / "val").mkdir(parents=True)
+    exts = {".jpg", ".jpeg", ".png"}
+    for p in sorted(q for q in (bsds / "test").iterdir() if q.suffix.lower() in exts)[:val_images]:
+        shutil.copy2(p, dest / "val" / p.name)
+    rows = list(csv.DictReader(open(eval_set / "meta.csv")))[:eval_cases]
+    names = {r["name"] for r in rows}
+    (dest / "eval").mkdir()
+    with open(dest / "eval" / "meta.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for sub in ("blurry", "sharp", "kernel"):
+        if (eval_set / sub).is_dir():
+            (dest / "eval" / sub).mkdir()
+            for p in (eval_set / sub).iterdir():
+                if p.stem in names:
+                    shutil.copy2(p, dest / "eval" / sub / p.name)
+    # pytorch-msssim (the metrics' SSIM) is not in the GPU machine's image: its pure-Python wheel travels too
+    from importlib.metadata import version
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest / "whl"),
+                          f"pytorch-msssim=={version('pytorch-msssim')}"], capture_output=True, text=True)
+    if got.returncode:
+        print(f"warning: no pytorch-msssim wheel ({got.stderr.strip()[-200:]}): deblurring there will fail",
+              file=sys.stderr)
+    size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    tracked = sum((ROOT / f).stat().st_size for f in subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split() if (ROOT / f).is_file())
+    print(f"{dest}: {size / 2 ** 20:.1f} MiB ({len(rows)} eval cases); with the tracked files "
+          f"{(size + tracked) / 2 ** 20:.1f} MiB of the device tool's 64 MiB")
+    if size + tracked > WORKTREE_LIMIT:
+        print("too large to travel: lower --eval_cases", file=sys.stderr)
+        return 1
+    return 0
+
+
+def unpack(folder: Path) -> Path:
+    """Join prior_big.pt.part* (fp16) into prior_big.pt, fp32 (loads with guided_diffusion.unet.load_weights)."""
+    parts = sorted(folder.glob("prior_big.pt.part*"), key=lambda p: int(p.suffix[5:]))
+    if not parts:
+        raise SystemExit(f"{folder}: no prior_big.pt.part* files")
+    joined = folder / "prior_big_fp16.pt"
+    with open(joined, "wb") as f:
+        for p in parts:
+            f.write(p.read_bytes())
+    sd = torch.load(joined, map_location="cpu", weights_only=True)
+    out = folder / "prior_big.pt"
+    torch.save({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, out)
+    joined.unlink()
+    return out
+
+
+# ============================================================================================== there (GPU)
+class Log:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def __call__(self, rec: dict):
+        line = json.dumps(rec)
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+
+def _train_cmd(a, name: str, model_yaml: Path, init, work: Path) -> list:
+    spec = {"same": dict(lr=1e-4, warmup=100, ema=0.999), "big": dict(lr=3e-4, warmup=300, ema=0.999)}[name]
+    cmd = [sys.executable, "-m", "guided_diffusion.train", "--data", str(a.data / "train" / "train"),
+           str(a.data / "train" / "val"), "--model_config", str(model_yaml), "--out", str(work / name),
+           "--crop", str(a.crop), "--batch", str(a.batch), "--lr", str(spec["lr"]), "--warmup", str(spec["warmup"]),
+           "--ema", str(spec["ema"]), "--steps", str(a.train_steps), "--max_minutes", str(a.train_minutes),
+           "--ckpt_minutes", "2", "--log_every", "50", "--seed", "0", "--device", a.device,
+           "--val", str(a.data / "val"), "--val_images", str(a.val_images), "--val_size", str(a.val_size),
+           "--val_minutes", str(a.val_minutes), "--threads", str(a.threads)]
+    if a.device != "cpu":
+        cmd.append("--bf16")
+    if init:
+        cmd += ["--init", str(init)]
+    return cmd
+
+
+def _write_model_yaml(path: Path, cfg: dict, weights) -> Path:
+    path.write_text(yaml.safe_dump({**cfg, "model_path": str(weights) if weights else None}))
+    return path
+
+
+def _score(model_yaml: Path, a, device: torch.device) -> dict:
+    cfg = load_model_config(model_yaml)
+    model = build_unet(cfg)
+    load_weights(model, ROOT / cfg.model_path)  # relative paths are the repository's (an absolute one stays)
+    crops = load_val_crops(a.data / "val", a.val_images, a.val_size)
+    ac = torch.tensor(np.cumprod(1.0 - get_betas(cfg.schedule, 1000)), dtype=torch.float32)  # as training does
+    return validate(model.to(device).eval(), crops, ac.sqrt().to(device), (1 - ac).sqrt().to(device),
+                    device.type != "cpu")
+
+
+def _mean(rows, key):
+    v = [float(r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
+    return round(sum(v) / len(v), 4) if v else None
+
+
+def _deblur_table(runs: dict, log: Log) -> None:
+    """Compare priors on the cases every run of a kind (blind | oracle) finished."""
+    rows = {}
+    for name, d in runs.items():
+        f = d / "metrics.csv"
+        rows[name] = {r["name"]: r for r in csv.DictReader(open(f))} if f.is_file() else {}
+        rows[name] = {n: r for n, r in rows[name].items() if r.get("status") == "ok"}
+    for kind in ("blind", "oracle"):
+        names = [n for n in runs if n.endswith(kind)]
+        common = sorted(set.intersection(*(set(rows[n]) for n in names))) if names else []
+        for n in names:
+            sel = [rows[n][c] for c in common]
+            log({"section": "deblur", "run": n, "finished": len(rows[n]), "common_cases": len(common),
+                 "psnr_aligned": _mean(sel, "psnr_aligned"), "psnr_blurry_aligned": _mean(sel, "psnr_blurry_aligned"),
+                 "psnr": _mean(sel, "psnr"), "kernel_mse": _mean(sel, "kernel_mse"),
+                 "seconds_per_image": _mean(sel, "seconds"), "cases": common})
+
+
+def _pack(out: Path, work: Path, log: Log) -> None:
+    """Logs and CSVs into logs.tar.gz; the weights as returnable files."""
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+        for p in sorted(work.rglob("*")):
+            if p.is_file() and (p.suffix in (".csv", ".log", ".yaml", ".json")):
+                tar.add(p, arcname=str(p.relative_to(work)))
+    for name in ("same", "big"):
+        best = work / name / "best_ema.pt"
+        if not best.is_file():
+            log({"section": "pack", "prior": name, "missing": str(best)})
+            continue
+        if name == "same":
+            shutil.copy2(best, out / "prior_same.pt")
+            log({"section": "pack", "prior": name, "file": "prior_same.pt", "mb": round(best.stat().st_size / 1e6, 1)})
+            continue
+        sd = torch.load(best, map_location="cpu", weights_only=True)
+        half = work / "prior_big_fp16.pt"
+        torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, half)
+        data = half.read_bytes()
+        for i in range(0, len(data), PART_BYTES):
+            (out / f"prior_big.pt.part{i // PART_BYTES}").write_bytes(data[i:i + PART_BYTES])
+        log({"section": "pack", "prior": name, "file": "prior_big.pt.part*", "parts": -(-len(data) // PART_BYTES),
+             "mb_fp16": round(len(data) / 1e6, 1)})
+
+
+def _stop(procs: dict) -> None:
+    for p in procs.values():
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs.values():
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def run(a) -> int:
+    t_start = time.time()
+    left = lambda: a.budget_s - (time.time() - t_start)  # noqa: E731
+    out, work = Path(a.out), Path(a.work)
+    out.mkdir(parents=True, exist_ok=True)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    log = Log(out / "gpu_prior.jsonl")
+    device = torch.device(a.device)
+    env = {"section": "env", "device": a.device, "torch": torch.__version__, "reduced": a.reduced, "budget_s": a.budget_s}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported())
+    log(env)
+
+    # 1. train both priors at once
+    same_cfg = load_model_config(a.same_config)
+    same_yaml = _write_model_yaml(work / "same_init.yaml", as_dict(same_cfg), same_cfg.model_path)
+    big_yaml = _write_model_yaml(work / "big_init.yaml", TINY_BIG if a.reduced else BIG, None)
+    procs = {}
+    for name, yml, init in (("same", same_yaml, same_cfg.model_path), ("big", big_yaml, None)):
+        (work / name).mkdir()
+        cmd = _train_cmd(a, name, yml, init, work)
+        log({"section": "train", "prior": name, "cmd": " ".join(cmd[1:])})
+        procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=open(work / name / "train.log", "w"),
+                                       stderr=subprocess.STDOUT)
+    deadline = time.time() + 60 * a.train_minutes + a.train_grace_s
+    while any(p.poll() is None for p in procs.values()) and time.time() < deadline:
+        time.sleep(2)
+    _stop(procs)  # training stops itself at --max_minutes; this is only the backstop (SIGTERM checkpoints)
+    for name, p in procs.items():
+        val = list(csv.DictReader(open(work / name / "val.csv"))) if (work / name / "val.csv").is_file() else []
+        loss = list(csv.DictReader(open(work / name / "loss.csv"))) if (work / name / "loss.csv").is_file() else []
+        tail = (work / name / "train.log").read_text().splitlines()[-3:]
+        log({"section": "train", "prior": name, "returncode": p.returncode, "steps": int(loss[-1]["step"]) if loss else 0,
+             "seconds": float(loss[-1]["seconds"]) if loss else 0.0, "last_loss": float(loss[-1]["loss"]) if loss else None,
+             "val": [{k: r[k] for k in ("step", "mean", *[f"t{t}" for t in VAL_T])} for r in val], "log_tail": tail})
+    _pack(out, work, log)  # the weights first: a later failure still returns them
+
+    # 2. validation scores side by side
+    priors = {"shipped": same_yaml}
+    for name, cfg in (("same", as_dict(same_cfg)), ("big", TINY_BIG if a.reduced else BIG)):
+        if (work / name / "best_ema.pt").is_file():
+            priors[name] = _write_model_yaml(work / f"{name}.yaml", cfg, work / name / "best_ema.pt")
+    for name, yml in priors.items():
+        try:
+            log({"section": "score", "prior": name, **_score(yml, a, device)})
+        except Exception as e:  # a scoring failure must not cost the deblurring phase
+            log({"section": "score", "prior": name, "error": f"{type(e).__name__}: {e}"})
+
+    # 3. deblur with each prior, blind and with the true kernel, until the budget is spent
+    runs, procs = {}, {}
+    if a.eval_dir and left() > a.deblur_min_s:
+        for name, yml in priors.items():
+            for kind, extra in (("blind", []), ("oracle", ["--true_kernel"])):
+                d = work / "deblur" / f"{name}_{kind}"
+                cmd = [sys.executable, "test_FastDiffEM.py", "--img_model_config", str(yml), "--input_dir", str(a.eval_dir),
+                       "--save_dir", str(d), "--device", a.device, "--threads", str(a.threads), *extra, *a.deblur_args]
+                runs[f"{name}_{kind}"] = d
+                procs[f"{name}_{kind}"] = subprocess.Popen(cmd, cwd=ROOT, stdout=open(work / f"deblur_{name}_{kind}.log", "w"),
+                                                           stderr=subprocess.STDOUT)
+        log({"section": "deblur", "started": sorted(runs), "seconds_left": round(left(), 1)})
+        while any(p.poll() is None for p in procs.values()) and left() > a.pack_s:
+            time.sleep(2)
+        _stop(procs)
+        _deblur_table(runs, log)
+    else:
+        log({"section": "deblur", "skipped": "no --eval_dir" if not a.eval_dir else f"{left():.0f} s left"})
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:  # again, now with the deblur runs
+        for p in sorted(work.rglob("*")):
+            if p.is_file() and p.suffix in (".csv", ".log", ".yaml", ".json"):
+                tar.add(p, arcname=str(p.relative_to(work)))
+    log({"section": "done", "seconds": round(time.time() - t_start, 1)})
+    return 0
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--prepare", type=Path, default=None, metavar="DIR", help="copy the data into DIR and exit")
+    ap.add_argument("--bsds", type=Path, default=SHARED / "data" / "bsds500")
+    ap.add_argument("--eval_set", type=Path, default=Path("/work/evalsets/synth24"))
+    ap.add_argument("--eval_cases", type=int, default=16)
+    ap.add_argument("--unpack", type=Path, default=None, metavar="DIR", help="join DIR/prior_big.pt.part* and exit")
+    ap.add_argument("--data", type=Path, default=ROOT / "carry" / "prior", help="the --prepare folder")
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_prior"))
+    ap.add_argument("--work", default="/tmp/gpu_prior_work", help="checkpoints and runs (not returned)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--same_config", default="configs/model_config_bundled.yaml",
+                    help="model config whose weights the 'same' run continues (and the shipped prior scored)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of each of the (up to six) processes")
+    ap.add_argument("--train_minutes", type=float, default=5.0)
+    ap.add_argument("--train_steps", type=int, default=1_000_000, help="a cap on optimiser steps per run")
+    ap.add_argument("--train_grace_s", type=float, default=60.0, help="start-up, last checkpoint and export")
+    ap.add_argument("--crop", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--val_images", type=int, default=16)
+    ap.add_argument("--val_size", type=int, default=128)
+    ap.add_argument("--val_minutes", type=float, default=1.0)
+    ap.add_argument("--eval_dir", type=Path, default=None, help="test-set folder to deblur (default DATA/eval)")
+    ap.add_argument("--deblur_args", nargs=argparse.REMAINDER, default=[],
+                    help="extra flags for test_FastDiffEM.py (last on the command line)")
+    ap.add_argument("--budget_s", type=float, default=510.0, help="the whole run, phases included")
+    ap.add_argument("--deblur_min_s", type=float, default=45.0, help="skip deblurring with less left than this")
+    ap.add_argument("--pack_s", type=float, default=15.0, help="seconds kept at the end for the last files")
+    ap.add_argument("--reduced", action="store_true", help="CPU smoke form: tiny nets (give --same_config), few steps")
+    a = ap.parse_args(argv)
+    if a.eval_dir is None and (a.data / "eval").is_dir():
+        a.eval_dir = a.data / "eval"
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse(argv)
+    if a.prepare:
+        return prepare(a.prepare, a.bsds, a.eval_set, a.eval_cases, a.val_images)
+    if a.unpack:
+        print(unpack(a.unpack))
+        return 0
+    return run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
