@@ -279,7 +279,7 @@ def train(a) -> dict:
         is_best = r["mean"] > best["score"]
         if is_best:
             best["score"] = r["mean"]
-            sd = {k: v.float().contiguous() for k, v in ema.shadow.items()}
+            sd = {k: v.float().cpu().contiguous() for k, v in ema.shadow.items()}  # loads on any machine
             save_checkpoint(sd, best_path)
         append_csv_row(val_log, VAL_FIELDS, {"step": step, "seconds": f"{seconds:.1f}", "mean": f"{r['mean']:.3f}",
                                              "best": int(is_best), **{f"t{t}": f"{r[f't{t}']:.3f}" for t in VAL_T}})
