@@ -225,6 +225,7 @@ def _stop(procs: dict) -> None:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
+            p.wait()
 
 
 def run(a) -> int:
