@@ -89,22 +89,31 @@ def prepare(dest: Path, bsds: Path, eval_set: Path, eval_cases: int, val_images:
             for p in (eval_set / sub).iterdir():
                 if p.stem in names:
                     shutil.copy2(p, dest / "eval" / sub / p.name)
-    # pytorch-msssim (the metrics' SSIM) is not in the GPU machine's image: its pure-Python wheel travels too
-    from importlib.metadata import version
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest / "whl"),
-                          f"pytorch-msssim=={version('pytorch-msssim')}"], capture_output=True, text=True)
-    if got.returncode:
-        print(f"warning: no pytorch-msssim wheel ({got.stderr.strip()[-200:]}): deblurring there will fail",
-              file=sys.stderr)
+    download_wheel(dest / "whl")
     size = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
-    tracked = sum((ROOT / f).stat().st_size for f in subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split() if (ROOT / f).is_file())
+    tracked = tracked_bytes()
     print(f"{dest}: {size / 2 ** 20:.1f} MiB ({len(rows)} eval cases); with the tracked files "
           f"{(size + tracked) / 2 ** 20:.1f} MiB of the device tool's 64 MiB")
     if size + tracked > WORKTREE_LIMIT:
         print("too large to travel: lower --eval_cases", file=sys.stderr)
         return 1
     return 0
+
+
+def download_wheel(folder: Path) -> None:
+    """pytorch-msssim (the metrics' SSIM) is not in the GPU machine's image: its pure-Python wheel travels too."""
+    from importlib.metadata import version
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder),
+                          f"pytorch-msssim=={version('pytorch-msssim')}"], capture_output=True, text=True)
+    if got.returncode:
+        print(f"warning: no pytorch-msssim wheel ({got.stderr.strip()[-200:]}): deblurring there will fail",
+              file=sys.stderr)
+
+
+def tracked_bytes() -> int:
+    """Bytes of the repository's tracked files (they travel with the carried data)."""
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
+    return sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file())
 
 
 def unpack(folder: Path) -> Path:

@@ -313,3 +313,23 @@ def test_prepared_gpu_scripts_parse(repo_root):
     assert {p.name for p in scripts} >= {"gpu_suite.sh", "gpu_prior.sh", "gpu_session.sh"}
     for p in scripts:
         assert subprocess.run(["bash", "-n", str(p)], capture_output=True).returncode == 0, p
+
+
+def test_gpu_prior_prepare_copies_only_what_the_run_reads(tmp_path, repo_root, monkeypatch):
+    """--prepare: BSDS500 train + val for training, the first test images for validation, the first eval cases."""
+    gp = _load(repo_root, "gpu_prior")
+    bsds = tmp_path / "bsds"
+    for sub, n in (("train", 3), ("val", 2), ("test", 4)):
+        _pngs(bsds / sub, n, 40, n)
+    ev = tmp_path / "set"
+    _pngs(ev / "sharp", 3, 32, 5)
+    (ev / "meta.csv").write_text("name,sigma\np0,0.02\np1,0.02\np2,0.02\n")
+    monkeypatch.setattr(gp, "download_wheel", lambda folder: None)  # no network in a test
+    assert gp.prepare(tmp_path / "carry", bsds, ev, eval_cases=2, val_images=3) == 0
+    got = {str(p.relative_to(tmp_path / "carry")) for p in (tmp_path / "carry").rglob("*.png")}
+    assert got == {f"train/train/p{i}.png" for i in range(3)} | {f"train/val/p{i}.png" for i in range(2)} | \
+        {f"val/p{i}.png" for i in range(3)} | {"eval/sharp/p0.png", "eval/sharp/p1.png"}
+    assert (tmp_path / "carry" / "eval" / "meta.csv").read_text().split() == ["name,sigma", "p0,0.02", "p1,0.02"]
+    # too much to travel with the tracked files: refused (exit status 1)
+    monkeypatch.setattr(gp, "tracked_bytes", lambda: gp.WORKTREE_LIMIT)
+    assert gp.prepare(tmp_path / "carry", bsds, ev, eval_cases=2, val_images=3) == 1
