@@ -154,7 +154,7 @@ def _train_cmd(a, name: str, model_yaml: Path, init, work: Path) -> list:
            "--ema", str(spec["ema"]), "--steps", str(a.train_steps), "--max_minutes", str(a.train_minutes),
            "--ckpt_minutes", "2", "--log_every", "50", "--seed", "0", "--device", a.device,
            "--val", str(a.data / "val"), "--val_images", str(a.val_images), "--val_size", str(a.val_size),
-           "--val_minutes", str(a.val_minutes), "--threads", str(a.threads)]
+           "--val_minutes", str(a.val_minutes), "--threads", str(a.train_threads)]
     if a.device != "cpu":
         cmd.append("--bf16")
     if init:
@@ -326,7 +326,9 @@ def parse(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--same_config", default="configs/model_config_bundled.yaml",
                     help="model config whose weights the 'same' run continues (and the shipped prior scored)")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads of each of the (up to six) processes")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of each of the six deblurring processes")
+    ap.add_argument("--train_threads", type=int, default=6,
+                    help="CPU threads of each of the two trainings (crops and noise are drawn on the CPU)")
     ap.add_argument("--train_minutes", type=float, default=5.0)
     ap.add_argument("--train_steps", type=int, default=1_000_000, help="a cap on optimiser steps per run")
     ap.add_argument("--train_grace_s", type=float, default=60.0, help="start-up, last checkpoint and export")

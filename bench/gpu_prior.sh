@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-runs/gpu_prior}}"
 shift || true
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-if ! python3 -c "import pytorch_msssim" 2>/dev/null && ls carry/prior/whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site carry/prior/whl/*.whl
-  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv 2>/dev/null || echo "no nvidia-smi"
+# pytorch-msssim is not in the GPU machine's image: its pure-Python wheel imports straight from PYTHONPATH
+for whl in carry/prior/whl/*.whl; do
+  [ -e "$whl" ] && export PYTHONPATH="$PWD/$whl${PYTHONPATH:+:$PYTHONPATH}"
+done
 export PYTHONUNBUFFERED=1
 exec timeout 560 python3 bench/gpu_prior.py --out "$out" "$@"

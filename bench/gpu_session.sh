@@ -9,11 +9,12 @@ set -uo pipefail  # no -e: the suite runs even when the prior step fails
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_session}"
 mkdir -p "$out"
-exec > >(tee "$out/session.log") 2>&1
-date
-timeout 400 bash bench/gpu_prior.sh "$out" --budget_s 380 --train_minutes 4 || echo "gpu_prior ended with status $?"
-date
-timeout 170 bash bench/gpu_suite.sh "$out" --budget_s 130 --quality_dir carry/prior/eval --quality_images 4 \
-  || echo "gpu_suite ended with status $?"
-date
-ls -la "$out"
+{
+  date
+  timeout 400 bash bench/gpu_prior.sh "$out" --budget_s 380 --train_minutes 4 || echo "gpu_prior ended with status $?"
+  date
+  timeout 170 bash bench/gpu_suite.sh "$out" --device cuda --budget_s 130 --quality_dir carry/prior/eval \
+    --quality_images 4 || echo "gpu_suite ended with status $?"
+  date
+  ls -la "$out"
+} 2>&1 | tee "$out/session.log"

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_em.em import fast_diffusion_em, fast_diffusion_em_batch  # noqa: E402
 from diffusion_em.mstep import MStepConfig  # noqa: E402
+from diffusion_em.run import _out_of_memory  # noqa: E402
 from guided_diffusion.denoiser import EpsDenoiser  # noqa: E402
 from guided_diffusion.guidance import PiGDM  # noqa: E402
 from guided_diffusion.schedule import Schedule  # noqa: E402
@@ -135,6 +136,15 @@ class Suite:
             f.write(json.dumps(rec) + "\n")
         print(json.dumps(rec), flush=True)
 
+    def failed(self, section: str, name: str, e: Exception, **fields) -> None:
+        """One case's failure as a record (out of memory named as such); the suite goes on."""
+        oom = _out_of_memory(e)
+        self.emit({"section": section, "case": name, **fields,
+                   "error": "out of memory" if oom else type(e).__name__,
+                   "message": (str(e).splitlines() or [""])[0][:300]})
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def fits(self, section: str, name: str, need_s: float) -> bool:
         if need_s < self.left():
             return True
@@ -149,7 +159,9 @@ class Suite:
         if d.type == "cuda":
             p = torch.cuda.get_device_properties(d)
             rec.update(gpu=p.name, gpu_mem_gb=round(p.total_memory / 2 ** 30, 1), capability=f"{p.major}.{p.minor}",
-                       bf16=torch.cuda.is_bf16_supported())
+                       bf16=torch.cuda.is_bf16_supported(),  # "fp32" convolutions run in TF32 when cudnn allows it
+                       cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                       matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32)
         else:
             rec.update(load1=round(os.getloadavg()[0], 2))
         self.emit(rec)
@@ -182,7 +194,11 @@ class Suite:
             if compiled:  # compilation happens on the first calls (forward and backward): time it on a short run
                 d_warm = self.denoiser(model, 2, precision, True)
                 t0 = time.perf_counter()
-                run_em(d_warm, y, k, a.sigma, mcfg, kd, True, self.device)
+                try:
+                    run_em(d_warm, y, k, a.sigma, mcfg, kd, True, self.device)
+                except Exception as e:  # a compiler failure costs this case, not the suite
+                    self.failed("speed", name, e, method="compile")
+                    continue
                 _sync(self.device)
                 compile_s = time.perf_counter() - t0
                 net = d_warm.net
@@ -194,11 +210,8 @@ class Suite:
                     run_em(self.denoiser(model, 1, precision, False), y, k, a.sigma, mcfg, kd, blind, self.device)
                 try:
                     dt, peak = self.timed_run(d, y, k, a.sigma, mcfg, kd, blind)
-                except torch.OutOfMemoryError as e:
-                    self.emit({"section": "speed", "case": name, "method": "fast_em" if blind else "nonblind",
-                               "error": "out of memory", "message": str(e).splitlines()[0][:300]})
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                except Exception as e:  # unattended: record it and go on with the next case
+                    self.failed("speed", name, e, method="fast_em" if blind else "nonblind")
                     continue
                 self.cost[(B, precision, compiled, blind)] = dt
                 self.emit({"section": "speed", "case": name, "method": "fast_em" if blind else "nonblind",
@@ -220,11 +233,8 @@ class Suite:
                 d = self.denoiser(model, a.large_steps, precision, False)
                 try:
                     dt, peak = self.timed_run(d, y, k, a.sigma, mcfg, kd, True)
-                except torch.OutOfMemoryError as e:
-                    self.emit({"section": "large", "case": name, "size": [H, W], "precision": precision,
-                               "error": "out of memory", "message": str(e).splitlines()[0][:300]})
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
+                except Exception as e:
+                    self.failed("large", name, e, size=[H, W], precision=precision)
                     continue
                 self.emit({"section": "large", "case": name, "method": "fast_em", "size": [H, W],
                            "precision": precision, "steps": a.large_steps, "s_per_step": round(dt / a.large_steps, 4),

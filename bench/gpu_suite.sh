@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-bench/measured}}"
 shift || true
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-exec timeout 480 python bench/gpu_suite.py --out "$out" --budget_s 420 "$@"
+nvidia-smi --query-gpu=name,memory.total,driver_version,compute_mode --format=csv 2>/dev/null || echo "no nvidia-smi"
+exec timeout 480 python3 bench/gpu_suite.py --out "$out" --budget_s 420 "$@"

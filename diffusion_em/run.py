@@ -195,8 +195,9 @@ def _progress_recorder(steps: int):
 
 
 def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+    msg = str(e)  # cuFFT / cuBLAS workspace failures say ALLOC_FAILED, not "out of memory"
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and any(
+        s in msg for s in ("can't allocate memory", "out of memory", "ALLOC_FAILED")))
 
 
 def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) -> None:

@@ -315,7 +315,10 @@ def train(a) -> dict:
     bar = tqdm(total=a.steps, initial=step, desc="prior", disable=rank != 0, mininterval=5 if sys.stderr.isatty() else 60)
     t_run = time.time()
     t_last_ckpt = time.time()
-    loss_acc, n_acc, last_loss = 0.0, 0, float("nan")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
+    # the running loss stays on the device (float64, as a Python sum would be): no sync per step
+    loss_acc, n_acc, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
     while step < a.steps:
         t0 = time.time()
         x0 = random_crops(images, a.batch, a.crop, g).to(device)
@@ -335,7 +338,7 @@ def train(a) -> dict:
         ema.update(model, step)
         step += 1
         seconds += time.time() - t0
-        loss_acc += float(loss.detach())
+        loss_acc += loss.detach().double()
         n_acc += 1
         bar.update(1)
 
@@ -349,7 +352,7 @@ def train(a) -> dict:
             flags = flags.cpu()
         do_stop = bool(flags[0] or flags[1]) or step >= a.steps
         if step % a.log_every == 0 or do_stop:
-            mean = torch.tensor([loss_acc / max(n_acc, 1)], device=device)
+            mean = (loss_acc / max(n_acc, 1)).float().reshape(1)
             if world > 1:
                 dist.all_reduce(mean)
                 mean /= world
@@ -357,7 +360,7 @@ def train(a) -> dict:
             if rank == 0:
                 append_csv_row(log_path, LOG_FIELDS, {"step": step, "loss": f"{last_loss:.6f}", "lr": f"{lr:.3g}", "seconds": f"{seconds:.1f}"})
                 bar.set_postfix(loss=f"{last_loss:.4f}")
-            loss_acc, n_acc = 0.0, 0
+            loss_acc, n_acc = torch.zeros_like(loss_acc), 0
         if do_stop or flags[2]:
             save()
             t_last_ckpt = time.time()

@@ -60,8 +60,11 @@ class FDnCNN(nn.Module):
         """k (B,1,s,s) noisy kernel, sigma float or (B,) tensor: noise std in kernel-tap units -> (B,1,s,s)."""
         if k.dim() != 4 or k.shape[1] != 1:
             raise ValueError(f"expected a (B,1,s,s) kernel, got {tuple(k.shape)}")
-        sig = torch.as_tensor(sigma, dtype=k.dtype, device=k.device).reshape(-1, 1, 1, 1)
-        sig_map = sig.expand(k.shape[0], 1, k.shape[2], k.shape[3])
+        if isinstance(sigma, (int, float)):  # filled on the device: no host-to-device copy (a sync on GPUs)
+            sig_map = k.new_full((k.shape[0], 1, k.shape[2], k.shape[3]), float(sigma))
+        else:
+            sig = torch.as_tensor(sigma, dtype=k.dtype, device=k.device).reshape(-1, 1, 1, 1)
+            sig_map = sig.expand(k.shape[0], 1, k.shape[2], k.shape[3])
         out = self.model(torch.cat([k, sig_map], dim=1) * self.scale)
         return out / self.scale
 

@@ -277,7 +277,8 @@ def test_gpu_prior_reduced_on_cpu(tmp_path, tiny_run, repo_root):
     _pngs(data / "val", 2, 40, 2)
     out = tmp_path / "out"
     assert gp.main(["--reduced", "--device", "cpu", "--data", str(data), "--out", str(out), "--work", str(tmp_path / "w"),
-                    "--same_config", str(tiny / "model.yaml"), "--train_steps", "2", "--threads", "1", "--crop", "32", "--batch", "2",
+                    "--same_config", str(tiny / "model.yaml"), "--train_steps", "2", "--threads", "1",
+                    "--train_threads", "1", "--crop", "32", "--batch", "2",
                     "--val_images", "2", "--val_size", "32", "--eval_dir", str(eval_set), "--deblur_min_s", "0",
                     "--deblur_args", "--diffusion_config", str(cfgs["fastem_pigdm"]), "--kernel_config",
                     str(tiny / "kernel.yaml"), "--max_images", "1", "--steps", "2"]) == 0
@@ -333,3 +334,27 @@ def test_gpu_prior_prepare_copies_only_what_the_run_reads(tmp_path, repo_root, m
     # too much to travel with the tracked files: refused (exit status 1)
     monkeypatch.setattr(gp, "tracked_bytes", lambda: gp.WORKTREE_LIMIT)
     assert gp.prepare(tmp_path / "carry", bsds, ev, eval_cases=2, val_images=3) == 1
+
+
+def test_gpu_suite_records_a_failing_case_and_goes_on(tmp_path, one_thread, repo_root, monkeypatch):
+    """Unattended on a GPU: a case that fails (here a cuFFT workspace failure, i.e. out of memory, then a compiler
+    error) becomes a record and the suite goes on to the next case and section."""
+    suite = _load(repo_root, "gpu_suite")
+    calls = {"n": 0}
+    real = suite.Suite.timed_run
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("cuFFT error: CUFFT_ALLOC_FAILED")
+        if calls["n"] == 2:
+            raise ValueError("inductor failed")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(suite.Suite, "timed_run", flaky)
+    assert suite.main(["--reduced", "--device", "cpu", "--out", str(tmp_path),
+                       "--quality_dir", str(tmp_path / "none")]) == 0
+    recs = [json.loads(line) for line in (tmp_path / "gpu_suite_reduced.jsonl").read_text().splitlines()]
+    errors = [r for r in recs if "error" in r]
+    assert [(r["case"], r["method"], r["error"]) for r in errors] == [
+        ("b1_fp32_eager", "fast_em", "out of memory"), ("b1_fp32_eager", "nonblind", "ValueError")]
+    assert any(r["section"] == "large" and "s_per_step" in r for r in recs) and recs[-1]["section"] == "done"
