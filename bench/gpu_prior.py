@@ -2,7 +2,7 @@
 
     python bench/gpu_prior.py --prepare carry/prior          # here, on the CPU: the data the GPU run needs
     bash bench/gpu_prior.sh                                  # on the GPU machine, carry=["carry/prior"]; ≤ 9 min
-    python bench/gpu_prior.py --unpack DIR                   # here: join the returned parts into DIR/prior_big.pt
+    python bench/gpu_prior.py --unpack DIR [--to DEST]       # here: join the returned parts into DEST/prior_big.pt
     python bench/gpu_prior.py --reduced --device cpu ...     # the CPU smoke form (tests/test_bench_suite.py)
 
 Phases, each a budget in seconds from the start (a phase never starts past its share; results are written as
@@ -15,16 +15,22 @@ they come, so a cut run still returns what it finished):
      replacement for `models/bundled_prior.pt` at the same CPU cost;
    - `big`: `BIG` below (64 base channels, 2 res blocks, 11.6 M parameters, 46.5 MB fp32), from scratch: for
      GPU users; several times the CPU cost.
-2. **score**: the same validation for the shipped weights, beside the two best EMAs.
+2. **score**: the shipped weights (the `same` run's first validation) beside each run's best EMA, from the
+   trainings' own validation logs (same crops, same noise).
 3. **deblur** (until `--budget_s`): `test_FastDiffEM.py` (README default, blind) and the same with
-   `--true_kernel`, for the shipped, `same` and `big` priors, six processes at once on the first cases of a
-   test-set folder (`--eval_dir`); each image's row lands in its `metrics.csv` as it finishes, and the
-   table compares the priors on the cases every blind (and every oracle) run finished.
+   `--true_kernel`, for the shipped, `same` and `big` priors (the big one rounded to fp16, as returned), six
+   processes at once on the first cases of a test-set folder (`--eval_dir`); each image's row lands in its
+   `metrics.csv` as it finishes, and the table compares the priors on the cases every blind (and every oracle)
+   run finished.
 Returned in `--out` (default $OUT; the device tool brings back ≤ 8 files of ≤ 16 MiB): `gpu_prior.jsonl`
 (every record), `logs.tar.gz` (loss/val CSVs, logs, the deblur runs' metrics.csv and config.yaml),
 `prior_same.pt` (fp32, 15.5 MB) and `prior_big.pt.part0/1` (fp16, split; `--unpack` joins and restores fp32).
 """
 from __future__ import annotations
+
+import time
+
+T_START = time.time()  # the budget counts from here: imports on a fresh machine take seconds
 
 import argparse
 import csv
@@ -35,10 +41,8 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -46,8 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from guided_diffusion.model_config import build_unet, load_model_config  # noqa: E402
-from guided_diffusion.schedule import get_betas  # noqa: E402
-from guided_diffusion.train import load_val_crops, validate, VAL_T  # noqa: E402
+from guided_diffusion.train import VAL_T  # noqa: E402
 from guided_diffusion.unet import load_weights  # noqa: E402
 from util.config import as_dict  # noqa: E402
 
@@ -77,6 +80,8 @@ def prepare(dest: Path, bsds: Path, eval_set: Path, eval_cases: int, val_images:
     for p in sorted(q for q in (bsds / "test").iterdir() if q.suffix.lower() in exts)[:val_images]:
         shutil.copy2(p, dest / "val" / p.name)
     rows = list(csv.DictReader(open(eval_set / "meta.csv")))[:eval_cases]
+    if not rows:
+        raise SystemExit(f"{eval_set}/meta.csv: no cases to copy (--eval_cases {eval_cases})")
     names = {r["name"] for r in rows}
     (dest / "eval").mkdir()
     with open(dest / "eval" / "meta.csv", "w", newline="") as f:
@@ -112,24 +117,30 @@ def download_wheel(folder: Path) -> None:
 
 def tracked_bytes() -> int:
     """Bytes of the repository's tracked files (they travel with the carried data)."""
-    files = subprocess.run(["git", "-C", str(ROOT), "ls-files"], capture_output=True, text=True).stdout.split()
-    return sum((ROOT / f).stat().st_size for f in files if (ROOT / f).is_file())
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, text=True).stdout.split("\0")
+    return sum((ROOT / f).stat().st_size for f in files if f and (ROOT / f).is_file())
 
 
-def unpack(folder: Path) -> Path:
-    """Join prior_big.pt.part* (fp16) into prior_big.pt, fp32 (loads with guided_diffusion.unet.load_weights)."""
+def unpack(folder: Path, dest: Path) -> Path:
+    """Join folder/prior_big.pt.part* (fp16; the returned folder is read-only) into dest/prior_big.pt, fp32
+    (loads with guided_diffusion.unet.load_weights)."""
+    import io
     parts = sorted(folder.glob("prior_big.pt.part*"), key=lambda p: int(p.suffix[5:]))
     if not parts:
         raise SystemExit(f"{folder}: no prior_big.pt.part* files")
-    joined = folder / "prior_big_fp16.pt"
-    with open(joined, "wb") as f:
-        for p in parts:
-            f.write(p.read_bytes())
-    sd = torch.load(joined, map_location="cpu", weights_only=True)
-    out = folder / "prior_big.pt"
-    torch.save({k: v.float() if v.is_floating_point() else v for k, v in sd.items()}, out)
-    joined.unlink()
+    sd = torch.load(io.BytesIO(b"".join(p.read_bytes() for p in parts)), map_location="cpu", weights_only=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / "prior_big.pt"
+    torch.save(_fp32(sd), out)
     return out
+
+
+def _fp16(sd: dict) -> dict:
+    return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def _fp32(sd: dict) -> dict:
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
 # ============================================================================================== there (GPU)
@@ -152,7 +163,7 @@ def _train_cmd(a, name: str, model_yaml: Path, init, work: Path) -> list:
            str(a.data / "train" / "val"), "--model_config", str(model_yaml), "--out", str(work / name),
            "--crop", str(a.crop), "--batch", str(a.batch), "--lr", str(spec["lr"]), "--warmup", str(spec["warmup"]),
            "--ema", str(spec["ema"]), "--steps", str(a.train_steps), "--max_minutes", str(a.train_minutes),
-           "--ckpt_minutes", "2", "--log_every", "50", "--seed", "0", "--device", a.device,
+           "--ckpt_minutes", str(a.train_minutes + 1), "--log_every", "50",  # one checkpoint, at the end "--seed", "0", "--device", a.device,
            "--val", str(a.data / "val"), "--val_images", str(a.val_images), "--val_size", str(a.val_size),
            "--val_minutes", str(a.val_minutes), "--threads", str(a.train_threads)]
     if a.device != "cpu":
@@ -165,16 +176,6 @@ def _train_cmd(a, name: str, model_yaml: Path, init, work: Path) -> list:
 def _write_model_yaml(path: Path, cfg: dict, weights) -> Path:
     path.write_text(yaml.safe_dump({**cfg, "model_path": str(weights) if weights else None}))
     return path
-
-
-def _score(model_yaml: Path, a, device: torch.device) -> dict:
-    cfg = load_model_config(model_yaml)
-    model = build_unet(cfg)
-    load_weights(model, ROOT / cfg.model_path)  # relative paths are the repository's (an absolute one stays)
-    crops = load_val_crops(a.data / "val", a.val_images, a.val_size)
-    ac = torch.tensor(np.cumprod(1.0 - get_betas(cfg.schedule, 1000)), dtype=torch.float32)  # as training does
-    return validate(model.to(device).eval(), crops, ac.sqrt().to(device), (1 - ac).sqrt().to(device),
-                    device.type != "cpu")
 
 
 def _mean(rows, key):
@@ -200,12 +201,20 @@ def _deblur_table(runs: dict, log: Log) -> None:
                  "seconds_per_image": _mean(sel, "seconds"), "cases": common})
 
 
-def _pack(out: Path, work: Path, log: Log) -> None:
-    """Logs and CSVs into logs.tar.gz; the weights as returnable files."""
-    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+def _tar_logs(out: Path, work: Path) -> None:
+    """Logs, CSVs and configs of the work folder into out/logs.tar.gz, replaced atomically (a cut run keeps the last)."""
+    tmp = out / "logs.tar.gz.tmp"
+    with tarfile.open(tmp, "w:gz") as tar:
         for p in sorted(work.rglob("*")):
-            if p.is_file() and (p.suffix in (".csv", ".log", ".yaml", ".json")):
+            if p.is_file() and p.suffix in (".csv", ".log", ".yaml", ".json"):
                 tar.add(p, arcname=str(p.relative_to(work)))
+    os.replace(tmp, out / "logs.tar.gz")
+
+
+def _pack(out: Path, work: Path, log: Log) -> dict:
+    """The best EMAs as returnable files (the big one as fp16 parts of ≤ 15 MiB); returns {prior: the fp32 weights
+    that equal what was returned}, for the deblurring phase."""
+    shipped = {}
     for name in ("same", "big"):
         best = work / name / "best_ema.pt"
         if not best.is_file():
@@ -213,16 +222,21 @@ def _pack(out: Path, work: Path, log: Log) -> None:
             continue
         if name == "same":
             shutil.copy2(best, out / "prior_same.pt")
+            shipped[name] = best
             log({"section": "pack", "prior": name, "file": "prior_same.pt", "mb": round(best.stat().st_size / 1e6, 1)})
             continue
-        sd = torch.load(best, map_location="cpu", weights_only=True)
-        half = work / "prior_big_fp16.pt"
-        torch.save({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, half)
-        data = half.read_bytes()
+        half = _fp16(torch.load(best, map_location="cpu", weights_only=True))
+        shipped[name] = work / name / "returned_fp32.pt"  # fp16-rounded: the figures describe the returned file
+        torch.save(_fp32(half), shipped[name])
+        (work / "fp16.pt").unlink(missing_ok=True)
+        torch.save(half, work / "fp16.pt")
+        data = (work / "fp16.pt").read_bytes()
         for i in range(0, len(data), PART_BYTES):
             (out / f"prior_big.pt.part{i // PART_BYTES}").write_bytes(data[i:i + PART_BYTES])
         log({"section": "pack", "prior": name, "file": "prior_big.pt.part*", "parts": -(-len(data) // PART_BYTES),
              "mb_fp16": round(len(data) / 1e6, 1)})
+    _tar_logs(out, work)
+    return shipped
 
 
 def _stop(procs: dict) -> None:
@@ -238,24 +252,26 @@ def _stop(procs: dict) -> None:
 
 
 def run(a) -> int:
-    t_start = time.time()
-    left = lambda: a.budget_s - (time.time() - t_start)  # noqa: E731
+    left = lambda: a.budget_s - (time.time() - T_START)  # noqa: E731
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     log = Log(out / "gpu_prior.jsonl")
-    device = torch.device(a.device)
     env = {"section": "env", "device": a.device, "torch": torch.__version__, "reduced": a.reduced, "budget_s": a.budget_s}
-    if device.type == "cuda":
+    if a.device.startswith("cuda"):
         env.update(gpu=torch.cuda.get_device_name(0), bf16=torch.cuda.is_bf16_supported())
     log(env)
 
-    # 1. train both priors at once
+    # 1. train both priors at once; each validates its EMA every --val_minutes (the first row: its start)
     same_cfg = load_model_config(a.same_config)
-    same_yaml = _write_model_yaml(work / "same_init.yaml", as_dict(same_cfg), same_cfg.model_path)
-    big_yaml = _write_model_yaml(work / "big_init.yaml", TINY_BIG if a.reduced else BIG, None)
+    if not same_cfg.model_path:
+        raise SystemExit(f"{a.same_config}: no model_path, so nothing for the 'same' run to continue")
+    big_cfg = TINY_BIG if a.reduced else BIG
+    cfgs = {"same": as_dict(same_cfg), "big": big_cfg}
+    same_yaml = _write_model_yaml(work / "same_init.yaml", cfgs["same"], same_cfg.model_path)
+    big_yaml = _write_model_yaml(work / "big_init.yaml", big_cfg, None)
     procs = {}
     for name, yml, init in (("same", same_yaml, same_cfg.model_path), ("big", big_yaml, None)):
         (work / name).mkdir()
@@ -263,31 +279,39 @@ def run(a) -> int:
         log({"section": "train", "prior": name, "cmd": " ".join(cmd[1:])})
         procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=open(work / name / "train.log", "w"),
                                        stderr=subprocess.STDOUT)
-    deadline = time.time() + 60 * a.train_minutes + a.train_grace_s
+    # training stops itself after --max_minutes; this deadline is the backstop, inside the budget
+    deadline = min(time.time() + 60 * a.train_minutes + a.train_grace_s, T_START + a.budget_s - 2 * a.pack_s)
     while any(p.poll() is None for p in procs.values()) and time.time() < deadline:
         time.sleep(2)
-    _stop(procs)  # training stops itself at --max_minutes; this is only the backstop (SIGTERM checkpoints)
+    _stop(procs)
+    vals = {}
     for name, p in procs.items():
-        val = list(csv.DictReader(open(work / name / "val.csv"))) if (work / name / "val.csv").is_file() else []
+        vals[name] = list(csv.DictReader(open(work / name / "val.csv"))) if (work / name / "val.csv").is_file() else []
         loss = list(csv.DictReader(open(work / name / "loss.csv"))) if (work / name / "loss.csv").is_file() else []
         tail = (work / name / "train.log").read_text().splitlines()[-3:]
         log({"section": "train", "prior": name, "returncode": p.returncode, "steps": int(loss[-1]["step"]) if loss else 0,
              "seconds": float(loss[-1]["seconds"]) if loss else 0.0, "last_loss": float(loss[-1]["loss"]) if loss else None,
-             "val": [{k: r[k] for k in ("step", "mean", *[f"t{t}" for t in VAL_T])} for r in val], "log_tail": tail})
-    _pack(out, work, log)  # the weights first: a later failure still returns them
+             "val": [{k: r[k] for k in ("step", "mean", *[f"t{t}" for t in VAL_T])} for r in vals[name]], "log_tail": tail})
+    shipped = _pack(out, work, log)  # the weights first: a later failure still returns them
 
-    # 2. validation scores side by side
-    priors = {"shipped": same_yaml}
-    for name, cfg in (("same", as_dict(same_cfg)), ("big", TINY_BIG if a.reduced else BIG)):
-        if (work / name / "best_ema.pt").is_file():
-            priors[name] = _write_model_yaml(work / f"{name}.yaml", cfg, work / name / "best_ema.pt")
-    for name, yml in priors.items():
-        try:
-            log({"section": "score", "prior": name, **_score(yml, a, device)})
-        except Exception as e:  # a scoring failure must not cost the deblurring phase
-            log({"section": "score", "prior": name, "error": f"{type(e).__name__}: {e}"})
+    # 2. scores side by side, from the trainings' own validation (same crops, same noise): the shipped weights are
+    # the 'same' run's first row; each run's best row is the weights returned
+    keys = ("step", "mean", *[f"t{t}" for t in VAL_T])
+    if vals["same"]:
+        log({"section": "score", "prior": "shipped", **{k: float(vals["same"][0][k]) for k in keys}})
+    for name, rows in vals.items():
+        if rows:
+            log({"section": "score", "prior": name, **{k: float(max(rows, key=lambda r: float(r["mean"]))[k]) for k in keys}})
 
     # 3. deblur with each prior, blind and with the true kernel, until the budget is spent
+    priors = {"shipped": same_yaml}
+    for name, weights in shipped.items():
+        try:  # the returned file loads into its net (strict), or it is not deblurred with
+            load_weights(build_unet(load_model_config(_write_model_yaml(work / f"{name}.yaml", cfgs[name], weights))),
+                         weights)
+            priors[name] = work / f"{name}.yaml"
+        except Exception as e:
+            log({"section": "deblur", "prior": name, "error": f"{type(e).__name__}: {e}"})
     runs, procs = {}, {}
     if a.eval_dir and left() > a.deblur_min_s:
         for name, yml in priors.items():
@@ -305,11 +329,8 @@ def run(a) -> int:
         _deblur_table(runs, log)
     else:
         log({"section": "deblur", "skipped": "no --eval_dir" if not a.eval_dir else f"{left():.0f} s left"})
-    with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:  # again, now with the deblur runs
-        for p in sorted(work.rglob("*")):
-            if p.is_file() and p.suffix in (".csv", ".log", ".yaml", ".json"):
-                tar.add(p, arcname=str(p.relative_to(work)))
-    log({"section": "done", "seconds": round(time.time() - t_start, 1)})
+    _tar_logs(out, work)  # again, now with the deblurring runs
+    log({"section": "done", "seconds": round(time.time() - T_START, 1)})
     return 0
 
 
@@ -320,6 +341,7 @@ def parse(argv=None):
     ap.add_argument("--eval_set", type=Path, default=Path("/work/evalsets/synth24"))
     ap.add_argument("--eval_cases", type=int, default=16)
     ap.add_argument("--unpack", type=Path, default=None, metavar="DIR", help="join DIR/prior_big.pt.part* and exit")
+    ap.add_argument("--to", type=Path, default=Path("runs/gpu_prior_returned"), help="where --unpack writes prior_big.pt")
     ap.add_argument("--data", type=Path, default=ROOT / "carry" / "prior", help="the --prepare folder")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_prior"))
     ap.add_argument("--work", default="/tmp/gpu_prior_work", help="checkpoints and runs (not returned)")
@@ -355,7 +377,7 @@ def main(argv=None) -> int:
     if a.prepare:
         return prepare(a.prepare, a.bsds, a.eval_set, a.eval_cases, a.val_images)
     if a.unpack:
-        print(unpack(a.unpack))
+        print(unpack(a.unpack, a.to))
         return 0
     return run(a)
 

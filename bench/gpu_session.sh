@@ -4,7 +4,7 @@
 #   python bench/gpu_prior.py --prepare carry/prior
 #   run(command="bash bench/gpu_session.sh", carry=["carry/prior"], timeout_s=600)
 # Returns in $OUT (≤ 8 files): gpu_prior.jsonl, logs.tar.gz, prior_same.pt, prior_big.pt.part*, gpu_suite.jsonl,
-# session.log. Here: python bench/gpu_prior.py --unpack <files_at> joins the big prior's parts.
+# session.log. Here: python bench/gpu_prior.py --unpack <files_at> --to DEST joins the big prior's parts.
 set -uo pipefail  # no -e: the suite runs even when the prior step fails
 cd "$(dirname "$0")/.."
 out="${OUT:-runs/gpu_session}"

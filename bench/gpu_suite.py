@@ -204,11 +204,11 @@ class Suite:
                 net = d_warm.net
             for blind in (True, False):
                 d = self.denoiser(model, a.steps, precision, compiled)
-                if compiled:
-                    d.net = net  # reuse the compiled graph
-                else:
-                    run_em(self.denoiser(model, 1, precision, False), y, k, a.sigma, mcfg, kd, blind, self.device)
-                try:
+                try:  # the warm-up needs the timed run's memory: it fails first when that does not fit
+                    if compiled:
+                        d.net = net  # reuse the compiled graph
+                    else:
+                        run_em(self.denoiser(model, 1, precision, False), y, k, a.sigma, mcfg, kd, blind, self.device)
                     dt, peak = self.timed_run(d, y, k, a.sigma, mcfg, kd, blind)
                 except Exception as e:  # unattended: record it and go on with the next case
                     self.failed("speed", name, e, method="fast_em" if blind else "nonblind")

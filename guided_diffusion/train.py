@@ -317,13 +317,17 @@ def train(a) -> dict:
     t_last_ckpt = time.time()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
-    # the running loss stays on the device (float64, as a Python sum would be): no sync per step
-    loss_acc, n_acc, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
+
+    def to_dev(v):  # CPU-drawn batches (exact resume) copied without making the CPU wait for the GPU
+        return v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
+    # the running loss stays on the device (float64 as a Python sum would be; MPS has no float64): no sync per step
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    loss_acc, n_acc, last_loss = torch.zeros((), dtype=acc_dtype, device=device), 0, float("nan")
     while step < a.steps:
         t0 = time.time()
-        x0 = random_crops(images, a.batch, a.crop, g).to(device)
-        t = torch.randint(1000, (a.batch,), generator=g).to(device)
-        eps = torch.randn(x0.shape, generator=g).to(device)
+        x0 = to_dev(random_crops(images, a.batch, a.crop, g))
+        t = to_dev(torch.randint(1000, (a.batch,), generator=g))
+        eps = to_dev(torch.randn(x0.shape, generator=g))
         x_t = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * eps
         lr = lr_at(step, a.lr, a.warmup)
         for group in opt.param_groups:
@@ -338,7 +342,7 @@ def train(a) -> dict:
         ema.update(model, step)
         step += 1
         seconds += time.time() - t0
-        loss_acc += loss.detach().double()
+        loss_acc += loss.detach().to(acc_dtype)
         n_acc += 1
         bar.update(1)
 
