@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffusion_em.em import fast_diffusion_em, fast_diffusion_em_batch  # noqa: E402
 from diffusion_em.mstep import MStepConfig  # noqa: E402
-from diffusion_em.run import _out_of_memory  # noqa: E402
+from diffusion_em.run import out_of_memory  # noqa: E402
 from guided_diffusion.denoiser import EpsDenoiser  # noqa: E402
 from guided_diffusion.guidance import PiGDM  # noqa: E402
 from guided_diffusion.schedule import Schedule  # noqa: E402
@@ -138,7 +138,7 @@ class Suite:
 
     def failed(self, section: str, name: str, e: Exception, **fields) -> None:
         """One case's failure as a record (out of memory named as such); the suite goes on."""
-        oom = _out_of_memory(e)
+        oom = out_of_memory(e)
         self.emit({"section": section, "case": name, **fields,
                    "error": "out of memory" if oom else type(e).__name__,
                    "message": (str(e).splitlines() or [""])[0][:300]})

@@ -194,7 +194,8 @@ def _progress_recorder(steps: int):
     return record, frames, kernels
 
 
-def _out_of_memory(e: BaseException) -> bool:
+def out_of_memory(e: BaseException) -> bool:
+    """Whether an exception is running out of host or device memory (then a failed row, not a crash)."""
     msg = str(e)  # cuFFT / cuBLAS workspace failures say ALLOC_FAILED, not "out of memory"
     return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and any(
         s in msg for s in ("can't allocate memory", "out of memory", "ALLOC_FAILED")))
@@ -327,7 +328,7 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
         res, attempts = _retry(r, opts, one)
         return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg)
     except Exception as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         raise _out_of_memory_error(r, sample, e) from None
 
@@ -373,7 +374,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
             [o.boundary for o in ready], [_k_true(opts, o) for o in ready],
             [o.callback for o in ready], starts) if ready else []
     except Exception as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         print(f"batch of {len(ready)}: {' '.join(str(e).split())[:160]}; one image at a time", file=sys.stderr)
         results = [None] * len(ready)
@@ -390,7 +391,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
         except ProjectError as e:
             rows[name] = _failed_row(one.sample, e, known[name])
         except Exception as e:
-            if not _out_of_memory(e):
+            if not out_of_memory(e):
                 raise
             rows[name] = _failed_row(one.sample, _out_of_memory_error(r, one.sample, e), known[name])
     return [rows[sample.name] for _, sample in items]
