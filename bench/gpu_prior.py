@@ -180,7 +180,7 @@ def _write_model_yaml(path: Path, cfg: dict, weights) -> Path:
 
 def _mean(rows, key):
     v = [float(r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
-    return round(sum(v) / len(v), 4) if v else None
+    return float(f"{sum(v) / len(v):.6g}") if v else None  # significant digits: kernel MSEs are ~1e-5
 
 
 def _deblur_table(runs: dict, log: Log) -> None:

@@ -417,3 +417,20 @@ def test_kernel_denoiser_float_sigma_equals_a_tensor_sigma():
     k = torch.rand(3, 1, 33, 33)
     with torch.no_grad():
         assert torch.equal(net(k, 0.013), net(k, torch.full((3,), 0.013)))
+
+
+def test_gpu_prior_deblur_table_compares_common_cases(tmp_path, repo_root):
+    """The priors are compared on the cases every run of a kind finished; small kernel MSEs keep their digits."""
+    gp = _load(repo_root, "gpu_prior")
+    rows = {"a_blind": [("c0", 20.0, 1.2e-5), ("c1", 22.0, 3.0e-5)], "b_blind": [("c0", 21.0, 1.0e-5)],
+            "a_oracle": [("c0", 24.0, 0.0)]}
+    runs = {}
+    for name, rs in rows.items():
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "metrics.csv").write_text("name,status,psnr_aligned,kernel_mse\n" + "".join(
+            f"{c},ok,{p},{k}\n" for c, p, k in rs) + "c9,failed,,\n")
+    recs = []
+    gp._deblur_table(runs, recs.append)
+    got = {r["run"]: (r["finished"], r["common_cases"], r["psnr_aligned"], r["kernel_mse"]) for r in recs}
+    assert got == {"a_blind": (2, 1, 20.0, 1.2e-5), "b_blind": (1, 1, 21.0, 1e-5), "a_oracle": (1, 1, 24.0, 0.0)}
