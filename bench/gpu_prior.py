@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 from guided_diffusion.model_config import build_unet, load_model_config  # noqa: E402
 from guided_diffusion.train import VAL_T  # noqa: E402
 from guided_diffusion.unet import load_weights  # noqa: E402
+from diffusion_em.results import ResultsFolder  # noqa: E402
 from util.config import as_dict  # noqa: E402
+from util.csvlog import read_csv_rows  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 PART_BYTES = 15 * 2 ** 20  # under the device tool's 16 MiB per returned file
@@ -79,7 +81,7 @@ def prepare(dest: Path, bsds: Path, eval_set: Path, eval_cases: int, val_images:
     exts = {".jpg", ".jpeg", ".png"}
     for p in sorted(q for q in (bsds / "test").iterdir() if q.suffix.lower() in exts)[:val_images]:
         shutil.copy2(p, dest / "val" / p.name)
-    rows = list(csv.DictReader(open(eval_set / "meta.csv")))[:eval_cases]
+    rows = read_csv_rows(eval_set / "meta.csv")[:eval_cases]
     if not rows:
         raise SystemExit(f"{eval_set}/meta.csv: no cases to copy (--eval_cases {eval_cases})")
     names = {r["name"] for r in rows}
@@ -187,9 +189,7 @@ def _deblur_table(runs: dict, log: Log) -> None:
     """Compare priors on the cases every run of a kind (blind | oracle) finished."""
     rows = {}
     for name, d in runs.items():
-        f = d / "metrics.csv"
-        rows[name] = {r["name"]: r for r in csv.DictReader(open(f))} if f.is_file() else {}
-        rows[name] = {n: r for n, r in rows[name].items() if r.get("status") == "ok"}
+        rows[name] = {n: r for n, r in ResultsFolder(d).previous_rows().items() if r.get("status") == "ok"}
     for kind in ("blind", "oracle"):
         names = [n for n in runs if n.endswith(kind)]
         common = sorted(set.intersection(*(set(rows[n]) for n in names))) if names else []
@@ -286,8 +286,7 @@ def run(a) -> int:
     _stop(procs)
     vals = {}
     for name, p in procs.items():
-        vals[name] = list(csv.DictReader(open(work / name / "val.csv"))) if (work / name / "val.csv").is_file() else []
-        loss = list(csv.DictReader(open(work / name / "loss.csv"))) if (work / name / "loss.csv").is_file() else []
+        vals[name], loss = read_csv_rows(work / name / "val.csv"), read_csv_rows(work / name / "loss.csv")
         tail = (work / name / "train.log").read_text().splitlines()[-3:]
         log({"section": "train", "prior": name, "returncode": p.returncode, "steps": int(loss[-1]["step"]) if loss else 0,
              "seconds": float(loss[-1]["seconds"]) if loss else 0.0, "last_loss": float(loss[-1]["loss"]) if loss else None,

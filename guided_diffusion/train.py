@@ -315,14 +315,13 @@ def train(a) -> dict:
     bar = tqdm(total=a.steps, initial=step, desc="prior", disable=rank != 0, mininterval=5 if sys.stderr.isatty() else 60)
     t_run = time.time()
     t_last_ckpt = time.time()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution once
+    accelerated = device.type != "cpu"  # batches are drawn on the CPU (exact resume) and copied over
+    torch.backends.cudnn.benchmark = accelerated  # fixed shapes: cuDNN picks its fastest convolution once
 
-    def to_dev(v):  # CPU-drawn batches (exact resume) copied without making the CPU wait for the GPU
-        return v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
-    # the running loss stays on the device (float64 as a Python sum would be; MPS has no float64): no sync per step
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    loss_acc, n_acc, last_loss = torch.zeros((), dtype=acc_dtype, device=device), 0, float("nan")
+    def to_dev(v):  # a pinned, non-blocking copy does not make the CPU wait for the accelerator
+        return v.pin_memory().to(device, non_blocking=True) if accelerated else v.to(device)
+    # the running loss stays on the device (float64, as a Python sum would be): no sync per step
+    loss_acc, n_acc, last_loss = torch.zeros((), dtype=torch.float64, device=device), 0, float("nan")
     while step < a.steps:
         t0 = time.time()
         x0 = to_dev(random_crops(images, a.batch, a.crop, g))
@@ -342,7 +341,7 @@ def train(a) -> dict:
         ema.update(model, step)
         step += 1
         seconds += time.time() - t0
-        loss_acc += loss.detach().to(acc_dtype)
+        loss_acc += loss.detach().double()
         n_acc += 1
         bar.update(1)
 
