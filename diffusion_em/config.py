@@ -23,6 +23,7 @@ METHODS = ("fast_em", "diffusion_em")
 GUIDANCES = ("pigdm", "dps")
 KERNELS = ("em", "l0", "l0_em", "l0_box", "auto")
 BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
+ON_DIVERGENCE = ("fail", "classical")
 # keys that only mean something for one method or guidance: giving them for another is an error
 ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
            ("mstep", "start"): (("method", "fast_em"),),
@@ -66,11 +67,13 @@ class DiffusionConfig:
     retries: int = 1                 # divergence guard: extra attempts with fresh noise before failing an image
     guard_residual: float = 25.0     # fail when mean (k⊛x − y)² > guard_residual·σ² + 1e-3
     guard_saturation: float = 0.1    # fail when the result has this many more saturated pixels than y
+    on_divergence: str = "fail"      # after the retries: 'fail' the image | 'classical': write the classical
+                                     # restoration (its ℓ0 or true kernel + hyper-Laplacian), flagged
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("guidance", GUIDANCES), ("boundary", BOUNDARIES), ("kernel", KERNELS),
                               ("precision", ("fp32", "bf16", "fp16")), ("output", OUTPUTS),
-                              ("pigdm_jacobian", ("unet", "none"))):
+                              ("pigdm_jacobian", ("unet", "none")), ("on_divergence", ON_DIVERGENCE)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"key '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("steps", "em_rounds", "n_particles", "kernel_pass_particles",

@@ -39,6 +39,7 @@ class EMResult:
     trace: list = field(default_factory=list)   # per-step dicts: where, i, t, saturation of x̂0, kernel max
     reblur_mse: Optional[float] = None  # mean (k⊛x − y)² over the observed frame (set by the runner's guard)
     classical: Optional[torch.Tensor] = None  # (1, C, H, W) classical deconvolution with `kernel` (restore.py)
+    fallback: str = ""              # why the diffusion result was replaced by the classical one ('': it was not)
 
     @property
     def x_mean(self) -> torch.Tensor:
@@ -88,11 +89,10 @@ class Guard:
         Both checks look at the data only: padding is not data, and re-blurring the cropped image instead
         would wrap a non-periodic photo's borders into each other (a misfit of the check, not of the result).
         """
-        op = BlurOperator.from_kernel(res.kernel, tuple(y.shape[-2:]), sigma)
-        r, x = op.A(res.x) - y, res.x
+        resid = reblur_mse(res.x, res.kernel, y, box)
+        x = res.x
         if box is not None:
-            r, x, y = crop(r, box), crop(x, box), crop(y, box)
-        resid = float((r ** 2).mean())
+            x, y = crop(x, box), crop(y, box)
         sat_excess = saturation(x) - saturation(y.clamp(0, 1))
         bad = []
         if not math.isfinite(resid) or resid > self.max_residual * sigma ** 2 + self.floor:
@@ -110,6 +110,12 @@ class Guard:
             where = f"; x̂0 saturated from {first['where']} on" if first else ""
             raise DivergenceError("diverged: " + ", ".join(bad) + where)
         return resid
+
+
+def reblur_mse(x: torch.Tensor, kernel: torch.Tensor, y: torch.Tensor, box: Optional[tuple] = None) -> float:
+    """Mean (k⊛x − y)² (circular, on the domain x and y share) over the data `box` (top, left, h, w) or all."""
+    r = BlurOperator.from_kernel(kernel, tuple(y.shape[-2:]), 0.0).A(x) - y
+    return float((crop(r, box) if box is not None else r).pow(2).mean())
 
 
 def _where(n: int, N: int, t: int, round_: Optional[int] = None, rounds: Optional[int] = None) -> str:

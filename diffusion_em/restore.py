@@ -2,7 +2,8 @@
 
 `load_restorer` builds the models from the three configs; `restore` pads one observation for the boundary
 model and the UNet, runs the configured EM driver and crops back; `restore_with_retries` redraws the noise
-when the divergence guard fails a run.
+when the divergence guard fails a run, and `classical_fallback` restores an image classically when every run
+failed (`on_divergence: classical`).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from diffusion_em.config import DiffusionConfig, KernelConfig
-from diffusion_em.em import DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em, fast_diffusion_em_batch
+from diffusion_em.em import (DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em, fast_diffusion_em_batch,
+                             reblur_mse)
 from diffusion_em.mstep import support_box
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.guidance import make_guidance
@@ -159,10 +161,12 @@ def l0_kernel(y: torch.Tensor, s: int, box: Optional[tuple] = None) -> torch.Ten
 
 class Start(NamedTuple):
     """How the EM drivers start one image's kernel: from k_init (None: a Dirac), or held at fixed_kernel; the
-    M-step's kernel confined to support (None: anywhere)."""
+    M-step's kernel confined to support (None: anywhere); l0: the ℓ0 kernel when it was computed (kept for
+    `classical_fallback`)."""
     k_init: Optional[torch.Tensor] = None
     fixed_kernel: Optional[torch.Tensor] = None
     support: Optional[torch.Tensor] = None
+    l0: Optional[torch.Tensor] = None
 
 
 def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_true: Optional[torch.Tensor]) -> Start:
@@ -174,8 +178,8 @@ def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_tr
         return Start()
     k = l0_kernel(y, s, box)
     if source == "l0":
-        return Start(fixed_kernel=k)
-    return Start(k_init=k) if source == "l0_em" else Start(support=support_box(k))
+        return Start(fixed_kernel=k, l0=k)
+    return Start(k_init=k, l0=k) if source == "l0_em" else Start(support=support_box(k), l0=k)
 
 
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
@@ -295,6 +299,23 @@ def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: flo
         classical = crop(classical_deconvolution(yp, res.kernel, sigma), box)
     return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid,
                     classical=classical)
+
+
+def classical_fallback(r: Restorer, y: torch.Tensor, sigma: float, reason: str, *, boundary: str = "circular",
+                       k_true: Optional[torch.Tensor] = None, start: Optional[Start] = None) -> EMResult:
+    """The classical restoration of an observation whose diffusion runs all failed the guard (config key
+    `on_divergence: classical`): the hyper-Laplacian deconvolution (as `classical_deconvolution`) with the kernel
+    the run held fixed (the oracle's, or the ℓ0 kernel on photos), else the ℓ0 kernel, on the same padded frame:
+    the `l0_blind` baseline's computation. Returns an EMResult with one particle, nfe 0 and `fallback` = reason."""
+    sigma = max(float(sigma), SIGMA_FLOOR)
+    yp, box = _prepared(r, y, boundary)
+    st = start if start is not None else kernels_for(kernel_source(r.dcfg.kernel, boundary), yp, r.kernel_size, box,
+                                                     k_true)
+    k = st.fixed_kernel if st.fixed_kernel is not None else st.l0
+    if k is None:
+        k = l0_kernel(yp, r.kernel_size, box)
+    x = classical_deconvolution(yp, k, sigma)
+    return EMResult(x=crop(x, box), kernel=k, nfe=0, reblur_mse=reblur_mse(x, k, yp, box), fallback=reason)
 
 
 def restore_with_retries(r: Restorer, y: torch.Tensor, sigma: float, generator_for: Callable[[int], torch.Generator],

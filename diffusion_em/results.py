@@ -199,10 +199,13 @@ class ResultsFolder:
 
 
 def summarise(rows: dict) -> dict:
-    """Counts and means over the ok rows (one per image name)."""
+    """Counts and means over the ok rows (one per image name); `classical_fallback` counts the ok rows whose image
+    is the classical restoration (`on_divergence: classical`), included in the means."""
     ok = [r for r in rows.values() if r.get("status") == "ok"]
     means = {}
     for k in MEAN_FIELDS:
         vals = [float(r[k]) for r in ok if r.get(k) not in (None, "", "None")]
         means[k] = float(np.mean(vals)) if vals else None
-    return {"images": len(rows), "ok": len(ok), "failed": len(rows) - len(ok), "means": means}
+    fallback = sum("classical_fallback" in str(r.get("flag") or "").split(";") for r in ok)
+    return {"images": len(rows), "ok": len(ok), "failed": len(rows) - len(ok), "classical_fallback": fallback,
+            "means": means}

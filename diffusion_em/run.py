@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from diffusion_em import grayscale, shard
-from diffusion_em.config import (BOUNDARIES, KERNELS, ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
+from diffusion_em.config import (BOUNDARIES, KERNELS, ON_DIVERGENCE, ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
                                  load_diffusion_config, load_kernel_config)
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
-from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, kernel_source, load_restorer,
-                                  repo_path, restore_batch, restore_with_retries, start_kernels)
+from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, classical_fallback, kernel_source,
+                                  load_restorer, repo_path, restore_batch, restore_with_retries, start_kernels)
 from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from guided_diffusion.sampler import needs_grad
@@ -83,6 +83,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="override the config's classical_blend: output (1 - W)·diffusion + W·hyper-Laplacian "
                         "deconvolution with the final kernel; 0: diffusion only (README \"Blending with a classical "
                         "deconvolution\")")
+    p.add_argument("--on_divergence", default=None, choices=ON_DIVERGENCE,
+                   help="override the config's on_divergence: what an image gets when every attempt fails the guard: "
+                        "fail (a failed row) | classical (the ℓ0 + hyper-Laplacian restoration, flagged)")
     if method == "fast_em":
         p.add_argument("--final_pass", action="store_true", default=None,
                        help="after Fast EM, one non-blind run with its kernel fixed makes the image (about 2x "
@@ -138,7 +141,8 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
 
 def load_configs(args: argparse.Namespace, method: str) -> tuple:
     """(DiffusionConfig with the flags' overrides, KernelConfig, ModelConfig); no model is loaded."""
-    overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel", "final_pass", "classical_blend")
+    overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel", "final_pass", "classical_blend",
+                                            "on_divergence")
                  if getattr(args, k, None) is not None}
     dcfg = load_diffusion_config(repo_path(args.diffusion_config), overrides)
     if dcfg.method != method:
@@ -268,20 +272,32 @@ def _k_true(opts: RunOptions, one: Loaded):
 
 def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, failed=None, start=None) -> tuple:
     """(EMResult, attempts) from attempt `first_attempt` on; `failed`: the error of the attempt before it;
-    `start`: the image's start kernels when already computed (the ℓ0 estimate is not redone)."""
-    if first_attempt > r.dcfg.retries:
-        raise DivergenceError(f"{failed} (after {first_attempt} attempts)")
-
+    `start`: the image's start kernels when already computed (the ℓ0 estimate is not redone). When every attempt
+    fails: the DivergenceError, or with `on_divergence: classical` the classical restoration (`classical_fallback`)."""
     def on_retry(attempt, e):
         print(f"{one.sample.name}: attempt {attempt + 1}: {e}", file=sys.stderr)
         one.frames.clear(), one.kernels.clear()
 
-    if failed is not None:
-        on_retry(first_attempt - 1, failed)
-    return restore_with_retries(
-        r, one.y, one.sigma_run, lambda attempt: _generator(r, opts, one.index, attempt), on_retry,
-        first_attempt=first_attempt, boundary=one.boundary, k_true=_k_true(opts, one), callback=one.callback,
-        start=start)
+    try:
+        if first_attempt > r.dcfg.retries:
+            raise DivergenceError(f"{failed} (after {first_attempt} attempts)")
+        if failed is not None:
+            on_retry(first_attempt - 1, failed)
+        if start is None:  # computed here so that a fallback reuses it
+            start = start_kernels(r, one.y, one.boundary, _k_true(opts, one))
+        return restore_with_retries(
+            r, one.y, one.sigma_run, lambda attempt: _generator(r, opts, one.index, attempt), on_retry,
+            first_attempt=first_attempt, boundary=one.boundary, k_true=_k_true(opts, one), callback=one.callback,
+            start=start)
+    except DivergenceError as e:
+        if r.dcfg.on_divergence != "classical":
+            raise
+        print(f"{one.sample.name}: {e}; writing the classical restoration instead (on_divergence: classical)",
+              file=sys.stderr)
+        one.frames.clear(), one.kernels.clear()
+        res = classical_fallback(r, one.y, one.sigma_run, " ".join(str(e).split()), boundary=one.boundary,
+                                 k_true=_k_true(opts, one), start=start)
+        return res, max(first_attempt, r.dcfg.retries + 1)
 
 
 def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
@@ -289,8 +305,9 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     """Write one image's outputs (the image per dcfg.output: 'sample' | 'mean', blended with the classical
     deconvolution by dcfg.classical_blend, and then the diffusion image alone beside it); returns its metrics row."""
     loaded = one.loaded
-    x_img = tensor_to_image(res.image(dcfg.output, dcfg.classical_blend)[0].clamp(0, 1))
-    x_diffusion = tensor_to_image(res.image(dcfg.output)[0].clamp(0, 1)) if dcfg.classical_blend else None
+    blend = 0.0 if res.fallback else dcfg.classical_blend  # a classical fallback has no diffusion image to blend
+    x_img = tensor_to_image(res.image(dcfg.output, blend)[0].clamp(0, 1))
+    x_diffusion = tensor_to_image(res.image(dcfg.output)[0].clamp(0, 1)) if blend else None
     particles = [tensor_to_image(p) for p in res.x]
     y_obs, x_true = loaded.y, loaded.x_true
     if one.gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)
@@ -302,10 +319,11 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     out.write_image(one.sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, one.frames,
                     kernel_frames, diffusion_only=x_diffusion)
     m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
-    row = {"name": one.sample.name, "status": "ok", "message": "", "sigma": one.sigma,
-           "sigma_source": one.sigma_source, "kernel_source": one.kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
+    kernel_from = one.kernel_from if not res.fallback or one.kernel_from in ("true", "l0") else "l0"
+    row = {"name": one.sample.name, "status": "ok", "message": f"classical fallback: {res.fallback}" if res.fallback else "",
+           "sigma": one.sigma, "sigma_source": one.sigma_source, "kernel_source": kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
            "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
-    row["flag"] = ";".join(quality_flags(row, one.sigma))
+    row["flag"] = ";".join((["classical_fallback"] if res.fallback else []) + quality_flags(row, one.sigma))
     if row["flag"]:
         print(f"{one.sample.name}: flagged {row['flag']}", file=sys.stderr)
     return row
@@ -522,7 +540,8 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     out.write_summary(summary)
     m = summary["means"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
-    print(f"{summary['ok']}/{summary['images']} images ok; mean PSNR {fmt(m['psnr'], '.2f')} dB "
+    fb = summary["classical_fallback"]
+    print(f"{summary['ok']}/{summary['images']} images ok{f' ({fb} by the classical fallback)' if fb else ''}; mean PSNR {fmt(m['psnr'], '.2f')} dB "
           f"(blurry {fmt(m['psnr_blurry'], '.2f')}), SSIM {fmt(m['ssim'], '.3f')}, "
           f"kernel MSE {fmt(m['kernel_mse'], '.2e')}, {fmt(m['seconds'], '.1f')} s/image -> {out.path}")
     return code

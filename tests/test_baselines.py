@@ -180,7 +180,7 @@ def test_kernel_sources_for_the_em_drivers(one_thread):
     k = _l_kernel(11)
     y = conv_circular(x, k)[None].expand(1, 3, 96, 96).float()
     k_l0 = estimate_kernel(y[0].double(), 15).float()
-    assert kernels_for("em", y, 15, None, None) == (None, None, None)
+    assert kernels_for("em", y, 15, None, None) == (None, None, None, None)
     fixed = kernels_for("l0", y, 15, None, None)
     start = kernels_for("l0_em", y, 15, None, None)
     box = kernels_for("l0_box", y, 15, None, None)
@@ -188,6 +188,7 @@ def test_kernel_sources_for_the_em_drivers(one_thread):
     assert fixed.fixed_kernel.shape == (15, 15) and fixed.fixed_kernel.dtype == torch.float32
     assert torch.allclose(fixed.fixed_kernel, k_l0, atol=1e-6) and torch.equal(start.k_init, fixed.fixed_kernel)
     assert box.k_init is None and box.fixed_kernel is None and torch.equal(box.support, support_box(fixed.fixed_kernel))
+    assert all(torch.equal(st.l0, fixed.fixed_kernel) for st in (fixed, start, box))  # kept for classical_fallback
     oracle = kernels_for("l0", y, 15, None, k)
     assert oracle.k_init is None and oracle.support is None and oracle.fixed_kernel.shape == (15, 15)
     assert torch.allclose(oracle.fixed_kernel.sum(), torch.tensor(1.0))

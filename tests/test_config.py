@@ -102,6 +102,7 @@ def _diff():
     (_fast, {"steps": "many"}, "key 'steps' must be int"),
     (_fast, {"boundary": "mirror"}, "key 'boundary' must be one of"),
     (_fast, {"kernel": "gaussian"}, "key 'kernel' must be one of"),
+    (_fast, {"on_divergence": "skip"}, "key 'on_divergence' must be one of"),
     (_fast, {"classical_blend": 1.5}, r"key 'classical_blend' must be in \[0, 1\]"),
     (_diff, {"kernel": "auto"}, "key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM"),
     (_diff, {"mstep": {"start": 0.2}}, "key 'mstep.start' applies only to method 'fast_em'"),

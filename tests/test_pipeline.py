@@ -270,10 +270,78 @@ def test_divergence_guard_fails_garbage_with_a_message(setup):
     strict = tmp / "strict.yaml"
     strict.write_text(yaml.safe_dump(d))
     out = tmp / "out"
-    assert main(_args(tmp, strict, data, out, "--max_images", "1"), method="fast_em") == 1
+    assert main(_args(tmp, strict, data, out, "--max_images", "1", "--on_divergence", "fail"), method="fast_em") == 1
+    assert json.loads((out / "summary.json").read_text())["settings"]["diffusion"]["on_divergence"] == "fail"
     r = _rows(out)[0]
     assert r["status"] == "failed" and "diverged" in r["message"] and "after 2 attempts" in r["message"]
     assert not (out / "images" / "im0.png").exists()  # never written as a success
+
+
+def _expected_fallback(tmp, cfg, data, k_true=False):
+    """What `on_divergence: classical` must write for im0 of the tiny set (a photo: taper padding): the
+    hyper-Laplacian deconvolution of the padded y with the ℓ0 kernel of the padded y (or the true kernel),
+    cropped back — computed here from the classical pieces, not through the runner."""
+    from classical.blind_l0 import estimate_kernel
+    from classical.nonblind import hyper_laplacian, hyper_laplacian_lambda
+    from diffusion_em.run import build_parser, restorer_from_args
+    from util.geometry import crop, pad_centred, pad_for_boundary, pad_to_multiple
+    from util.images import image_to_tensor
+    from util.inputs import list_inputs, load_sample
+
+    r = restorer_from_args(build_parser("fast_em").parse_args(_args(tmp, cfg, data, tmp / "unused")), "fast_em")
+    s = load_sample(list_inputs(data)[0])
+    y = image_to_tensor(s.y)
+    yp, box = pad_for_boundary(y, r.kernel_size, "taper")
+    yp, _ = pad_to_multiple(yp, r.denoiser.model.size_multiple, "reflect")
+    if k_true:
+        k = pad_centred(torch.from_numpy(s.k_true).to(yp), r.kernel_size)
+        k = k / k.sum()
+    else:
+        k = estimate_kernel(yp[0].clamp(0, 1).double(), r.kernel_size, box=box).to(yp.dtype)
+    x = hyper_laplacian(yp.double(), k.double(), hyper_laplacian_lambda(s.sigma)).clamp(0, 1)
+    return crop(x, box)[0].permute(1, 2, 0).numpy(), k.double().numpy()
+
+
+@pytest.mark.parametrize("kernel,extra,source", [("auto", (), "l0"), ("em", (), "l0"), ("l0_box", (), "l0"),
+                                                 ("em", ("--true_kernel",), "true")])
+def test_on_divergence_classical_writes_the_classical_restoration(setup, kernel, extra, source):
+    """When every attempt fails the guard, `on_divergence: classical` (the default config's) writes the classical
+    restoration — the fixed (ℓ0 or true) kernel, else the ℓ0 kernel, and the hyper-Laplacian solve — as an ok row
+    flagged classical_fallback whose message keeps the guard's reason; the run exits 0."""
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    assert d["on_divergence"] == "classical"  # the shipped default config's choice
+    d.update(guard_residual=25.0, guard_saturation=0.1, retries=1, kernel=kernel)
+    strict = tmp / f"fallback_{kernel}.yaml"
+    strict.write_text(yaml.safe_dump(d))
+    out = tmp / f"out_{kernel}_{len(extra)}"
+    assert main(_args(tmp, strict, data, out, "--save_npy", "--max_images", "1", *extra), method="fast_em") == 0
+    r = _rows(out)[0]
+    assert r["status"] == "ok" and r["flag"].split(";")[0] == "classical_fallback", r
+    assert r["message"].startswith("classical fallback: diverged") and "after 2 attempts" in r["message"]
+    assert r["kernel_source"] == source and int(r["nfe"]) == 0 and int(r["attempts"]) == 2
+    want_x, want_k = _expected_fallback(tmp, strict, data, k_true=bool(extra))
+    assert np.allclose(np.load(out / "kernels" / "im0.npy"), want_k, atol=1e-6)
+    assert np.abs(np.load(out / "npy" / "im0.npy") - want_x).max() < 1e-5
+    assert not (out / "images" / "im0_diffusion.png").exists()  # no diffusion image was kept
+    assert json.loads((out / "summary.json").read_text())["classical_fallback"] == 1
+
+
+def test_on_divergence_classical_batched_equals_one_by_one(setup):
+    """A batch whose images all diverge falls back image by image, with the same files as one at a time."""
+    tmp, cfgs, data = setup
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    d.update(guard_residual=25.0, guard_saturation=0.1, retries=0)
+    strict = tmp / "fallback0.yaml"
+    strict.write_text(yaml.safe_dump(d))
+    one, two = tmp / "one", tmp / "two"
+    assert main(_args(tmp, strict, data, one, "--save_npy"), method="fast_em") == 0
+    assert main(_args(tmp, strict, data, two, "--save_npy", "--batch_size", "2"), method="fast_em") == 0
+    for n in ("im0", "im1"):
+        assert np.array_equal(np.load(one / "npy" / f"{n}.npy"), np.load(two / "npy" / f"{n}.npy"))
+    rows = _rows(two)
+    assert [r["flag"].split(";")[0] for r in rows] == ["classical_fallback"] * 2
+    assert all("after 1 attempts" in r["message"] for r in rows)
 
 
 
@@ -282,7 +350,7 @@ def test_retries_reuse_the_l0_kernel(setup, monkeypatch):
     from diffusion_em import restore as restore_module
     tmp, cfgs, data = setup
     d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
-    d.update(guard_residual=25.0, guard_saturation=0.1, retries=2, kernel="l0")
+    d.update(guard_residual=25.0, guard_saturation=0.1, retries=2, kernel="l0", on_divergence="fail")
     strict = tmp / "strict_l0.yaml"
     strict.write_text(yaml.safe_dump(d))
     calls = []
