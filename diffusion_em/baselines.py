@@ -18,7 +18,9 @@ Boundary: as the runner's `auto` (`--boundary` overrides): cases whose meta.csv 
 solved on the FFT model as they are; all others are padded with the tapered mirror border of one kernel
 size (util.geometry.pad_for_boundary) and cropped back.
 Writes images/<name>.png, kernels/<name>.npy (+ .png), metrics.csv (the runner's metrics via
-diffusion_em.evaluate.score_case, plus seconds and the λ used), summary.json. Finished images are skipped.
+diffusion_em.evaluate.score_case, plus seconds and the λ used), summary.json, config.yaml (the settings:
+method, input folder, kernel size, boundary, σ, --l0 overrides). Finished images are skipped; a rerun into
+the same folder with other settings is refused unless --overwrite (as the runner, diffusion_em.results).
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ import torch
 from classical import nonblind as NB
 from classical.blind_l0 import L0Config, estimate_kernel
 from diffusion_em.evaluate import score_case
+from diffusion_em.results import OutputError, ResultsFolder
 from util.csvlog import append_csv_row, read_done_names
+from util.errors import InputError
 from util.geometry import crop, pad_for_boundary
 from util.images import ImageReadError, tensor_to_image
 from util.metrics import align_border, aligned_scores
@@ -133,7 +137,25 @@ def l0_config(overrides: str) -> L0Config:
     try:
         return replace(L0Config(), **json.loads(overrides))
     except (json.JSONDecodeError, TypeError) as e:
-        raise SystemExit(f"error: --l0 {overrides!r}: {e}")
+        raise InputError(f"--l0 {overrides!r}: {e}") from None
+
+
+def check_flags(args) -> None:
+    """Flag values that cannot work, refused before anything runs (InputError naming the flag; as the runner)."""
+    for flag in ("threads", "max_images", "kernel_size"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise InputError(f"--{flag} {v}: must be >= 1")
+    if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
+        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}")
+    l0_config(args.l0)
+
+
+def settings_record(args) -> dict:
+    """What decides a baseline's results (not output-only flags); --l0 only where it applies and is given."""
+    l0 = json.loads(args.l0) if args.method == "l0_blind" else {}
+    return {"method": args.method, "input_dir": str(Path(args.input_dir).resolve()), "kernel_size": args.kernel_size,
+            "boundary": args.boundary, "sigma": args.sigma, **({"l0": l0} if l0 else {})}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,13 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    l0_config(args.l0)  # fail early on a bad override
-    torch.set_num_threads(args.threads)
+    folder = ResultsFolder(args.save_dir, fields=FIELDS)
     try:
+        check_flags(args)
         samples = list_inputs(args.input_dir)[: args.max_images]
-    except (FileNotFoundError, ValueError) as e:
+        settings = settings_record(args)
+        folder.check()
+        folder.claim(settings, args.overwrite)
+    except (FileNotFoundError, ValueError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    torch.set_num_threads(args.threads)
+    folder.write_config({"settings": settings, "threads": args.threads, "args": vars(args)})
     out = Path(args.save_dir)
     metrics = out / "metrics.csv"
     done = set() if args.overwrite else read_done_names(metrics)
@@ -176,7 +203,8 @@ def main(argv=None) -> int:
         append_csv_row(metrics, FIELDS, row)
         rows.append(row)
         if row["status"] == "ok":
-            print(f"{sample.name}: {args.method} PSNR {row['psnr']:.2f} (aligned {row['psnr_aligned']:.2f}), "
+            fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731  (no sharp image, or too small to align)
+            print(f"{sample.name}: {args.method} PSNR {fmt(row['psnr'])} (aligned {fmt(row['psnr_aligned'])}), "
                   f"{row['seconds']:.1f} s", flush=True)
     if metrics.exists():
         from diffusion_em.evaluate import summarise, read_run_metrics

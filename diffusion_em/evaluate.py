@@ -157,6 +157,9 @@ def evaluate_folder(testset, results, oracle=None) -> list:
                 raise ImageReadError(f"{path}: result is {x.shape[:2]} but the observation is {loaded.y.shape[:2]}")
             kp = find_kernel(results, s.name)
             k = read_kernel(kp) if kp is not None else None
+            if k is not None and (k.shape[0] > x.shape[0] or k.shape[1] > x.shape[1]):  # else util.fft's message names no file
+                raise ImageReadError(f"{kp}: kernel {k.shape[0]}x{k.shape[1]} is larger than the image "
+                                     f"{x.shape[0]}x{x.shape[1]}")
             xo = None
             if oracle is not None:
                 op = find_result(Path(oracle), s.name)
@@ -212,6 +215,17 @@ def write_outputs(rows: list, out: Path, extra: Optional[dict] = None) -> dict:
     return summary
 
 
+def check_folders(results, oracle, out: Path) -> None:
+    """Refuse before scoring: a --results or --oracle folder that is not there (a typo would score as all
+    'missing'), an --out that is, or lies under, a file (one-line errors naming the flag)."""
+    for flag, d in (("--results", results), ("--oracle", oracle)):
+        if d is not None and not Path(d).is_dir():
+            raise FileNotFoundError(f"{flag} {d}: " + ("not a folder" if Path(d).exists() else "folder does not exist"))
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"--out {out}: {parent} is a file, not a folder")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffusion_em.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--testset", required=True, help="test-set folder (blurry/ sharp/ kernel/ meta.csv)")
@@ -219,13 +233,14 @@ def main(argv=None) -> int:
     p.add_argument("--oracle", default=None, help="results of the same solver with the true kernel (error ratio)")
     p.add_argument("--out", default=None, help="where eval.csv and eval.json go (default: --results)")
     args = p.parse_args(argv)
+    out = Path(args.out or args.results)
     try:
+        check_folders(args.results, args.oracle, out)
         rows = evaluate_folder(args.testset, args.results, args.oracle)
-    except (FileNotFoundError, ValueError) as e:
+        s = write_outputs(rows, out, {"testset": str(args.testset), "results": str(args.results), "oracle": args.oracle})
+    except (FileNotFoundError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    s = write_outputs(rows, Path(args.out or args.results),
-                      {"testset": str(args.testset), "results": str(args.results), "oracle": args.oracle})
     a = s["all"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     print(f"{s['ok']}/{s['cases']} scored ({s['missing']} missing, {s['failed']} failed): PSNR "

@@ -200,14 +200,25 @@ def main(argv=None) -> int:
             raise ValueError(f"--kernel_sizes: odd sizes 9..63 expected, got {sizes}")
         if not sigmas or any(not 0 <= v < 255 for v in sigmas):
             raise ValueError(f"--sigmas: values in [0, 255) (units of 1/255) expected, got {args.sigmas}")
+        if args.size < 1:
+            raise ValueError(f"--size {args.size}: must be >= 1")
         images = list_images(args.images, args.seed)
         pool = kernel_pool(args.kernels, sizes, len(images), args.seed, args.n_generated)
-    except (ValueError, FileNotFoundError, ImageReadError) as e:
+        largest = max(pool[i % len(pool)].k.shape[0] for i in range(len(images)))  # the kernels the cases use
+        if args.boundary == "circular" and args.size < largest:  # the circular model needs the kernel inside the image
+            raise ValueError(f"--size {args.size}: smaller than the largest kernel ({largest} px) of a circular set")
+        out = Path(args.out)
+        for parent in [out, *out.parents]:
+            if parent.exists() and not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+        try:
+            for sub in ("blurry", "sharp", "kernel"):
+                (out / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot create it ({e.strerror or e})") from None
+    except (ValueError, OSError, ImageReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    for sub in ("blurry", "sharp", "kernel"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     rows, table, failed = [], [], 0
     kernels = [pool[i % len(pool)] for i in range(len(images))]
     # σ round-robin along the cases sorted by kernel size, so every size sees every σ (no confounding)

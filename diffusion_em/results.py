@@ -31,6 +31,7 @@ ADDED_FIELDS = ("kernel_source",)  # newer than some results folders: a folder w
 MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
                "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
 RECORD_FILES = ("config.yaml", "metrics.csv", "summary.json")
+OUTPUT_DIRS = ("images", "kernels", "montage", "npy", "progress")  # what write_image fills
 POOR_FIT = 3.0  # a result whose re-blur misfits the observed frame by more than 3σ (RMS) does not explain it
 
 
@@ -120,23 +121,40 @@ class ResultsFolder:
             return {"unreadable": str(cfg)}
         return data.get("settings", {"unrecorded": True}) if isinstance(data, dict) else {"unreadable": str(cfg)}
 
-    def claim(self, settings: dict, overwrite: bool, defaults: Optional[dict] = None) -> None:
+    def claim(self, settings: dict, overwrite: bool, defaults: Optional[dict] = None, defer: bool = False) -> bool:
         """Make the folder's record describe `settings`: resume when they match; refuse when they do not,
-        unless `overwrite`, which moves the old record aside first. `defaults`: settings of this version's
-        defaults, so a record made before an option existed still matches when the option is at its default."""
+        unless `overwrite`, which then starts the folder afresh: its earlier record and outputs are moved aside
+        (`replace_old`), now or, with `defer`, by the caller once nothing can fail before the run writes (the
+        runner: after the models load). Returns whether they are to be moved. With the same settings
+        `overwrite` moves nothing: the images it redoes are rewritten in place. `defaults`: settings of this
+        version's defaults, so a record made before an option existed still matches when the option is at its
+        default."""
         old = self.recorded_settings()
         has_results = self.metrics.is_file() and self.metrics.stat().st_size > 0
         diff = [] if old is None else _differences(old, settings, defaults=defaults)
-        if diff and (has_results or (self.path / "summary.json").exists()):
-            if not overwrite:
-                shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
-                raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "
-                                  f"those settings to resume, --overwrite to replace them, or choose another --save_dir")
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            for name in RECORD_FILES:
-                f = self.path / name
-                if f.exists():
-                    os.replace(f, self.path / f"{name}.replaced-{stamp}")
+        if diff and (has_results or (self.path / "summary.json").exists()) and not overwrite:
+            shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "
+                              f"those settings to resume, --overwrite to replace them, or choose another --save_dir")
+        replace = overwrite and bool(diff) and bool(self._earlier())  # same settings: redo in place
+        if replace and not defer:
+            self.replace_old()
+        return replace
+
+    def _earlier(self) -> list:
+        """What an earlier run left here: record files, rank logs and output folders."""
+        names = RECORD_FILES + OUTPUT_DIRS
+        return [self.path / n for n in names if (self.path / n).exists()] + self.rank_logs()
+
+    def replace_old(self) -> list:
+        """Rename everything an earlier run left (`_earlier`) to `<name>.replaced-<UTC time>`: nothing is deleted,
+        and no stale image of the earlier run sits beside this run's results. Returns the new paths."""
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        moved = []
+        for f in self._earlier():
+            moved.append(f.with_name(f"{f.name}.replaced-{stamp}"))
+            os.replace(f, moved[-1])
+        return moved
 
     def write_config(self, record: dict) -> None:
         save_text(self.path / "config.yaml", yaml.safe_dump(record, sort_keys=False, allow_unicode=True))

@@ -121,6 +121,9 @@ def resolve_device(name: str, gpu: int) -> torch.device:
     return dev
 
 
+MAX_SEED = 2 ** 32
+
+
 def check_flags(args: argparse.Namespace, method: str) -> None:
     """Flag values that cannot work, refused before anything loads (InputError naming the flag)."""
     if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
@@ -135,6 +138,8 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
             raise InputError(f"--{flag} {v}: must be >= 1")
     if args.gpu < 0:
         raise InputError(f"--gpu {args.gpu}: must be >= 0")
+    if not 0 <= args.seed < MAX_SEED:  # each image's generator seed is derived from it and must fit 64 bits
+        raise InputError(f"--seed {args.seed}: must be in [0, 2^32)")
     if args.true_kernel and method != "fast_em":
         raise InputError("--true_kernel is a test_FastDiffEM.py option (Diffusion EM would re-estimate the kernel)")
 
@@ -243,7 +248,10 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     naming the file when it cannot be used."""
     t0 = time.time()
     loaded = load_sample(sample)
-    sigma, source = resolve_sigma(loaded, opts.sigma)
+    try:
+        sigma, source = resolve_sigma(loaded, opts.sigma)
+    except ValueError as e:  # the blind estimate's own refusals (non-finite data, too few pixels)
+        raise InputError(f"{sample.blurry}: {e}") from None
     if sigma < SIGMA_FLOOR:
         source = f"{source}; ran at the floor {SIGMA_FLOOR:g}"
     known.update(sigma=sigma, sigma_source=source)
@@ -490,7 +498,7 @@ def main(argv=None, method: str = "fast_em") -> int:
 
 def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     out = ResultsFolder(args.save_dir)
-    failed = None
+    failed, replace = None, False
     try:
         dcfg, kcfg, model_cfg = load_configs(args, method)
         budget = (default_budget_bytes(device) if args.memory_budget_gb is None else
@@ -498,12 +506,13 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
         opts = RunOptions(model_cfg=model_cfg, memory_budget=budget, seed=args.seed, sigma=args.sigma,
                           true_kernel=args.true_kernel, save_npy=args.save_npy, save_progress=args.save_progress,
                           overwrite=args.overwrite, boundary=args.boundary)
-        settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)
         samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))
+        settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)  # after: it resolves the folder
         if ranks.main:
             out.check()
-            out.claim(settings, args.overwrite, defaults={"diffusion": diffusion_config_dict(DiffusionConfig()),
-                                                          "kernel": as_dict(KernelConfig())})
+            replace = out.claim(settings, args.overwrite, defer=True,  # moved aside once the models loaded
+                                defaults={"diffusion": diffusion_config_dict(DiffusionConfig()),
+                                          "kernel": as_dict(KernelConfig())})
     except ProjectError as e:
         failed = e
     if not _all_ok(ranks, failed is None):
@@ -514,6 +523,9 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     except ProjectError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if replace:  # --overwrite: only now, so that a run refused before this point leaves the folder as it was
+        out.replace_old()
+    shard.barrier(ranks)  # no rank writes before rank 0 has moved the earlier results aside
     if args.max_images is not None:
         samples = samples[: args.max_images]
     lp_ok, lp_reason = lpips_available()

@@ -3,10 +3,12 @@ and the harness (diffusion_em.baselines) on tiny cases."""
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from classical import nonblind as NB
 from classical.blind_l0 import (L0Config, _clean, estimate_kernel, estimate_kernel_ls, estimate_kernel_masked,
@@ -194,3 +196,48 @@ def test_kernel_sources_for_the_em_drivers(one_thread):
     assert torch.allclose(oracle.fixed_kernel.sum(), torch.tensor(1.0))
     assert [kernel_source("auto", b) for b in ("circular", "taper", "reflect")] == ["l0_box", "l0", "l0"]
     assert kernel_source("l0_em", "circular") == "l0_em"
+
+
+def test_photos_without_sharp_images_print_na_and_summarise(tmp_path, capsys, one_thread):
+    """No ground truth (and 24 px, too small for the aligned PSNR): the scores are None, printed as n/a."""
+    from PIL import Image
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray((_blocks(24, seed=i).numpy() * 255).astype(np.uint8)).convert("RGB").save(photos / f"p{i}.png")
+    out = tmp_path / "out"
+    assert BL.main(["--method", "blurry", "--input_dir", str(photos), "--save_dir", str(out), "--kernel_size", "9"]) == 0
+    assert capsys.readouterr().out.count("PSNR n/a (aligned n/a)") == 2
+    assert json.loads((out / "summary.json").read_text())["ok"] == 2
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_sets, tmp_path, capsys, one_thread):
+    _, sets = tiny_sets
+    out = tmp_path / "out"
+    run = lambda method, *extra: BL.main(["--method", method, "--input_dir", str(sets["circular"]),  # noqa: E731
+                                          "--save_dir", str(out), "--kernel_size", "9", *extra])
+
+    def methods():
+        with open(out / "metrics.csv", newline="") as f:
+            return [r["method"] for r in csv.DictReader(f)]
+    assert run("blurry") == 0 and yaml.safe_load((out / "config.yaml").read_text())["settings"]["method"] == "blurry"
+    capsys.readouterr()
+    assert run("tikhonov") == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "'blurry' → 'tikhonov'" in err and len(err.strip().splitlines()) == 1
+    assert methods() == ["blurry", "blurry"] and json.loads((out / "summary.json").read_text())["method"] == "blurry"
+    assert run("blurry", "--l0", '{"iters": 3}') == 0  # --l0 does not apply to blurry: the same settings, resumed
+    assert run("tikhonov", "--overwrite") == 0
+    assert methods() == ["tikhonov", "tikhonov"] and json.loads((out / "summary.json").read_text())["method"] == "tikhonov"
+    assert len(list(out.glob("metrics.csv.replaced-*"))) == 1  # the old record is kept aside, not lost
+
+
+@pytest.mark.parametrize("flag", [["--max_images", "0"], ["--max_images", "-1"], ["--threads", "0"],
+                                  ["--l0", "{bad"]])
+def test_bad_flags_are_one_line_errors(tiny_sets, tmp_path, capsys, flag):
+    _, sets = tiny_sets
+    out = tmp_path / "out"
+    assert BL.main(["--method", "blurry", "--input_dir", str(sets["circular"]), "--save_dir", str(out), *flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag[0]} ") and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything is written

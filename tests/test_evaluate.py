@@ -64,3 +64,31 @@ def test_score_case_with_kernel_and_wrong_size(testset, tmp_path):
     rows = EV.evaluate_folder(testset, res)
     assert rows[0]["status"] == "failed" and "result is" in rows[0]["message"]
     assert EV.size_bin(9) == "≤13 px" and EV.size_bin(27) == "23–33 px" and EV.size_bin(None) is None
+
+
+def test_missing_folders_and_a_file_as_out_are_one_line_errors(testset, tmp_path, capsys):
+    res = tmp_path / "res"
+    s = list_inputs(testset)[0]
+    save_png(res / "images" / f"{s.name}.png", load_sample(s).x_true)
+    (tmp_path / "a_file").write_text("keep me")
+    cases = [(["--results", str(tmp_path / "typo")], "--results"),
+             (["--results", str(res), "--oracle", str(tmp_path / "no_oracle")], "--oracle"),
+             (["--results", str(res), "--out", str(tmp_path / "a_file")], "--out"),
+             (["--results", str(res), "--out", str(tmp_path / "a_file" / "sub")], "--out")]
+    for extra, flag in cases:
+        assert EV.main(["--testset", str(testset), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} ") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "typo").exists() and not (res / "eval.csv").exists()  # nothing created or written
+    assert (tmp_path / "a_file").read_text() == "keep me"
+
+
+def test_a_kernel_larger_than_the_image_names_the_file(testset, tmp_path):
+    res = tmp_path / "res"
+    s = list_inputs(testset)[0]
+    save_png(res / "images" / f"{s.name}.png", load_sample(s).x_true)
+    (res / "kernels").mkdir()
+    np.save(res / "kernels" / f"{s.name}.npy", np.full((51, 51), 1 / 51 ** 2, np.float32))  # the image is 48²
+    row = EV.evaluate_folder(testset, res)[0]
+    assert row["status"] == "failed" and str(res / "kernels" / f"{s.name}.npy") in row["message"]
+    assert "larger than the image 48x48" in row["message"]

@@ -418,6 +418,45 @@ def test_list_inputs_errors(tmp_path):
     (m / "meta.csv").write_text("name,sigma\na,10\n")
     with pytest.raises(ImageReadError, match=r"outside \[0, 1\)"):
         list_inputs(m)
+    loop = tmp_path / "loop"
+    os.symlink(loop, loop)  # Path.resolve raised RuntimeError on it, a traceback
+    with pytest.raises(InputError, match="symbolic link loop"):
+        list_inputs(loop)
+
+
+def test_list_inputs_refuses_names_that_collide_with_result_files(tmp_path):
+    """An input 'a_diffusion' or 'a_p0' would overwrite input a's images/a_diffusion.png or a_p0.png."""
+    for extra in ("a_diffusion", "a_p0"):
+        d = tmp_path / extra
+        (d / "blurry").mkdir(parents=True)
+        for n in ("a", extra):
+            np.save(d / "blurry" / f"{n}.npy", _rgb())
+        with pytest.raises(InputError, match=f"{extra} would overwrite .* of a "):
+            list_inputs(d)
+    d = tmp_path / "fine"  # the same suffixes without the base name are ordinary names
+    (d / "blurry").mkdir(parents=True)
+    for n in ("b_diffusion", "c_p1"):
+        np.save(d / "blurry" / f"{n}.npy", _rgb())
+    assert [s.name for s in list_inputs(d)] == ["b_diffusion", "c_p1"]
+
+
+def test_list_inputs_skips_names_with_control_characters_with_a_note(tmp_path):
+    """A newline in a file name was logged as a space in metrics.csv, so the image was redone on every resume."""
+    d = tmp_path / "ctl"
+    (d / "blurry").mkdir(parents=True)
+    for n in ("a\nb", "ok"):
+        np.save(d / "blurry" / f"{n}.npy", _rgb())
+    notes = []
+    assert [s.name for s in list_inputs(d, notice=notes.append)] == ["ok"]
+    assert len(notes) == 1 and "control characters" in notes[0] and "'a\\nb'" in notes[0]
+
+
+def test_meta_boundary_column_after_an_excel_bom(tmp_path):
+    """read_meta_boundaries did not strip the BOM: the 'name' column was missed and circular sets ran as photos."""
+    from util.inputs import read_meta_boundaries
+    p = tmp_path / "meta.csv"
+    p.write_bytes("\ufeffname,sigma,boundary\na,0.02,circular\n".encode("utf-8"))
+    assert read_meta_boundaries(p) == {"a": "circular"}
 
 
 def test_sharp_size_mismatch(tmp_path):

@@ -111,3 +111,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "odd" in capsys.readouterr().err
     assert MT.main(["--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for extra, msg in ((["--size", "0"], "--size 0: must be >= 1"),
+                       (["--size", "7"], "smaller than the largest kernel (9 px)"),  # circular: k must fit the image
+                       (["--out", str(imgs / "a.png")], "is a file, not a folder"),
+                       (["--out", str(imgs / "a.png" / "sub")], "is a file, not a folder")):
+        args = ["--images", str(imgs), "--kernel_sizes", "9", "--out", str(tmp_path / "o2"), *extra]
+        assert MT.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o2").exists()
+    assert MT.main(["--images", str(imgs), "--kernel_sizes", "9", "--size", "7", "--boundary", "valid",
+                    "--out", str(tmp_path / "o3")]) == 0  # a valid-boundary case blurs a larger crop: 7 px is fine

@@ -48,8 +48,33 @@ def test_rerun_with_other_settings_is_refused_and_the_record_kept(tiny_run, caps
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--steps", "3", "--overwrite"), method="fast_em") == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["settings"]["diffusion"]["steps"] == 3
     moved = sorted(p.name.split(".replaced-")[0] for p in out.glob("*.replaced-*"))
-    assert moved == ["config.yaml", "metrics.csv", "summary.json"]
+    assert moved == ["config.yaml", "images", "kernels", "metrics.csv", "montage", "summary.json"]
     assert [int(r["nfe"]) for r in _rows(out).values()] == [3, 3]
+
+
+def test_overwrite_moves_old_outputs_aside_only_once_the_models_load(tiny_run, capsys):
+    """--overwrite moved the old record aside before the models loaded: a model that failed to load (exit 2)
+    left the old images with no record. And it left the old run's image files beside the new rows: an image
+    that now failed kept its old images/NAME.png (scored by evaluate), a classical fallback its old
+    NAME_diffusion.png."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    bad = tmp / "bad_model.yaml"
+    bad.write_text((tmp / "model.yaml").read_text().replace(str(tmp / "unet.pt"), str(tmp / "missing.pt")))
+    args = _args(tmp, cfgs["fastem_pigdm"], data, out, "--overwrite")
+    args[args.index("--img_model_config") + 1] = str(bad)
+    assert main(args, method="fast_em") == 2
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # untouched
+    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
+    strict = tmp / "strict.yaml"
+    strict.write_text(yaml.safe_dump({**d, "guard_residual": 25.0, "guard_saturation": 0.1}))
+    assert main(_args(tmp, strict, data, out, "--overwrite", "--on_divergence", "fail"), method="fast_em") == 1
+    assert [r["status"] for r in _rows(out).values()] == ["failed", "failed"]
+    assert not (out / "images").exists() or not any((out / "images").iterdir())  # no stale image of the old run
+    old = next(out.glob("images.replaced-*"))
+    assert {"im0.png", "im1.png", "im0_diffusion.png", "im1_diffusion.png"} <= {p.name for p in old.iterdir()}
 
 
 def test_a_record_older_than_an_option_resumes_only_at_its_default(tiny_run, capsys):
@@ -270,6 +295,8 @@ def _absent_device() -> str:
     ("--steps", "0", "--steps 0: must be >= 1"),
     ("--n_particles", "0", "--n_particles 0: must be >= 1"),
     ("--memory_budget_gb", "-2", "--memory_budget_gb"),
+    ("--seed", "20000000000000", "--seed 20000000000000: must be in [0, 2^32)"),  # was a traceback after loading
+    ("--seed", "-1", "--seed -1: must be in [0, 2^32)"),
 ])
 def test_bad_flags_are_one_line_errors_before_loading(tiny_run, capsys, flag, value, message):
     """--device cuda without CUDA and --threads -1 were tracebacks, --max_images -1 dropped the last image,
@@ -298,6 +325,20 @@ def test_links_webp_bom_and_unmatched_meta_names(tiny_run, capsys):
     assert rows["im0"]["status"] == "ok" and rows["im0"]["sigma_source"] == "given"
     err = capsys.readouterr().err
     assert "ghost" in err and "match no input" in err and "notes.txt" in err
+
+
+def test_a_one_pixel_photo_without_sigma_fails_alone(tiny_run):
+    """The blind σ estimate's ValueError on a 1-px image (no σ given) stopped the whole run with a traceback."""
+    tmp, cfgs, data = tiny_run
+    photos = tmp / "photos"
+    photos.mkdir()
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(photos / "a.png")
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype(np.uint8)).save(photos / "b.png")
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], photos, out), method="fast_em") == 1
+    rows = _rows(out)
+    assert rows["a"]["status"] == "failed" and "a.png" in rows["a"]["message"] and "2×2" in rows["a"]["message"]
+    assert rows["b"]["status"] == "ok"
 
 
 def test_webp_photos_are_read():
