@@ -37,10 +37,13 @@ POOR_FIT = 3.0  # a result whose re-blur misfits the observed frame by more than
 
 def quality_flags(row: dict, sigma: float) -> list:
     """Why a finished result may be worse than its input, so that it is never reported silently:
-    'worse_than_blurry' (aligned PSNR below the blurry input's, when the sharp image is known) and
+    'worse_than_blurry' (aligned PSNR below the blurry input's, when the sharp image is known; plain PSNR
+    for images too small to align) and
     'poor_fit' (re-blur RMS on the observed frame above POOR_FIT·σ: the restoration does not explain y)."""
     flags = []
     pa, pb = row.get("psnr_aligned"), row.get("psnr_blurry_aligned")
+    if pa is None or pb is None:  # too small for the aligned scores: the plain ones
+        pa, pb = row.get("psnr"), row.get("psnr_blurry")
     if pa is not None and pb is not None and pa < pb:
         flags.append("worse_than_blurry")
     rms = row.get("reblur_rms_frame")
@@ -110,6 +113,14 @@ class ResultsFolder:
             elif tuple(header) != self.fields:
                 raise OutputError(f"{self.metrics}: holds another header ({','.join(header[:4])},...); it is not "
                                   f"this version's metrics log: move it away or choose another --save_dir")
+
+    def recorded(self) -> Optional[dict]:
+        """The whole config.yaml record, or None when there is none or it cannot be read."""
+        try:
+            data = yaml.safe_load((self.path / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def recorded_settings(self) -> Optional[dict]:
         cfg = self.path / "config.yaml"

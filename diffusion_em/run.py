@@ -31,6 +31,7 @@ from guided_diffusion.model_config import ModelConfig, load_model_config
 from guided_diffusion.sampler import needs_grad
 from util.config import as_dict
 from util.errors import InputError, ProjectError, ResourceError
+from util.geometry import pad_centred
 from util.images import image_to_tensor, tensor_to_image
 from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
 from util.metrics import evaluate, lpips_available
@@ -127,7 +128,8 @@ MAX_SEED = 2 ** 32
 def check_flags(args: argparse.Namespace, method: str) -> None:
     """Flag values that cannot work, refused before anything loads (InputError naming the flag)."""
     if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
-        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}")
+        hint = f", e.g. {args.sigma / 255:.4f}" if np.isfinite(args.sigma) and args.sigma >= 1 else ""
+        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units{hint}")
     if args.memory_budget_gb is not None and not (np.isfinite(args.memory_budget_gb) and args.memory_budget_gb >= 0):
         raise InputError(f"--memory_budget_gb {args.memory_budget_gb}: must be >= 0 (0: no check)")
     if args.batch_size > 1 and method != "fast_em":
@@ -263,6 +265,13 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     sigma_run = grayscale.replicated_sigma(sigma, loaded.y.shape[2]) if gray else sigma
     if opts.true_kernel and loaded.k_true is None:
         raise InputError(f"{sample.blurry}: --true_kernel needs a ground-truth kernel")
+    if opts.true_kernel:
+        kt = np.asarray(loaded.k_true, np.float64)
+        lost = 1 - pad_centred(kt, r.kernel_size).sum() / kt.sum()
+        if lost > 1e-3:  # the oracle would run with a cropped kernel, not the true one
+            raise InputError(f"{sample.blurry}: its true kernel ({kt.shape[1]}×{kt.shape[0]}) has {100 * lost:.1f} % "
+                             f"of its mass outside the {r.kernel_size}×{r.kernel_size} kernel of --kernel_config "
+                             f"(use a larger one, e.g. configs/kernel_config_64.yaml)")
     callback, frames, kernels = _progress_recorder(r.dcfg.steps) if opts.save_progress else (None, [], [])
     boundary = image_boundary(opts.boundary, r.dcfg, sample)
     kernel_from = "true" if opts.true_kernel else kernel_source(r.dcfg.kernel, boundary)
@@ -331,7 +340,8 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     row = {"name": one.sample.name, "status": "ok", "message": f"classical fallback: {res.fallback}" if res.fallback else "",
            "sigma": one.sigma, "sigma_source": one.sigma_source, "kernel_source": kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
            "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
-    row["flag"] = ";".join((["classical_fallback"] if res.fallback else []) + quality_flags(row, one.sigma))
+    row["flag"] = ";".join((["classical_fallback"] if res.fallback else [])
+                           + quality_flags(row, max(one.sigma, SIGMA_FLOOR)))  # the σ the run used
     if row["flag"]:
         print(f"{one.sample.name}: flagged {row['flag']}", file=sys.stderr)
     return row
@@ -476,6 +486,24 @@ def _all_ok(ranks: shard.Ranks, ok: bool) -> bool:
     return all(flags)
 
 
+RUN_FACTS = ("device", "threads", "ranks")  # not settings (a resume may change them) but they change the bits
+
+
+def _with_earlier_runs(out: ResultsFolder, record: dict) -> dict:
+    """The record to write, keeping the device/threads/ranks of earlier runs whose images this folder holds when a
+    resume uses others (the same seed gives other bits then: README "Reproducibility"), with a note."""
+    old = out.recorded() if out.previous_rows() else None
+    if not isinstance(old, dict):
+        return record
+    earlier = list(old.get("earlier_runs") or [])
+    facts = {k: old[k] for k in RUN_FACTS if k in old}
+    if facts and facts != {k: record[k] for k in facts}:
+        earlier.append(facts)
+        print(f"note: {out.path} holds images made with {facts}; this run uses "
+              f"{ {k: record[k] for k in facts} } (the record keeps both, as earlier_runs)", file=sys.stderr)
+    return {**record, "earlier_runs": earlier} if earlier else record
+
+
 def main(argv=None, method: str = "fast_em") -> int:
     args = build_parser(method).parse_args(argv)
     try:
@@ -492,6 +520,10 @@ def main(argv=None, method: str = "fast_em") -> int:
     shard.start(ranks, device)
     try:
         return _run(args, method, ranks, device)
+    except KeyboardInterrupt:  # every file and row written so far is whole (atomic writes): say how to go on
+        print(f"\ninterrupted; finished images are kept in {args.save_dir}: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     finally:
         shard.stop(ranks)
 
@@ -532,7 +564,7 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     record = {"settings": settings, "device": str(r.device), "threads": torch.get_num_threads(),
               "ranks": ranks.world, "versions": _versions(), "args": vars(args)}
     if ranks.main:
-        out.write_config(record)
+        out.write_config(_with_earlier_runs(out, record))
     previous = out.previous_rows()
     mine = ranks.indices(len(samples))
     rows = run_all(r, opts, ResultsFolder(args.save_dir, rank=ranks.rank) if ranks.sharded else out,

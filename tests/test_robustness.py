@@ -297,6 +297,7 @@ def _absent_device() -> str:
     ("--memory_budget_gb", "-2", "--memory_budget_gb"),
     ("--seed", "20000000000000", "--seed 20000000000000: must be in [0, 2^32)"),  # was a traceback after loading
     ("--seed", "-1", "--seed -1: must be in [0, 2^32)"),
+    ("--sigma", "nan", "--sigma nan is outside [0, 1): give σ in [0,1] units"),
 ])
 def test_bad_flags_are_one_line_errors_before_loading(tiny_run, capsys, flag, value, message):
     """--device cuda without CUDA and --threads -1 were tracebacks, --max_images -1 dropped the last image,
@@ -397,3 +398,64 @@ def test_an_npy_claiming_more_than_it_holds_is_refused_before_allocating(tmp_pat
     with pytest.raises(ImageReadError, match=r"header claims shape \(3000, 3000, 3\) \(108,000,000 bytes\) but the "
                                              r"file holds 1,000"):
         read_image(p)
+
+
+def test_a_true_kernel_larger_than_the_kernel_size_is_refused_not_cropped(tiny_run):
+    """--true_kernel with a 41×41 ground truth ran the oracle with its centre 9×9 crop and still said 'true'."""
+    tmp, cfgs, data = tiny_run
+    big = np.zeros((15, 15))
+    big[2:13, 7] = 1 / 11  # an 11-px stroke: most of its mass outside the tiny config's 9×9
+    np.save(data / "kernel" / "im0.npy", big)
+    padded = np.zeros((15, 15))
+    padded[5:10, 5:10] = np.load(data / "kernel" / "im1.npy")  # larger array, all mass inside 9×9: fine
+    np.save(data / "kernel" / "im1.npy", padded)
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--true_kernel"), method="fast_em") == 1
+    rows = _rows(out)
+    assert rows["im0"]["status"] == "failed" and "outside the 9×9 kernel" in rows["im0"]["message"]
+    assert "im0" in rows["im0"]["message"] and rows["im1"]["status"] == "ok"
+
+
+def test_quality_flags_use_the_sigma_run_and_plain_psnr_when_alignment_is_undefined():
+    """poor_fit compared the residual with 3·σ for σ = 0 (the run used the 1e-3 floor); worse_than_blurry could
+    not fire on images too small for the aligned PSNR."""
+    from diffusion_em.results import quality_flags
+    assert quality_flags({"psnr_aligned": None, "psnr_blurry_aligned": None, "psnr": 6.7, "psnr_blurry": 34.0}, 0.01) \
+        == ["worse_than_blurry"]
+    assert quality_flags({"psnr_aligned": 30.0, "psnr_blurry_aligned": 20.0, "psnr": 10.0, "psnr_blurry": 20.0}, 0.01) == []
+    assert quality_flags({"reblur_rms_frame": 0.002}, 1e-3) == []  # 0.002 < 3·1e-3
+    assert quality_flags({"reblur_rms_frame": 0.004}, 1e-3) == ["poor_fit"]
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_the_finished_rows(tiny_run, capsys, monkeypatch):
+    """Ctrl-C printed a KeyboardInterrupt traceback; now one line and exit status 130."""
+    from diffusion_em import run as run_module
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1"), method="fast_em") == 0
+    capsys.readouterr()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(run_module, "process_one", interrupted)
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    assert [r["status"] for r in _rows(out).values()] == ["ok"]
+
+
+def test_a_resume_with_other_threads_keeps_the_earlier_runs_facts(tiny_run, capsys, monkeypatch):
+    """A resume with another --threads was accepted and config.yaml then claimed the new count for every image."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1", "--threads", "1"), method="fast_em") == 0
+    assert "earlier_runs" not in yaml.safe_load((out / "config.yaml").read_text())
+    capsys.readouterr()
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the record is what is tested, not the threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--threads", "2"), method="fast_em") == 0
+    rec = yaml.safe_load((out / "config.yaml").read_text())
+    assert rec["threads"] == 2 and rec["earlier_runs"] == [{"device": "cpu", "threads": 1, "ranks": 1}]
+    assert "holds images made with" in capsys.readouterr().err
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--threads", "2"), method="fast_em") == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["earlier_runs"] == rec["earlier_runs"]  # kept, not grown
