@@ -621,3 +621,21 @@ def test_resolve_sigma():
     assert resolve_sigma(LoadedSample("a", ls.y, sigma=0.02), override=0.05) == (0.05, "override")
     with pytest.raises(ValueError, match="outside"):
         resolve_sigma(ls, override=10)
+
+
+def test_list_inputs_notes_what_it_does_not_read(tmp_path):
+    """kernel/a.png (not .npy) made case a run without its true kernel, and a folder in blurry/ was skipped, in
+    silence; a name listed twice in meta.csv kept the last σ."""
+    d = tmp_path / "set"
+    for sub in ("blurry", "sharp", "kernel"):
+        (d / sub).mkdir(parents=True)
+    np.save(d / "blurry" / "a.npy", _rgb())
+    (d / "blurry" / "b.png").mkdir()
+    Image.fromarray(np.zeros((9, 9), np.uint8)).save(d / "kernel" / "a.png")
+    notes = []
+    [s] = list_inputs(d, notice=notes.append)
+    assert s.name == "a" and s.kernel is None
+    assert len(notes) == 1 and "b.png/" in notes[0] and "kernel/a.png" in notes[0]
+    (d / "meta.csv").write_text("name,sigma\na,0.01\na,0.02\n")
+    with pytest.raises(ImageReadError, match="line 3: name 'a' is listed twice"):
+        list_inputs(d)

@@ -48,6 +48,11 @@ def _visible_files(d: Path) -> list:
                   key=lambda f: f.name)
 
 
+def _folders(d: Path) -> list:
+    """Sub-folders of d (not hidden): never inputs, so named in the run's note rather than skipped in silence."""
+    return sorted(f"{f.name}/" for f in d.iterdir() if f.is_dir() and not f.is_symlink() and not f.name.startswith("."))
+
+
 def _unused(files: Iterable[Path], exts: Sequence[str]) -> list:
     return [f.name for f in files if f.suffix.lower() not in exts and f.name != "meta.csv"]
 
@@ -82,6 +87,8 @@ def read_meta_csv(path: PathLike) -> dict:
                     raise fail(p, f"line {line}: sigma '{row.get('sigma')}' is not a number") from None
                 if not (math.isfinite(s) and 0 <= s < 1):
                     raise fail(p, f"line {line}: sigma {s} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
+                if name in out:  # which σ was meant cannot be guessed
+                    raise fail(p, f"line {line}: name '{name}' is listed twice")
                 out[name] = s
             return out
     except UnicodeDecodeError:
@@ -141,10 +148,14 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
         sharp = _by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp") if (root / "sharp").is_dir() else {}
         kern = _by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel") if (root / "kernel").is_dir() else {}
         samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n)) for n, f in blurry.items()]
-        ignored = _unused(_visible_files(root / "blurry"), IMAGE_EXTS)
+        ignored = _unused(_visible_files(root / "blurry"), IMAGE_EXTS) + _folders(root / "blurry")
+        for sub, exts in (("sharp", IMAGE_EXTS), ("kernel", (".npy",))):  # e.g. kernel/a.png: a runs with no true kernel
+            if (root / sub).is_dir():
+                ignored += [f"{sub}/{n}" for n in _unused(_visible_files(root / sub), exts) + _folders(root / sub)]
     else:
         files = _visible_files(root)
-        ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,))
+        ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,)) + [n for n in _folders(root)
+                                                               if Path(n).suffix.lower() in IMAGE_EXTS + (PICKLE_EXT,)]
         pickles = _by_stem(files, (PICKLE_EXT,), root)
         photos = _by_stem(files, IMAGE_EXTS, root)
         clash = sorted(set(pickles) & set(photos))
@@ -153,8 +164,9 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
         samples = [Sample(n, f, sigma=meta.get(n), kind="pickle") for n, f in pickles.items()]
         samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n)) for n, f in photos.items()]
     if ignored:
-        notice(f"{root}: ignored {len(ignored)} file(s) of unsupported types: {', '.join(ignored[:5])}"
-               f"{' ...' if len(ignored) > 5 else ''} (read: {', '.join(IMAGE_EXTS + (PICKLE_EXT,))})")
+        notice(f"{root}: ignored {len(ignored)} file(s) or folder(s) it does not read: {', '.join(ignored[:5])}"
+               f"{' ...' if len(ignored) > 5 else ''} (read: {', '.join(IMAGE_EXTS + (PICKLE_EXT,))}; "
+               f"ground-truth kernels: kernel/<name>.npy)")
     unmatched = sorted(set(meta) - {s.name for s in samples})
     if unmatched:
         notice(f"{meta_path}: {len(unmatched)} name(s) match no input: {', '.join(unmatched[:5])}"
