@@ -200,7 +200,8 @@ def per_case_table(per: dict, all_rows: dict, names: list, cases: list) -> list:
     own_blurry = "blurry" not in names  # else the blurry method's column already holds it
     head = "| case | kernel px | " + ("blurry input | " if own_blurry else "") + " | ".join(METHODS[n].label for n in names) + " |"
     lines = ["Per case: aligned PSNR (dB); error ratio in brackets for blind methods; FAILED: the method gave up "
-             "on the case (its log says why)", "", head, "|---|---|" + "---|" * (len(names) + own_blurry)]
+             "on the case (its log says why); (classical fallback): the diffusion run diverged and the image is "
+             "the ℓ0 + hyper-Laplacian restoration (`on_divergence: classical`)", "", head, "|---|---|" + "---|" * (len(names) + own_blurry)]
     for c in cases:
         r0 = next(per[n][c] for n in names if c in per[n]) if any(c in per[n] for n in names) else all_rows[ref][c]
         cells = [_f(_num(r0.get("psnr_blurry_aligned")), ".2f")] if own_blurry else []
@@ -211,7 +212,8 @@ def per_case_table(per: dict, all_rows: dict, names: list, cases: list) -> list:
                 cells.append("FAILED" if st == "failed" else "–")
                 continue
             er = f" ({_f(float(r['error_ratio']), '.2f')})" if METHODS[n].blind and r.get("error_ratio") not in (None, "") else ""
-            cells.append(f"{_f(float(r['psnr_aligned']), '.2f')}{er}")
+            fb = " (classical fallback)" if "classical_fallback" in str(r.get("flag") or "").split(";") else ""
+            cells.append(f"{_f(float(r['psnr_aligned']), '.2f')}{er}{fb}")
         lines.append(f"| {c} | {r0.get('kernel_size') or '–'} | " + " | ".join(cells) + " |")
     return lines
 

@@ -147,7 +147,8 @@ def check_flags(args) -> None:
         if v is not None and v < 1:
             raise InputError(f"--{flag} {v}: must be >= 1")
     if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
-        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units, e.g. {args.sigma / 255:.4f}")
+        hint = f", e.g. {args.sigma / 255:.4f}" if np.isfinite(args.sigma) and args.sigma >= 1 else ""
+        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units{hint}")
     l0_config(args.l0)
 
 
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
     folder = ResultsFolder(args.save_dir, fields=FIELDS)
     try:
         check_flags(args)
-        samples = list_inputs(args.input_dir)[: args.max_images]
+        samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))[: args.max_images]
         settings = settings_record(args)
         folder.check()
         folder.claim(settings, args.overwrite)

@@ -36,7 +36,7 @@ DEFAULT_ALIGN_KERNEL = 31  # alignment search when no kernel is known at all: bo
 EVAL_FIELDS = ("name", "status", "message", "sigma", "boundary", "kernel_size", "psnr", "ssim", "psnr_aligned",
                "ssim_aligned", "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error",
                "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned",
-               "psnr_oracle_aligned", "error_ratio", "seconds", "nfe")
+               "psnr_oracle_aligned", "error_ratio", "seconds", "nfe", "flag")
 MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_mse", "reblur_error", "psnr_blurry",
                "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "psnr_oracle_aligned", "error_ratio",
                "seconds", "nfe")
@@ -135,13 +135,14 @@ def evaluate_folder(testset, results, oracle=None) -> list:
     meta = _meta_columns(testset)
     runlog = read_run_metrics(results)
     rows = []
-    for s in list_inputs(testset):
+    for s in list_inputs(testset, notice=lambda m: print(f"note: {m}", file=sys.stderr)):
         m = meta.get(s.name, {})
         row = {"name": s.name, "sigma": s.sigma, "boundary": s.boundary,
                "kernel_size": m.get("kernel_size") or None}
         run = runlog.get(s.name, {})
         for k in ("seconds", "nfe"):
             row[k] = run.get(k) or None
+        row["flag"] = run.get("flag") or ""  # e.g. classical_fallback: the image is not the method's own
         path = find_result(results, s.name)
         if path is None:
             msg = run.get("message") or "no result file"
@@ -164,7 +165,7 @@ def evaluate_folder(testset, results, oracle=None) -> list:
             if oracle is not None:
                 op = find_result(Path(oracle), s.name)
                 xo = read_image(op, clip=True) if op is not None else None
-            row.update(score_case(x, loaded, k, sigma, xo), status="ok", message="")
+            row.update(score_case(x, loaded, k, sigma, xo), status="ok", message=run.get("message") or "")
         except (ImageReadError, ValueError, OSError) as e:
             row.update(status="failed", message=" ".join(str(e).split()))
             print(f"{s.name}: {row['message']}", file=sys.stderr)
@@ -196,7 +197,9 @@ def summarise(rows: list) -> dict:
         by_size.setdefault(size_bin(r.get("kernel_size")) or "unknown", []).append(r)
     lp_ok, lp_reason = lpips_available()
     return {"cases": len(rows), "ok": len(ok), "missing": sum(r.get("status") == "missing" for r in rows),
-            "failed": sum(r.get("status") == "failed" for r in rows), "all": block(ok),
+            "failed": sum(r.get("status") == "failed" for r in rows),
+            "classical_fallback": sum("classical_fallback" in str(r.get("flag") or "").split(";") for r in ok),
+            "all": block(ok),
             "by_sigma": {k: block(v) for k, v in sorted(by_sigma.items(), key=lambda kv: sigma_order(kv[0]))},
             "by_kernel_size": {lab: block(by_size[lab]) for _, _, lab in SIZE_BINS if lab in by_size},
             "lpips": "computed" if lp_ok else lp_reason}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import yaml
 
 from util.csvlog import append_csv_row, read_csv_rows
-from util.errors import ProjectError
+from util.errors import InputError, ProjectError
 from util.outputs import (kernel_to_image, make_montage, save_gif, save_json, save_kernel_png, save_npy, save_png,
                           save_text)
 
@@ -32,6 +33,9 @@ MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_
                "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
 RECORD_FILES = ("config.yaml", "metrics.csv", "summary.json")
 OUTPUT_DIRS = ("images", "kernels", "montage", "npy", "progress")  # what write_image fills
+# keys recorded with the settings that do not change a finished image, only what a failed one gets (retried on
+# resume anyway; a classical fallback's row is flagged): a resume may change them
+NOT_SETTINGS = ("diffusion.on_divergence:",)
 POOR_FIT = 3.0  # a result whose re-blur misfits the observed frame by more than 3σ (RMS) does not explain it
 
 
@@ -74,9 +78,26 @@ def _differences(old, new, prefix: str = "", defaults=None) -> list:
 
 def diffusion_image_file(run: Path, name: str) -> Optional[Path]:
     """A results folder's image of `name` before any classical blend: images/NAME_diffusion.png when the run
-    blended (`ResultsFolder.write_image`), else images/NAME.png; None when there is neither."""
+    blended (`ResultsFolder.write_image`), else images/NAME.png; None when there is neither, or when the run's
+    row says the image is its classical fallback (no diffusion image exists then)."""
+    rows = {r.get("name"): r for r in read_csv_rows(run / "metrics.csv")} if (run / "metrics.csv").is_file() else {}
+    if "classical_fallback" in str(rows.get(name, {}).get("flag") or "").split(";"):
+        return None
     return next((f for f in (run / "images" / f"{name}_diffusion.png", run / "images" / f"{name}.png")
                  if f.is_file()), None)
+
+
+_DERIVED = re.compile(r"^(.+)_(diffusion|p\d+)$")  # images/<name>_diffusion.png, images/<name>_p<j>.png
+
+
+def check_output_names(root: Path, names: set) -> None:
+    """Refuse inputs whose result files would overwrite another input's: 'X_diffusion' and 'X_p0' are names the
+    runner gives X's diffusion image and particles (`ResultsFolder.write_image`)."""
+    clash = sorted(n for n in names if (m := _DERIVED.match(n)) and m.group(1) in names)
+    if clash:
+        raise InputError(f"{root}: input name(s) {', '.join(clash[:5])} would overwrite the diffusion image or "
+                         f"particles of {', '.join(_DERIVED.match(n).group(1) for n in clash[:5])} "
+                         f"(<name>_diffusion.png, <name>_p<j>.png): rename them")
 
 
 class ResultsFolder:
@@ -141,8 +162,9 @@ class ResultsFolder:
         version's defaults, so a record made before an option existed still matches when the option is at its
         default."""
         old = self.recorded_settings()
-        has_results = self.metrics.is_file() and self.metrics.stat().st_size > 0
-        diff = [] if old is None else _differences(old, settings, defaults=defaults)
+        has_results = bool(self.previous_rows())  # metrics.csv, or the rank logs an interrupted sharded run left
+        diff = [] if old is None else [d for d in _differences(old, settings, defaults=defaults)
+                                       if not d.startswith(NOT_SETTINGS)]
         if diff and (has_results or (self.path / "summary.json").exists()) and not overwrite:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "

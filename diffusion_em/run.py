@@ -26,7 +26,7 @@ from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
 from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, classical_fallback, kernel_source,
                                   load_restorer, repo_path, restore_batch, restore_with_retries, start_kernels)
-from diffusion_em.results import FIELDS, ResultsFolder, quality_flags, summarise
+from diffusion_em.results import FIELDS, ResultsFolder, check_output_names, quality_flags, summarise
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from guided_diffusion.sampler import needs_grad
 from util.config import as_dict
@@ -521,8 +521,8 @@ def main(argv=None, method: str = "fast_em") -> int:
     try:
         return _run(args, method, ranks, device)
     except KeyboardInterrupt:  # every file and row written so far is whole (atomic writes): say how to go on
-        print(f"\ninterrupted; finished images are kept in {args.save_dir}: rerun the same command to resume",
-              file=sys.stderr)
+        how = "the same command without --overwrite" if args.overwrite else "the same command"
+        print(f"\ninterrupted; finished images are kept in {args.save_dir}: rerun {how} to resume", file=sys.stderr)
         return 130
     finally:
         shard.stop(ranks)
@@ -539,6 +539,7 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
                           true_kernel=args.true_kernel, save_npy=args.save_npy, save_progress=args.save_progress,
                           overwrite=args.overwrite, boundary=args.boundary)
         samples = list_inputs(args.input_dir, notice=lambda m: print(f"note: {m}", file=sys.stderr))
+        check_output_names(Path(args.input_dir), {s.name for s in samples})
         settings = settings_record(dcfg, kcfg, model_cfg, opts, args.input_dir)  # after: it resolves the folder
         if ranks.main:
             out.check()
@@ -552,19 +553,22 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
         return 2
     try:
         r = load_restorer(dcfg, kcfg, model_cfg, device, args.img_model_config)
-    except ProjectError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if replace:  # --overwrite: only now, so that a run refused before this point leaves the folder as it was
+            out.replace_old()
+    except (ProjectError, OSError) as e:
+        failed = e
+    # every rank learns whether all loaded (and rank 0 moved the earlier results aside) before any writes
+    if not _all_ok(ranks, failed is None):
+        print(f"error: {failed or 'another rank failed to start'}", file=sys.stderr)
         return 2
-    if replace:  # --overwrite: only now, so that a run refused before this point leaves the folder as it was
-        out.replace_old()
-    shard.barrier(ranks)  # no rank writes before rank 0 has moved the earlier results aside
     if args.max_images is not None:
         samples = samples[: args.max_images]
     lp_ok, lp_reason = lpips_available()
     record = {"settings": settings, "device": str(r.device), "threads": torch.get_num_threads(),
               "ranks": ranks.world, "versions": _versions(), "args": vars(args)}
     if ranks.main:
-        out.write_config(_with_earlier_runs(out, record))
+        record = _with_earlier_runs(out, record)  # config.yaml and summary.json both keep them
+        out.write_config(record)
     previous = out.previous_rows()
     mine = ranks.indices(len(samples))
     rows = run_all(r, opts, ResultsFolder(args.save_dir, rank=ranks.rank) if ranks.sharded else out,

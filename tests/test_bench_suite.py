@@ -454,3 +454,20 @@ def test_evalsets_script_rebuilds_the_recorded_sets(tmp_path, repo_root, shared_
                        capture_output=True, cwd=repo_root)
         got = json.loads((out / "summary.json").read_text())["all"]
         assert got["n"] == n and abs(got["psnr_aligned"] - blurry) < 5e-3, (name, got["n"], got["psnr_aligned"])
+
+
+def test_kernel_average_realigns_before_averaging(repo_root):
+    """bench/kernel_average.py: the ℓ0 kernel is moved onto the run's kernel before the two are averaged (a
+    misaligned average would be a wider kernel); the average sums to 1 and w = 0 is the run's kernel."""
+    ka = _load(repo_root, "kernel_average")
+    g = np.random.default_rng(0)
+    k = np.zeros((15, 15))
+    k[5:10, 4:11] = g.random((5, 7))
+    k /= k.sum()
+    moved = ka.shifted(k, 2, -3)
+    assert abs(moved.sum() - 1) < 1e-12 and not np.allclose(moved, k)
+    assert np.allclose(ka.aligned_to(moved, k), k)  # the shift is undone exactly
+    assert np.allclose(ka.average(k, moved, 0.5), k) and np.allclose(ka.average(k, moved, 0.0), k)
+    other = np.eye(15) / 15  # a diagonal stroke: another estimate
+    avg = ka.average(k, other, 0.25)
+    assert abs(avg.sum() - 1) < 1e-12 and np.allclose(ka.average(k, other, 1.0), ka.aligned_to(other, k))

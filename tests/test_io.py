@@ -424,30 +424,30 @@ def test_list_inputs_errors(tmp_path):
         list_inputs(loop)
 
 
-def test_list_inputs_refuses_names_that_collide_with_result_files(tmp_path):
-    """An input 'a_diffusion' or 'a_p0' would overwrite input a's images/a_diffusion.png or a_p0.png."""
+def test_runner_refuses_names_that_collide_with_result_files(tmp_path):
+    """An input 'a_diffusion' or 'a_p0' would overwrite input a's images/a_diffusion.png or a_p0.png (the
+    runner's result names; other tools, which write no such files, read such sets)."""
+    from diffusion_em.results import check_output_names
     for extra in ("a_diffusion", "a_p0"):
         d = tmp_path / extra
         (d / "blurry").mkdir(parents=True)
         for n in ("a", extra):
             np.save(d / "blurry" / f"{n}.npy", _rgb())
+        names = {s.name for s in list_inputs(d)}
+        assert names == {"a", extra}
         with pytest.raises(InputError, match=f"{extra} would overwrite .* of a "):
-            list_inputs(d)
-    d = tmp_path / "fine"  # the same suffixes without the base name are ordinary names
-    (d / "blurry").mkdir(parents=True)
-    for n in ("b_diffusion", "c_p1"):
-        np.save(d / "blurry" / f"{n}.npy", _rgb())
-    assert [s.name for s in list_inputs(d)] == ["b_diffusion", "c_p1"]
+            check_output_names(d, names)
+    check_output_names(tmp_path, {"b_diffusion", "c_p1"})  # the same suffixes without the base name: ordinary
 
 
 def test_list_inputs_skips_names_with_control_characters_with_a_note(tmp_path):
     """A newline in a file name was logged as a space in metrics.csv, so the image was redone on every resume."""
     d = tmp_path / "ctl"
     (d / "blurry").mkdir(parents=True)
-    for n in ("a\nb", "ok"):
+    for n in ("a\nb", "ok", "Shot at 10.00\u202fAM"):  # U+202F (macOS screenshot names) is not a control character
         np.save(d / "blurry" / f"{n}.npy", _rgb())
     notes = []
-    assert [s.name for s in list_inputs(d, notice=notes.append)] == ["ok"]
+    assert [s.name for s in list_inputs(d, notice=notes.append)] == ["Shot at 10.00\u202fAM", "ok"]
     assert len(notes) == 1 and "control characters" in notes[0] and "'a\\nb'" in notes[0]
 
 

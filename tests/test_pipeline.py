@@ -325,6 +325,12 @@ def test_on_divergence_classical_writes_the_classical_restoration(setup, kernel,
     assert np.abs(np.load(out / "npy" / "im0.npy") - want_x).max() < 1e-5
     assert not (out / "images" / "im0_diffusion.png").exists()  # no diffusion image was kept
     assert json.loads((out / "summary.json").read_text())["classical_fallback"] == 1
+    from diffusion_em.evaluate import evaluate_folder, summarise
+    from diffusion_em.results import diffusion_image_file
+    rows = [r for r in evaluate_folder(data, out) if r["status"] == "ok"]
+    assert [r["flag"].split(";")[0] for r in rows] == ["classical_fallback"] and "classical fallback" in rows[0]["message"]
+    assert summarise(rows)["classical_fallback"] == 1  # the scores say which images are not the method's own
+    assert diffusion_image_file(out, "im0") is None  # bench scripts must not take it for a diffusion image
 
 
 def test_on_divergence_classical_batched_equals_one_by_one(setup):

@@ -5,6 +5,7 @@ Tiny random models, 32×32 images, 4 steps; subprocesses where a memory limit is
 import collections
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -442,6 +443,40 @@ def test_ctrl_c_says_how_to_resume_and_keeps_the_finished_rows(tiny_run, capsys,
     err = capsys.readouterr().err
     assert "rerun the same command to resume" in err and "Traceback" not in err
     assert [r["status"] for r in _rows(out).values()] == ["ok"]
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--overwrite"), method="fast_em") == 130
+    assert "rerun the same command without --overwrite to resume" in capsys.readouterr().err
+
+
+def test_the_runner_flags_with_the_sigma_it_ran_at(tiny_run, monkeypatch):
+    """--sigma 0 runs at the 1e-3 floor: poor_fit must compare the misfit with that, not with 3·0."""
+    from diffusion_em import run as run_module
+    tmp, cfgs, data = tiny_run
+    seen = []
+    monkeypatch.setattr(run_module, "quality_flags", lambda row, sigma: seen.append(sigma) or [])
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--sigma", "0", "--max_images", "1"),
+                method="fast_em") == 0
+    assert seen == [1e-3]
+
+
+def test_interrupted_sharded_rows_count_as_results_and_on_divergence_is_no_setting(tmp_path):
+    """claim() looked only at metrics.csv: rows an interrupted sharded run left in its rank logs let a rerun with
+    other settings rewrite the record over them. And on_divergence (what a failed image gets) is recorded
+    but does not make a folder's finished images another run's."""
+    from diffusion_em.results import OutputError, ResultsFolder
+    out = ResultsFolder(tmp_path)
+    out.write_config({"settings": {"seed": 1, "diffusion": {"steps": 4}}})
+    ResultsFolder(tmp_path, rank=1).append({"name": "a", "status": "ok", "psnr": 20.0})
+    with pytest.raises(OutputError, match="other settings"):
+        out.claim({"seed": 5, "diffusion": {"steps": 4}}, overwrite=False)
+    assert out.claim({"seed": 1, "diffusion": {"steps": 4, "on_divergence": "classical"}}, overwrite=False,
+                     defaults={"diffusion": {"on_divergence": "fail"}}) is False
+
+
+def test_runner_refuses_inputs_named_like_another_inputs_result_files(tiny_run, capsys):
+    tmp, cfgs, data = tiny_run
+    shutil.copy(data / "blurry" / "im1.npy", data / "blurry" / "im0_p1.npy")
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out"), method="fast_em") == 2
+    assert "im0_p1 would overwrite" in capsys.readouterr().err and not (tmp / "out").exists()
 
 
 def test_a_resume_with_other_threads_keeps_the_earlier_runs_facts(tiny_run, capsys, monkeypatch):

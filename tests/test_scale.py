@@ -111,6 +111,14 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(job, repo_root):
     assert p.stderr.count("already done") == 3
     _same_outputs(job[0] / "single", sharded)
     assert json.loads((sharded / "summary.json").read_text())["ranks"] == 2
+    # --overwrite with other settings under torchrun: rank 0 moves the earlier results aside once every rank has
+    # loaded its models, and no rank writes before that (a barrier); the new folder holds only the new run
+    _torchrun(repo_root, _args(job, sharded, "--seed", "5", "--overwrite"))
+    moved = sorted(p.name.split(".replaced-")[0] for p in sharded.glob("*.replaced-*"))
+    assert set(moved) >= {"config.yaml", "images", "kernels", "metrics.csv", "montage", "summary.json"}
+    assert len(moved) == len(set(moved)) and len(_rows(sharded)) == 4 and not list(sharded.glob("metrics.rank*.csv"))
+    assert len(list((sharded / "images").glob("*.png"))) == len(list(next(sharded.glob("images.replaced-*")).glob("*.png")))
+    assert json.loads((sharded / "summary.json").read_text())["settings"]["seed"] == 5
 
 
 def test_compiled_denoiser_is_the_same_function(tiny_unet):

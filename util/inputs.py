@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
-import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -171,29 +171,17 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
     if unmatched:
         notice(f"{meta_path}: {len(unmatched)} name(s) match no input: {', '.join(unmatched[:5])}"
                f"{' ...' if len(unmatched) > 5 else ''}")
-    unnameable = [s.name for s in samples if any(not c.isprintable() for c in s.name)]
+    unnameable = [s.name for s in samples if any(unicodedata.category(c) == "Cc" for c in s.name)]
     if unnameable:  # a newline or tab in a name cannot round-trip through metrics.csv rows and file listings
         notice(f"{root}: skipped {len(unnameable)} input(s) whose names hold control characters (rename them): "
                f"{', '.join(repr(n) for n in unnameable[:5])}")
         samples = [s for s in samples if s.name not in unnameable]
-    _check_output_names(root, {s.name for s in samples})
     if not samples:
         raise InputError(f"{root}: no inputs found (expected blurry/<name>.{{png,jpg,tif,npy}}, "
                          f"image files, or *.pickle)")
     return sorted(samples, key=lambda s: s.name)
 
 
-_DERIVED = re.compile(r"^(.+)_(diffusion|p\d+)$")  # images/<name>_diffusion.png, images/<name>_p<j>.png
-
-
-def _check_output_names(root: Path, names: set) -> None:
-    """Refuse inputs whose result files would overwrite another input's: 'X_diffusion' and 'X_p0' are names the
-    runner gives X's diffusion image and particles (diffusion_em/results.py)."""
-    clash = sorted(n for n in names if (m := _DERIVED.match(n)) and m.group(1) in names)
-    if clash:
-        raise InputError(f"{root}: input name(s) {', '.join(clash[:5])} would overwrite the diffusion image or "
-                         f"particles of {', '.join(_DERIVED.match(n).group(1) for n in clash[:5])} "
-                         f"(<name>_diffusion.png, <name>_p<j>.png): rename them")
 
 
 def load_sample(sample: Sample) -> LoadedSample:
