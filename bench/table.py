@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from diffusion_em.evaluate import (SIGMA_UNDECLARED, SIZE_BINS, evaluate_folder, finite_mean, sigma_group,  # noqa: E402
                                    sigma_order, size_bin, write_outputs)
+from diffusion_em.results import has_flag  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def per_case_table(per: dict, all_rows: dict, names: list, cases: list) -> list:
                 cells.append("FAILED" if st == "failed" else "–")
                 continue
             er = f" ({_f(float(r['error_ratio']), '.2f')})" if METHODS[n].blind and r.get("error_ratio") not in (None, "") else ""
-            fb = " (classical fallback)" if "classical_fallback" in str(r.get("flag") or "").split(";") else ""
+            fb = " (classical fallback)" if has_flag(r, "classical_fallback") else ""
             cells.append(f"{_f(float(r['psnr_aligned']), '.2f')}{er}{fb}")
         lines.append(f"| {c} | {r0.get('kernel_size') or '–'} | " + " | ".join(cells) + " |")
     return lines

@@ -44,7 +44,7 @@ from util.errors import InputError
 from util.geometry import crop, pad_for_boundary
 from util.images import ImageReadError, tensor_to_image
 from util.metrics import align_border, aligned_scores
-from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
+from util.inputs import Sample, check_sigma_flag, list_inputs, load_sample, resolve_sigma
 from util.outputs import save_json, save_kernel_png, save_npy, save_png
 
 METHODS = ("blurry", "tikhonov", "tikhonov_oracle", "hyper_laplacian", "l0_blind")
@@ -146,9 +146,7 @@ def check_flags(args) -> None:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise InputError(f"--{flag} {v}: must be >= 1")
-    if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
-        hint = f", e.g. {args.sigma / 255:.4f}" if np.isfinite(args.sigma) and args.sigma >= 1 else ""
-        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units{hint}")
+    check_sigma_flag(args.sigma)
     l0_config(args.l0)
 
 

@@ -27,9 +27,10 @@ from typing import Optional
 
 import numpy as np
 
+from diffusion_em.results import has_flag
 from util.images import ImageReadError, read_image, read_kernel
 from util.inputs import LoadedSample, list_inputs, load_sample, resolve_sigma
-from util.outputs import save_json, save_text
+from util.outputs import file_in_the_way, save_json, save_text
 from util.metrics import aligned_scores, blurry_scores, evaluate, lpips_available, reblur_error, success_rates
 
 DEFAULT_ALIGN_KERNEL = 31  # alignment search when no kernel is known at all: border 15, shifts ±15
@@ -198,7 +199,7 @@ def summarise(rows: list) -> dict:
     lp_ok, lp_reason = lpips_available()
     return {"cases": len(rows), "ok": len(ok), "missing": sum(r.get("status") == "missing" for r in rows),
             "failed": sum(r.get("status") == "failed" for r in rows),
-            "classical_fallback": sum("classical_fallback" in str(r.get("flag") or "").split(";") for r in ok),
+            "classical_fallback": sum(has_flag(r, "classical_fallback") for r in ok),
             "all": block(ok),
             "by_sigma": {k: block(v) for k, v in sorted(by_sigma.items(), key=lambda kv: sigma_order(kv[0]))},
             "by_kernel_size": {lab: block(by_size[lab]) for _, _, lab in SIZE_BINS if lab in by_size},
@@ -224,9 +225,9 @@ def check_folders(results, oracle, out: Path) -> None:
     for flag, d in (("--results", results), ("--oracle", oracle)):
         if d is not None and not Path(d).is_dir():
             raise FileNotFoundError(f"{flag} {d}: " + ("not a folder" if Path(d).exists() else "folder does not exist"))
-    for parent in [out, *out.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"--out {out}: {parent} is a file, not a folder")
+    blocked = file_in_the_way(out)
+    if blocked is not None:
+        raise NotADirectoryError(f"--out {out}: {blocked} is a file, not a folder")
 
 
 def main(argv=None) -> int:

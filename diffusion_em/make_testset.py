@@ -43,7 +43,7 @@ from kernel_denoiser.kernels import camera_shake_kernels, kernel_stats
 from util.fft import conv_circular
 from util.geometry import pad_centred
 from util.images import IMAGE_EXTS, ImageReadError, read_image
-from util.outputs import save_npy, save_png, save_text
+from util.outputs import file_in_the_way, save_npy, save_png, save_text
 from util.kernel_files import list_kernel_files, read_kernels
 
 BOUNDARIES = ("circular", "valid")
@@ -204,13 +204,14 @@ def main(argv=None) -> int:
             raise ValueError(f"--size {args.size}: must be >= 1")
         images = list_images(args.images, args.seed)
         pool = kernel_pool(args.kernels, sizes, len(images), args.seed, args.n_generated)
-        largest = max(pool[i % len(pool)].k.shape[0] for i in range(len(images)))  # the kernels the cases use
+        kernels = [pool[i % len(pool)] for i in range(len(images))]  # the kernel of each case
+        largest = max(k.k.shape[0] for k in kernels)
         if args.boundary == "circular" and args.size < largest:  # the circular model needs the kernel inside the image
             raise ValueError(f"--size {args.size}: smaller than the largest kernel ({largest} px) of a circular set")
         out = Path(args.out)
-        for parent in [out, *out.parents]:
-            if parent.exists() and not parent.is_dir():
-                raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+        blocked = file_in_the_way(out)
+        if blocked is not None:
+            raise ValueError(f"--out {out}: {blocked} is a file, not a folder")
         try:
             for sub in ("blurry", "sharp", "kernel"):
                 (out / sub).mkdir(parents=True, exist_ok=True)
@@ -220,7 +221,6 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows, table, failed = [], [], 0
-    kernels = [pool[i % len(pool)] for i in range(len(images))]
     # σ round-robin along the cases sorted by kernel size, so every size sees every σ (no confounding)
     by_size = sorted(range(len(images)), key=lambda i: (kernels[i].k.shape[0], i))
     sigma_of = {i: sigmas[r % len(sigmas)] for r, i in enumerate(by_size)}

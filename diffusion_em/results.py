@@ -21,8 +21,8 @@ import yaml
 
 from util.csvlog import append_csv_row, read_csv_rows
 from util.errors import InputError, ProjectError
-from util.outputs import (kernel_to_image, make_montage, save_gif, save_json, save_kernel_png, save_npy, save_png,
-                          save_text)
+from util.outputs import (file_in_the_way, kernel_to_image, make_montage, save_gif, save_json, save_kernel_png,
+                          save_npy, save_png, save_text)
 
 FIELDS = ("name", "status", "message", "sigma", "sigma_source", "kernel_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
           "shift_y", "shift_x", "lpips", "kernel_mse", "kernel_mse_raw", "reblur_error", "psnr_blurry", "ssim_blurry",
@@ -37,6 +37,11 @@ OUTPUT_DIRS = ("images", "kernels", "montage", "npy", "progress")  # what write_
 # resume anyway; a classical fallback's row is flagged): a resume may change them
 NOT_SETTINGS = ("diffusion.on_divergence:",)
 POOR_FIT = 3.0  # a result whose re-blur misfits the observed frame by more than 3σ (RMS) does not explain it
+
+
+def has_flag(row: dict, flag: str) -> bool:
+    """Whether a metrics row's ';'-joined `flag` column holds `flag` (e.g. 'classical_fallback')."""
+    return flag in str(row.get("flag") or "").split(";")
 
 
 def quality_flags(row: dict, sigma: float) -> list:
@@ -80,8 +85,7 @@ def diffusion_image_file(run: Path, name: str) -> Optional[Path]:
     """A results folder's image of `name` before any classical blend: images/NAME_diffusion.png when the run
     blended (`ResultsFolder.write_image`), else images/NAME.png; None when there is neither, or when the run's
     row says the image is its classical fallback (no diffusion image exists then)."""
-    rows = {r.get("name"): r for r in read_csv_rows(run / "metrics.csv")} if (run / "metrics.csv").is_file() else {}
-    if "classical_fallback" in str(rows.get(name, {}).get("flag") or "").split(";"):
+    if has_flag(ResultsFolder(run).previous_rows().get(name, {}), "classical_fallback"):
         return None
     return next((f for f in (run / "images" / f"{name}_diffusion.png", run / "images" / f"{name}.png")
                  if f.is_file()), None)
@@ -117,9 +121,9 @@ class ResultsFolder:
         """Refuse a folder that cannot take our files: a file in the way, no write permission, a foreign
         metrics.csv. Creates the folder. Raises OutputError naming the problem."""
         p = self.path
-        for parent in [p, *p.parents]:
-            if parent.exists() and not parent.is_dir():
-                raise OutputError(f"{parent}: is a file, not a folder; choose another --save_dir")
+        blocked = file_in_the_way(p)
+        if blocked is not None:
+            raise OutputError(f"{blocked}: is a file, not a folder; choose another --save_dir")
         try:
             p.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
@@ -147,11 +151,8 @@ class ResultsFolder:
         cfg = self.path / "config.yaml"
         if not cfg.is_file():
             return None
-        try:
-            data = yaml.safe_load(cfg.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError):
-            return {"unreadable": str(cfg)}
-        return data.get("settings", {"unrecorded": True}) if isinstance(data, dict) else {"unreadable": str(cfg)}
+        data = self.recorded()
+        return {"unreadable": str(cfg)} if data is None else data.get("settings", {"unrecorded": True})
 
     def claim(self, settings: dict, overwrite: bool, defaults: Optional[dict] = None, defer: bool = False) -> bool:
         """Make the folder's record describe `settings`: resume when they match; refuse when they do not,
@@ -257,6 +258,6 @@ def summarise(rows: dict) -> dict:
     for k in MEAN_FIELDS:
         vals = [float(r[k]) for r in ok if r.get(k) not in (None, "", "None")]
         means[k] = float(np.mean(vals)) if vals else None
-    fallback = sum("classical_fallback" in str(r.get("flag") or "").split(";") for r in ok)
+    fallback = sum(has_flag(r, "classical_fallback") for r in ok)
     return {"images": len(rows), "ok": len(ok), "failed": len(rows) - len(ok), "classical_fallback": fallback,
             "means": means}

@@ -33,7 +33,7 @@ from util.config import as_dict
 from util.errors import InputError, ProjectError, ResourceError
 from util.geometry import pad_centred
 from util.images import image_to_tensor, tensor_to_image
-from util.inputs import Sample, list_inputs, load_sample, resolve_sigma
+from util.inputs import Sample, check_sigma_flag, list_inputs, load_sample, resolve_sigma
 from util.metrics import evaluate, lpips_available
 
 __all__ = ["FIELDS", "build_parser", "load_configs", "restorer_from_args", "process_one", "process_batch", "run_all",
@@ -127,9 +127,7 @@ MAX_SEED = 2 ** 32
 
 def check_flags(args: argparse.Namespace, method: str) -> None:
     """Flag values that cannot work, refused before anything loads (InputError naming the flag)."""
-    if args.sigma is not None and not (np.isfinite(args.sigma) and 0 <= args.sigma < 1):
-        hint = f", e.g. {args.sigma / 255:.4f}" if np.isfinite(args.sigma) and args.sigma >= 1 else ""
-        raise InputError(f"--sigma {args.sigma} is outside [0, 1): give σ in [0,1] units{hint}")
+    check_sigma_flag(args.sigma)
     if args.memory_budget_gb is not None and not (np.isfinite(args.memory_budget_gb) and args.memory_budget_gb >= 0):
         raise InputError(f"--memory_budget_gb {args.memory_budget_gb}: must be >= 0 (0: no check)")
     if args.batch_size > 1 and method != "fast_em":
@@ -336,7 +334,7 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     out.write_image(one.sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, one.frames,
                     kernel_frames, diffusion_only=x_diffusion)
     m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
-    kernel_from = one.kernel_from if not res.fallback or one.kernel_from in ("true", "l0") else "l0"
+    kernel_from = ("true" if one.kernel_from == "true" else "l0") if res.fallback else one.kernel_from
     row = {"name": one.sample.name, "status": "ok", "message": f"classical fallback: {res.fallback}" if res.fallback else "",
            "sigma": one.sigma, "sigma_source": one.sigma_source, "kernel_source": kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
            "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
@@ -489,10 +487,11 @@ def _all_ok(ranks: shard.Ranks, ok: bool) -> bool:
 RUN_FACTS = ("device", "threads", "ranks")  # not settings (a resume may change them) but they change the bits
 
 
-def _with_earlier_runs(out: ResultsFolder, record: dict) -> dict:
+def _with_earlier_runs(out: ResultsFolder, record: dict, previous: dict) -> dict:
     """The record to write, keeping the device/threads/ranks of earlier runs whose images this folder holds when a
-    resume uses others (the same seed gives other bits then: README "Reproducibility"), with a note."""
-    old = out.recorded() if out.previous_rows() else None
+    resume uses others (the same seed gives other bits then: README "Reproducibility"), with a note. `previous`:
+    the folder's rows (`ResultsFolder.previous_rows`)."""
+    old = out.recorded() if previous else None
     if not isinstance(old, dict):
         return record
     earlier = list(old.get("earlier_runs") or [])
@@ -566,10 +565,10 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     lp_ok, lp_reason = lpips_available()
     record = {"settings": settings, "device": str(r.device), "threads": torch.get_num_threads(),
               "ranks": ranks.world, "versions": _versions(), "args": vars(args)}
-    if ranks.main:
-        record = _with_earlier_runs(out, record)  # config.yaml and summary.json both keep them
-        out.write_config(record)
     previous = out.previous_rows()
+    if ranks.main:
+        record = _with_earlier_runs(out, record, previous)  # config.yaml and summary.json both keep them
+        out.write_config(record)
     mine = ranks.indices(len(samples))
     rows = run_all(r, opts, ResultsFolder(args.save_dir, rank=ranks.rank) if ranks.sharded else out,
                    [samples[i] for i in mine], args.batch_size, mine)

@@ -263,12 +263,17 @@ def test_the_kernel_flag_overrides_the_config(setup):
     assert json.loads((tmp / "f" / "summary.json").read_text())["settings"]["diffusion"]["final_pass"] is True
 
 
+def _strict(tmp, cfgs, name: str, **keys):
+    """A copy of the tiny default config with the shipped guard (a random tiny UNet always fails it) and `keys`."""
+    d = {**yaml.safe_load(cfgs["fastem_pigdm"].read_text()), "guard_residual": 25.0, "guard_saturation": 0.1, **keys}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
 def test_divergence_guard_fails_garbage_with_a_message(setup):
     tmp, cfgs, data = setup
-    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
-    d.update(guard_residual=25.0, guard_saturation=0.1, retries=1)
-    strict = tmp / "strict.yaml"
-    strict.write_text(yaml.safe_dump(d))
+    strict = _strict(tmp, cfgs, "strict", retries=1)
     out = tmp / "out"
     assert main(_args(tmp, strict, data, out, "--max_images", "1", "--on_divergence", "fail"), method="fast_em") == 1
     assert json.loads((out / "summary.json").read_text())["settings"]["diffusion"]["on_divergence"] == "fail"
@@ -309,11 +314,8 @@ def test_on_divergence_classical_writes_the_classical_restoration(setup, kernel,
     restoration — the fixed (ℓ0 or true) kernel, else the ℓ0 kernel, and the hyper-Laplacian solve — as an ok row
     flagged classical_fallback whose message keeps the guard's reason; the run exits 0."""
     tmp, cfgs, data = setup
-    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
-    assert d["on_divergence"] == "classical"  # the shipped default config's choice
-    d.update(guard_residual=25.0, guard_saturation=0.1, retries=1, kernel=kernel)
-    strict = tmp / f"fallback_{kernel}.yaml"
-    strict.write_text(yaml.safe_dump(d))
+    assert yaml.safe_load(cfgs["fastem_pigdm"].read_text())["on_divergence"] == "classical"  # the shipped default's
+    strict = _strict(tmp, cfgs, f"fallback_{kernel}", retries=1, kernel=kernel)
     out = tmp / f"out_{kernel}_{len(extra)}"
     assert main(_args(tmp, strict, data, out, "--save_npy", "--max_images", "1", *extra), method="fast_em") == 0
     r = _rows(out)[0]
@@ -336,10 +338,7 @@ def test_on_divergence_classical_writes_the_classical_restoration(setup, kernel,
 def test_on_divergence_classical_batched_equals_one_by_one(setup):
     """A batch whose images all diverge falls back image by image, with the same files as one at a time."""
     tmp, cfgs, data = setup
-    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
-    d.update(guard_residual=25.0, guard_saturation=0.1, retries=0)
-    strict = tmp / "fallback0.yaml"
-    strict.write_text(yaml.safe_dump(d))
+    strict = _strict(tmp, cfgs, "fallback0", retries=0)
     one, two = tmp / "one", tmp / "two"
     assert main(_args(tmp, strict, data, one, "--save_npy"), method="fast_em") == 0
     assert main(_args(tmp, strict, data, two, "--save_npy", "--batch_size", "2"), method="fast_em") == 0
@@ -355,10 +354,7 @@ def test_retries_reuse_the_l0_kernel(setup, monkeypatch):
     """The classical ℓ0 estimate (seconds on a photo) was recomputed for every retry after a divergence."""
     from diffusion_em import restore as restore_module
     tmp, cfgs, data = setup
-    d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
-    d.update(guard_residual=25.0, guard_saturation=0.1, retries=2, kernel="l0", on_divergence="fail")
-    strict = tmp / "strict_l0.yaml"
-    strict.write_text(yaml.safe_dump(d))
+    strict = _strict(tmp, cfgs, "strict_l0", retries=2, kernel="l0", on_divergence="fail")
     calls = []
     l0 = restore_module.l0_kernel
     monkeypatch.setattr(restore_module, "l0_kernel", lambda *a, **k: calls.append(1) or l0(*a, **k))

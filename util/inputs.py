@@ -209,6 +209,13 @@ def load_sample(sample: Sample) -> LoadedSample:
     return LoadedSample(sample.name, y, x, k, sample.sigma)
 
 
+def check_sigma_flag(sigma: Optional[float], flag: str = "--sigma") -> None:
+    """Refuse a σ override outside [0, 1) (InputError naming the flag; a value ≥ 1 was likely given in /255)."""
+    if sigma is not None and not (math.isfinite(sigma) and 0 <= sigma < 1):
+        hint = f", e.g. {sigma / 255:.4f}" if math.isfinite(sigma) and sigma >= 1 else ""
+        raise InputError(f"{flag} {sigma} is outside [0, 1): give σ in [0,1] units{hint}")
+
+
 def resolve_sigma(sample: LoadedSample, override: Optional[float] = None) -> tuple:
     """σ to use for a sample and where it came from: ('override' | 'given' | 'estimated').
 
@@ -216,8 +223,7 @@ def resolve_sigma(sample: LoadedSample, override: Optional[float] = None) -> tup
     estimate of `estimate_noise_sigma` on the observation (report it: it is a guess).
     """
     if override is not None:
-        if not (math.isfinite(override) and 0 <= override < 1):
-            raise InputError(f"sigma override {override} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
+        check_sigma_flag(override, "sigma override")
         return float(override), "override"
     if sample.sigma is not None:
         return float(sample.sigma), "given"

@@ -18,6 +18,12 @@ from PIL import Image
 
 from util.images import PathLike, to_hwc
 
+def file_in_the_way(path: PathLike) -> Optional[Path]:
+    """The path itself or the first of its parents that exists as a file (then no folder can be made there)."""
+    p = Path(path)
+    return next((q for q in [p, *p.parents] if q.exists() and not q.is_dir()), None)
+
+
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
