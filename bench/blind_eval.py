@@ -53,7 +53,8 @@ def main(argv=None):
                 row[f"psnr_{tag}"], row[f"error_{tag}"] = None, str(e)
                 continue
             row[f"seconds_{tag}"] = round(time.time() - t0, 1)
-            row[f"psnr_{tag}"] = psnr(tensor_to_image(res.image(ctx.dcfg.output, ctx.dcfg.classical_blend)[0]), s.x_true)
+            row[f"psnr_{tag}"] = psnr(tensor_to_image(res.image(ctx.dcfg.output, ctx.dcfg.classical_blend,
+                                                                 res.anchored is not None)[0]), s.x_true)
             if tag == "blind":
                 row["kernel_mse"], row["kernel_mse_raw"] = kernel_mse(res.kernel.cpu().numpy(), s.k_true)
         print(json.dumps(row), flush=True)

@@ -111,10 +111,11 @@ def run_cases(args) -> None:
                 row[f"{tag}_sample"] = scores(tensor_to_image(res.image("sample")[0]), s.x_true, ks)
                 row[f"{tag}_mean"] = scores(tensor_to_image(res.image("mean")[0]), s.x_true, ks)
                 row[f"{tag}_output"] = row[f"{tag}_{r.dcfg.output}"]
-                if r.dcfg.classical_blend:  # the output is the blend; keep the diffusion image's scores beside it
+                anchor = res.anchored is not None
+                if r.dcfg.classical_blend or anchor:  # the output is not the diffusion image: keep its scores beside
                     row[f"{tag}_diffusion"] = row[f"{tag}_output"]
-                    row[f"{tag}_output"] = scores(tensor_to_image(res.image(r.dcfg.output, r.dcfg.classical_blend)[0]),
-                                                  s.x_true, ks)
+                    row[f"{tag}_output"] = scores(tensor_to_image(res.image(r.dcfg.output, r.dcfg.classical_blend,
+                                                                            anchor)[0]), s.x_true, ks)
                 if tag == "blind":
                     row["kernel_mse"] = kernel_mse(res.kernel.cpu().numpy(), s.k_true)[0]
             print(json.dumps(row), flush=True)

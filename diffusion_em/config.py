@@ -23,6 +23,7 @@ METHODS = ("fast_em", "diffusion_em")
 GUIDANCES = ("pigdm", "dps")
 KERNELS = ("em", "l0", "l0_em", "l0_box", "auto")
 BOUNDARIES = ("auto", "circular", "reflect", "taper", "replicate")
+CLASSICAL_ANCHOR = ("none", "blind", "all")
 ON_DIVERGENCE = ("fail", "classical")
 # keys that only mean something for one method or guidance: giving them for another is an error
 ONLY_FOR = {("em_rounds",): (("method", "diffusion_em"),), ("mstep", "every"): (("method", "fast_em"),), ("mstep", "coarse"): (("method", "fast_em"),),
@@ -63,6 +64,9 @@ class DiffusionConfig:
     branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)
     output: str = "sample"           # 'sample': first particle (paper) | 'mean': particle average (posterior mean)
     classical_blend: float = 0.0     # w: output (1 − w)·diffusion + w·hyper-Laplacian deconvolution with the final kernel (0: paper)
+    classical_anchor: str = "none"   # 'diffusion' above fitted to the data first (the hyper-Laplacian solve with its
+                                     # prior centred on that image; restore.anchored_deconvolution): 'none' (paper) |
+                                     # 'blind': when the kernel is estimated, not with --true_kernel | 'all'
     eta: float = 1.0                 # 1: DDPM ancestral steps (paper) | < 1: DDIM steps, 0 deterministic
     retries: int = 1                 # divergence guard: extra attempts with fresh noise before failing an image
     guard_residual: float = 25.0     # fail when mean (k⊛x − y)² > guard_residual·σ² + 1e-3
@@ -73,7 +77,8 @@ class DiffusionConfig:
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("guidance", GUIDANCES), ("boundary", BOUNDARIES), ("kernel", KERNELS),
                               ("precision", ("fp32", "bf16", "fp16")), ("output", OUTPUTS),
-                              ("pigdm_jacobian", ("unet", "none")), ("on_divergence", ON_DIVERGENCE)):
+                              ("pigdm_jacobian", ("unet", "none")), ("on_divergence", ON_DIVERGENCE),
+                              ("classical_anchor", CLASSICAL_ANCHOR)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"key '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("steps", "em_rounds", "n_particles", "kernel_pass_particles",

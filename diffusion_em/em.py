@@ -39,20 +39,28 @@ class EMResult:
     trace: list = field(default_factory=list)   # per-step dicts: where, i, t, saturation of x̂0, kernel max
     reblur_mse: Optional[float] = None  # mean (k⊛x − y)² over the observed frame (set by the runner's guard)
     classical: Optional[torch.Tensor] = None  # (1, C, H, W) classical deconvolution with `kernel` (restore.py)
+    anchored: Optional[torch.Tensor] = None   # (1, C, H, W) the `anchored_output` image fitted to the data (restore.py)
+    anchored_output: str = ""       # which image ('sample' | 'mean') `anchored` was computed from
     fallback: str = ""              # why the diffusion result was replaced by the classical one ('': it was not)
 
     @property
     def x_mean(self) -> torch.Tensor:
         return self.x.mean(0, keepdim=True)
 
-    def image(self, output: str = "sample", blend: float = 0.0) -> torch.Tensor:
+    def image(self, output: str = "sample", blend: float = 0.0, anchor: bool = False) -> torch.Tensor:
         """The result (1, C, H, W): 'sample' = the first particle, a posterior sample (the paper's output);
-        'mean' = the particle average, an estimate of the posterior mean (lower squared error). blend = w > 0:
-        (1 − w)·that + w·`classical`, the classical deconvolution of y with the same kernel (config key
-        `classical_blend`; README "Blending with a classical deconvolution")."""
+        'mean' = the particle average, an estimate of the posterior mean (lower squared error). anchor: that image
+        fitted to the data (`anchored`, config key `classical_anchor`). blend = w > 0: (1 − w)·that + w·`classical`,
+        the classical deconvolution of y with the same kernel (config key `classical_blend`; README "Blending with
+        a classical deconvolution")."""
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         x = self.x[:1] if output == "sample" else self.x_mean
+        if anchor:
+            if self.anchored is None or self.anchored_output != output:
+                raise ValueError(f"anchor needs the {output!r} image fitted to the data (restore computes it when the "
+                                 f"config's classical_anchor applies and its output is {output!r})")
+            x = self.anchored.to(x)
         if blend == 0:
             return x
         if self.classical is None:

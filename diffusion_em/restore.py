@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from diffusion_em.blur import BlurOperator
 from diffusion_em.config import DiffusionConfig, KernelConfig
 from diffusion_em.em import (DivergenceError, EMResult, Guard, diffusion_em, fast_diffusion_em, fast_diffusion_em_batch,
                              reblur_mse)
@@ -218,7 +219,7 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
                            n_particles=d.n_particles, rounds=d.em_rounds, k_init=st.k_init, guard=r.guard,
                            callback=callback, progress=True, data_box=box, eta=d.eta,
                            branch_fraction=d.branch_fraction, support=st.support)
-    res = _judged(r, res, yp, box, sigma)
+    res = _judged(r, res, yp, box, sigma, known_kernel=k_true is not None)
     if isinstance(res, DivergenceError):
         raise res
     return res
@@ -266,7 +267,7 @@ def restore_batch(r: Restorer, ys: list, sigmas: list, generators: list, boundar
     for b in range(B):
         rb = final.get(b, first.get(b))
         if not isinstance(rb, DivergenceError):
-            rb = _judged(r, _after(first.get(b), rb), *prepared[b], sigmas[b])
+            rb = _judged(r, _after(first.get(b), rb), *prepared[b], sigmas[b], known_kernel=k_trues[b] is not None)
         out.append(rb)
     return out
 
@@ -287,18 +288,35 @@ def classical_deconvolution(yp: torch.Tensor, kernel: torch.Tensor, sigma: float
     return x.clamp(0, 1).to(yp.device, yp.dtype)
 
 
-def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float):
+def anchored_deconvolution(yp: torch.Tensor, kernel: torch.Tensor, sigma: float, reference: torch.Tensor) -> torch.Tensor:
+    """The diffusion image fitted to the data (config key `classical_anchor`): the hyper-Laplacian deconvolution
+    whose gradient prior is centred on `reference` instead of on 0,
+        argmin_x (λ/2)‖k ⊛ x − y‖² + Σ |∇(x − reference)|^α  =  reference + hyper_laplacian(y − k ⊛ reference),
+    with the λ(σ), α and frame of `classical_deconvolution`: the data correct the reference where they speak, the
+    reference stays where the kernel removed the signal, and a correction costs what an edge does (sparse).
+    yp, reference: (1, C, H, W) on the padded frame; solved on the CPU in float64, returned on y's device."""
+    cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    ref, k = cpu(reference), cpu(kernel)
+    residual = cpu(yp) - BlurOperator.from_kernel(k, tuple(ref.shape[-2:]), 0.0).A(ref)
+    x = ref + hyper_laplacian(residual, k, hyper_laplacian_lambda(sigma))
+    return x.clamp(0, 1).to(yp.device, yp.dtype)
+
+
+def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float, known_kernel: bool = False):
     """The cropped result, or the DivergenceError the guard raises on it (on the data region only). With
-    `classical_blend` > 0 it carries the classical deconvolution with its kernel, for `EMResult.image`."""
+    `classical_blend` > 0 it carries the classical deconvolution with its kernel, with `classical_anchor` ('all',
+    or 'blind' when the kernel was not given) the config's output image fitted to the data: for `EMResult.image`."""
     try:
         resid = r.guard.check_result(res, yp, sigma, box)
     except DivergenceError as e:
         return e
-    classical = None
+    classical = anchored = None
     if r.dcfg.classical_blend > 0:
         classical = crop(classical_deconvolution(yp, res.kernel, sigma), box)
+    if r.dcfg.classical_anchor == "all" or (r.dcfg.classical_anchor == "blind" and not known_kernel):
+        anchored = crop(anchored_deconvolution(yp, res.kernel, sigma, res.image(r.dcfg.output)), box)
     return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid,
-                    classical=classical)
+                    classical=classical, anchored=anchored, anchored_output=r.dcfg.output if anchored is not None else "")
 
 
 def classical_fallback(r: Restorer, y: torch.Tensor, sigma: float, reason: str, *, boundary: str = "circular",

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from diffusion_em import grayscale, shard
-from diffusion_em.config import (BOUNDARIES, KERNELS, ON_DIVERGENCE, ConfigError, DiffusionConfig, KernelConfig, diffusion_config_dict,
-                                 load_diffusion_config, load_kernel_config)
+from diffusion_em.config import (BOUNDARIES, CLASSICAL_ANCHOR, KERNELS, ON_DIVERGENCE, ConfigError, DiffusionConfig,
+                                 KernelConfig, diffusion_config_dict, load_diffusion_config, load_kernel_config)
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
 from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, classical_fallback, kernel_source,
@@ -84,6 +84,10 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                    help="override the config's classical_blend: output (1 - W)·diffusion + W·hyper-Laplacian "
                         "deconvolution with the final kernel; 0: diffusion only (README \"Blending with a classical "
                         "deconvolution\")")
+    p.add_argument("--classical_anchor", default=None, choices=CLASSICAL_ANCHOR,
+                   help="override the config's classical_anchor: fit the diffusion image to the data (the "
+                        "hyper-Laplacian solve with its prior centred on that image) before the blend: none | blind "
+                        "(only when the kernel is estimated) | all (README \"Fitting the diffusion image to the data\")")
     p.add_argument("--on_divergence", default=None, choices=ON_DIVERGENCE,
                    help="override the config's on_divergence: what an image gets when every attempt fails the guard: "
                         "fail (a failed row) | classical (the ℓ0 + hyper-Laplacian restoration, flagged)")
@@ -147,7 +151,7 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
 def load_configs(args: argparse.Namespace, method: str) -> tuple:
     """(DiffusionConfig with the flags' overrides, KernelConfig, ModelConfig); no model is loaded."""
     overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel", "final_pass", "classical_blend",
-                                            "on_divergence")
+                                            "classical_anchor", "on_divergence")
                  if getattr(args, k, None) is not None}
     dcfg = load_diffusion_config(repo_path(args.diffusion_config), overrides)
     if dcfg.method != method:
@@ -317,12 +321,14 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
 
 def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts: int, seconds: float,
                dcfg: DiffusionConfig) -> dict:
-    """Write one image's outputs (the image per dcfg.output: 'sample' | 'mean', blended with the classical
-    deconvolution by dcfg.classical_blend, and then the diffusion image alone beside it); returns its metrics row."""
+    """Write one image's outputs (the image per dcfg.output: 'sample' | 'mean', fitted to the data when
+    dcfg.classical_anchor, blended with the classical deconvolution by dcfg.classical_blend, and then the diffusion
+    image alone beside it); returns its metrics row."""
     loaded = one.loaded
     blend = 0.0 if res.fallback else dcfg.classical_blend  # a classical fallback has no diffusion image to blend
-    x_img = tensor_to_image(res.image(dcfg.output, blend)[0].clamp(0, 1))
-    x_diffusion = tensor_to_image(res.image(dcfg.output)[0].clamp(0, 1)) if blend else None
+    anchor = res.anchored is not None  # per classical_anchor and the kernel's source (restore._judged)
+    x_img = tensor_to_image(res.image(dcfg.output, blend, anchor)[0].clamp(0, 1))
+    x_diffusion = tensor_to_image(res.image(dcfg.output)[0].clamp(0, 1)) if blend or anchor else None
     particles = [tensor_to_image(p) for p in res.x]
     y_obs, x_true = loaded.y, loaded.x_true
     if one.gray:  # grayscale in, grayscale out (diffusion_em/grayscale.py)

@@ -471,3 +471,36 @@ def test_kernel_average_realigns_before_averaging(repo_root):
     other = np.eye(15) / 15  # a diagonal stroke: another estimate
     avg = ka.average(k, other, 0.25)
     assert abs(avg.sum() - 1) < 1e-12 and np.allclose(ka.average(k, other, 1.0), ka.aligned_to(other, k))
+
+
+def test_classical_anchor_screen_scores_a_runs_diffusion_image_fitted_to_the_data(tmp_path, repo_root, capsys):
+    """bench/classical_anchor.py: D is the run's saved image; fitted to exact data with the true kernel (A) it
+    gets closer to the truth; a set that is not circular is refused (its run's frame is not the image)."""
+    ca = _load(repo_root, "classical_anchor")
+    from diffusion_em.blur import BlurOperator
+    from util.metrics import aligned_scores
+    import torch
+    _tiny_set(tmp_path / "set", n=1, size=48)
+    (tmp_path / "set" / "kernel").mkdir()
+    k = np.full((3, 3), 1 / 9, np.float32)
+    np.save(tmp_path / "set" / "kernel" / "c0.npy", k)
+    truth = np.asarray(Image.open(tmp_path / "set" / "sharp" / "c0.png"), np.float64) / 255
+    op = BlurOperator.from_kernel(torch.from_numpy(k).double(), (48, 48), 0.0)
+    y = op.A(torch.from_numpy(truth).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    np.save(tmp_path / "set" / "blurry" / "c0.npy", y.astype(np.float32))
+    for d in ("images", "kernels"):
+        (tmp_path / "run" / d).mkdir(parents=True)
+    d0 = np.round(np.clip(truth + 0.1 * np.random.default_rng(2).standard_normal(truth.shape), 0, 1) * 255)
+    Image.fromarray(d0.astype(np.uint8)).save(tmp_path / "run" / "images" / "c0.png")
+    np.save(tmp_path / "run" / "kernels" / "c0.npy", k)
+    args = ["--set", str(tmp_path / "set"), "--run", str(tmp_path / "run"), "--weights", "0.5"]
+    with pytest.raises(SystemExit, match="not a circular case"):
+        ca.main(args)
+    (tmp_path / "set" / "meta.csv").write_text("name,sigma,boundary\nc0,0.02,circular\n")
+    assert ca.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "case sigma255 D H A D/H_0.5 A/H_0.5"
+    d, h, a, dh, ah = (float(v) for v in lines[1].split()[2:])
+    assert abs(d - aligned_scores(d0 / 255, truth, 3)["psnr_aligned"]) < 0.006
+    assert a > d + 1.0
+    assert lines[-1].startswith("mean (1 cases) D=")

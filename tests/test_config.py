@@ -104,6 +104,8 @@ def _diff():
     (_fast, {"kernel": "gaussian"}, "key 'kernel' must be one of"),
     (_fast, {"on_divergence": "skip"}, "key 'on_divergence' must be one of"),
     (_fast, {"classical_blend": 1.5}, r"key 'classical_blend' must be in \[0, 1\]"),
+    (_fast, {"classical_anchor": "yes"}, r"key 'classical_anchor' must be one of \('none', 'blind', 'all'\)"),
+    (_fast, {"classical_anchor": True}, r"key 'classical_anchor' must be str, got bool"),
     (_diff, {"kernel": "auto"}, "key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM"),
     (_diff, {"mstep": {"start": 0.2}}, "key 'mstep.start' applies only to method 'fast_em'"),
     (_diff, {"final_pass": True}, "key 'final_pass' applies only to method 'fast_em'"),

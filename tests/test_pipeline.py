@@ -98,6 +98,81 @@ def test_classical_blend_mixes_in_the_hyper_laplacian_deconvolution_with_the_fin
         plain.image("mean", 0.5)
 
 
+def test_anchored_deconvolution_keeps_a_reference_that_explains_the_data_and_fits_one_that_does_not():
+    """classical_anchor's solve, argmin (λ/2)‖k⊛x − y‖² + Σ|∇(x − r)|^α: a reference with k⊛r = y exactly is its
+    own solution (the plain hyper-Laplacian solve of the same y is not), and a wrong reference is pulled towards
+    the data."""
+    from classical.nonblind import hyper_laplacian, hyper_laplacian_lambda
+    from diffusion_em.blur import BlurOperator
+    from diffusion_em.restore import anchored_deconvolution
+
+    g = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(1, 3, 48, 48, generator=g, dtype=torch.float64)
+    k = torch.rand(7, 7, generator=g, dtype=torch.float64)
+    k /= k.sum()
+    op = BlurOperator.from_kernel(k, (48, 48), 0.0)
+    y = op.A(x)
+    sigma = 5 / 255
+    got = anchored_deconvolution(y, k, sigma, x)
+    assert torch.allclose(got, x, atol=1e-10)
+    plain = hyper_laplacian(y, k, hyper_laplacian_lambda(sigma))
+    assert (plain - x).abs().max() > 0.05  # so the check above is not what any deconvolution gives
+    shading = 0.1 * torch.cos(2 * torch.pi * torch.arange(48, dtype=torch.float64) / 48)[:, None]  # what the blur keeps
+    noise = 0.05 * torch.randn(x.shape, generator=g, dtype=torch.float64)  # mostly what it removes
+    for wrong, gain in ((x + shading, 0.05), (x + noise, 0.5)):
+        fitted = anchored_deconvolution(y, k, sigma, wrong)
+        assert ((op.A(fitted) - y) ** 2).mean() < gain * ((op.A(wrong) - y) ** 2).mean()
+        assert ((fitted - x) ** 2).mean() < ((wrong - x) ** 2).mean()
+
+
+@pytest.mark.parametrize("boundary", ["circular", "taper"])
+def test_classical_anchor_fits_the_output_image_to_the_data_before_the_blend(setup, boundary):
+    """classical_anchor: the config's output image (here the particle mean) replaced by its anchored solve with
+    the run's final kernel on the run's frame, then blended; the diffusion run and the classical half unchanged."""
+    import dataclasses
+
+    from diffusion_em.blur import BlurOperator
+    from diffusion_em.restore import restore
+    from diffusion_em.run import build_parser, restorer_from_args
+    from classical.nonblind import hyper_laplacian, hyper_laplacian_lambda
+    from util.images import image_to_tensor
+    from util.inputs import list_inputs, load_sample
+
+    tmp, cfgs, data = setup
+    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
+    base = restorer_from_args(args, "fast_em")
+    s = load_sample(list_inputs(data)[0])
+    y = image_to_tensor(s.y)
+    runs = {}
+    for anchor in ("none", "blind"):
+        r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=0.25, output="mean",
+                                                               classical_anchor=anchor))
+        runs[anchor] = restore(r, y, s.sigma, torch.Generator().manual_seed(3), boundary=boundary)
+    plain, anchored = runs["none"], runs["blind"]
+    assert plain.anchored is None and anchored.anchored_output == "mean"
+    assert torch.equal(plain.x, anchored.x) and torch.equal(plain.classical, anchored.classical)
+    assert anchored.anchored.shape == plain.x_mean.shape
+    if boundary == "circular":  # the frame is the image: recompute it independently
+        ref, k = plain.x_mean.double(), anchored.kernel.double()
+        want = ref + hyper_laplacian(y.double() - BlurOperator.from_kernel(k, tuple(y.shape[-2:]), 0.0).A(ref), k,
+                                     hyper_laplacian_lambda(s.sigma))
+        assert torch.allclose(anchored.anchored.double(), want.clamp(0, 1), atol=1e-5)
+    assert (anchored.anchored - plain.x_mean).abs().max() > 0.02
+    assert torch.allclose(anchored.image("mean", 0.25, anchor=True), 0.75 * anchored.anchored + 0.25 * anchored.classical)
+    assert torch.equal(anchored.image("mean", 0.25), plain.image("mean", 0.25))  # anchor=False: the plain blend
+    with pytest.raises(ValueError, match="anchor"):
+        anchored.image("sample", 0.25, anchor=True)  # computed for the mean only
+    with pytest.raises(ValueError, match="anchor"):
+        plain.image("mean", 0.25, anchor=True)
+    # 'blind' skips a given kernel, 'all' does not
+    k_true = torch.from_numpy(s.k_true).float()
+    for anchor, applied in (("blind", False), ("all", True)):
+        r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=0.25, output="mean",
+                                                               classical_anchor=anchor, steps=2))
+        res = restore(r, y, s.sigma, torch.Generator().manual_seed(3), boundary=boundary, k_true=k_true)
+        assert (res.anchored is not None) == applied
+
+
 def test_the_runner_writes_the_blend_and_the_diffusion_image(setup):
     tmp, cfgs, data = setup
     d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
@@ -118,6 +193,14 @@ def test_the_runner_writes_the_blend_and_the_diffusion_image(setup):
     assert json.loads((off / "summary.json").read_text())["settings"]["diffusion"]["classical_blend"] == 0
     assert not (off / "images" / "im0_diffusion.png").exists()
     assert np.abs(np.load(off / "npy" / "im0.npy") - diffusion).max() <= 1 / 255  # the same diffusion run
+    # --classical_anchor all: the same diffusion run, its image fitted to the data before the blend
+    anc = tmp / "anchored"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, anc, "--save_npy", "--max_images", "1", "--classical_anchor",
+                      "all"), method="fast_em") == 0
+    assert json.loads((anc / "summary.json").read_text())["settings"]["diffusion"]["classical_anchor"] == "all"
+    assert np.array_equal(np.asarray(Image.open(anc / "images" / "im0_diffusion.png")),
+                          np.asarray(Image.open(out / "images" / "im0_diffusion.png")))
+    assert np.abs(np.load(anc / "npy" / "im0.npy") - got).max() > 0.01
 
 
 def test_seeded_twice_identical_and_resume(setup):
