@@ -64,9 +64,9 @@ class DiffusionConfig:
     branch_fraction: float = 1.0     # particles run separately for the last fraction of the steps (1: from x_T)
     output: str = "sample"           # 'sample': first particle (paper) | 'mean': particle average (posterior mean)
     classical_blend: float = 0.0     # w: output (1 − w)·diffusion + w·hyper-Laplacian deconvolution with the final kernel (0: paper)
-    classical_anchor: str = "none"   # 'diffusion' above fitted to the data first (the hyper-Laplacian solve with its
-                                     # prior centred on that image; restore.anchored_deconvolution): 'none' (paper) |
-                                     # 'blind': when the kernel is estimated, not with --true_kernel | 'all'
+    classical_anchor: str = "none"   # with w > 0, 'diffusion' above fitted to the data first (the hyper-Laplacian solve
+                                     # with its prior centred on that image; restore.anchored_deconvolution): 'none'
+                                     # (paper) | 'blind': when the kernel is estimated, not with --true_kernel | 'all'
     eta: float = 1.0                 # 1: DDPM ancestral steps (paper) | < 1: DDIM steps, 0 deterministic
     retries: int = 1                 # divergence guard: extra attempts with fresh noise before failing an image
     guard_residual: float = 25.0     # fail when mean (k⊛x − y)² > guard_residual·σ² + 1e-3

@@ -304,8 +304,8 @@ def anchored_deconvolution(yp: torch.Tensor, kernel: torch.Tensor, sigma: float,
 
 def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: float, known_kernel: bool = False):
     """The cropped result, or the DivergenceError the guard raises on it (on the data region only). With
-    `classical_blend` > 0 it carries the classical deconvolution with its kernel, with `classical_anchor` ('all',
-    or 'blind' when the kernel was not given) the config's output image fitted to the data: for `EMResult.image`."""
+    `classical_blend` > 0 it carries the classical deconvolution with its kernel and, with `classical_anchor` ('all',
+    or 'blind' when the kernel was not given), the config's output image fitted to the data: for `EMResult.image`."""
     try:
         resid = r.guard.check_result(res, yp, sigma, box)
     except DivergenceError as e:
@@ -313,8 +313,8 @@ def _judged(r: Restorer, res: EMResult, yp: torch.Tensor, box: tuple, sigma: flo
     classical = anchored = None
     if r.dcfg.classical_blend > 0:
         classical = crop(classical_deconvolution(yp, res.kernel, sigma), box)
-    if r.dcfg.classical_anchor == "all" or (r.dcfg.classical_anchor == "blind" and not known_kernel):
-        anchored = crop(anchored_deconvolution(yp, res.kernel, sigma, res.image(r.dcfg.output)), box)
+        if r.dcfg.classical_anchor == "all" or (r.dcfg.classical_anchor == "blind" and not known_kernel):
+            anchored = crop(anchored_deconvolution(yp, res.kernel, sigma, res.image(r.dcfg.output)), box)
     return EMResult(x=crop(res.x, box), kernel=res.kernel, nfe=res.nfe, trace=res.trace, reblur_mse=resid,
                     classical=classical, anchored=anchored, anchored_output=r.dcfg.output if anchored is not None else "")
 

@@ -164,10 +164,10 @@ def test_classical_anchor_fits_the_output_image_to_the_data_before_the_blend(set
         anchored.image("sample", 0.25, anchor=True)  # computed for the mean only
     with pytest.raises(ValueError, match="anchor"):
         plain.image("mean", 0.25, anchor=True)
-    # 'blind' skips a given kernel, 'all' does not
+    # 'blind' skips a given kernel, 'all' does not; without a blend (w = 0) the diffusion image stays as it is
     k_true = torch.from_numpy(s.k_true).float()
-    for anchor, applied in (("blind", False), ("all", True)):
-        r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=0.25, output="mean",
+    for anchor, blend, applied in (("blind", 0.25, False), ("all", 0.25, True), ("all", 0.0, False)):
+        r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=blend, output="mean",
                                                                classical_anchor=anchor, steps=2))
         res = restore(r, y, s.sigma, torch.Generator().manual_seed(3), boundary=boundary, k_true=k_true)
         assert (res.anchored is not None) == applied
@@ -193,14 +193,16 @@ def test_the_runner_writes_the_blend_and_the_diffusion_image(setup):
     assert json.loads((off / "summary.json").read_text())["settings"]["diffusion"]["classical_blend"] == 0
     assert not (off / "images" / "im0_diffusion.png").exists()
     assert np.abs(np.load(off / "npy" / "im0.npy") - diffusion).max() <= 1 / 255  # the same diffusion run
-    # --classical_anchor all: the same diffusion run, its image fitted to the data before the blend
-    anc = tmp / "anchored"
-    assert main(_args(tmp, cfgs["fastem_pigdm"], data, anc, "--save_npy", "--max_images", "1", "--classical_anchor",
-                      "all"), method="fast_em") == 0
-    assert json.loads((anc / "summary.json").read_text())["settings"]["diffusion"]["classical_anchor"] == "all"
-    assert np.array_equal(np.asarray(Image.open(anc / "images" / "im0_diffusion.png")),
+    # the default anchors the blind run's diffusion image (classical_anchor: blind); --classical_anchor none: the
+    # same diffusion run blended as it is
+    assert d["classical_anchor"] == "blind"
+    plain = tmp / "plain_blend"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, plain, "--save_npy", "--max_images", "1", "--classical_anchor",
+                      "none"), method="fast_em") == 0
+    assert json.loads((plain / "summary.json").read_text())["settings"]["diffusion"]["classical_anchor"] == "none"
+    assert np.array_equal(np.asarray(Image.open(plain / "images" / "im0_diffusion.png")),
                           np.asarray(Image.open(out / "images" / "im0_diffusion.png")))
-    assert np.abs(np.load(anc / "npy" / "im0.npy") - got).max() > 0.01
+    assert np.abs(np.load(plain / "npy" / "im0.npy") - got).max() > 0.01
 
 
 def test_seeded_twice_identical_and_resume(setup):
