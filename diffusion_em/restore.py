@@ -291,8 +291,9 @@ def classical_deconvolution(yp: torch.Tensor, kernel: torch.Tensor, sigma: float
 def anchored_deconvolution(yp: torch.Tensor, kernel: torch.Tensor, sigma: float, reference: torch.Tensor) -> torch.Tensor:
     """The diffusion image fitted to the data (config key `classical_anchor`): the hyper-Laplacian deconvolution
     whose gradient prior is centred on `reference` instead of on 0,
-        argmin_x (λ/2)‖k ⊛ x − y‖² + Σ |∇(x − reference)|^α  =  reference + hyper_laplacian(y − k ⊛ reference),
-    with the λ(σ), α and frame of `classical_deconvolution`: the data correct the reference where they speak, the
+        argmin_x (λ/2)‖k ⊛ x − y‖² + Σ |∇(x − reference)|^α  =  reference + argmin_z (λ/2)‖k ⊛ z − r‖² + Σ |∇z|^α,
+    r = y − k ⊛ reference (both operators circular on the frame), the second solved by `hyper_laplacian` (HQS) with
+    the λ(σ), α and frame of `classical_deconvolution`: the data correct the reference where they speak, the
     reference stays where the kernel removed the signal, and a correction costs what an edge does (sparse).
     yp, reference: (1, C, H, W) on the padded frame; solved on the CPU in float64, returned on y's device."""
     cpu = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731

@@ -500,7 +500,7 @@ def test_classical_anchor_screen_scores_a_runs_diffusion_image_fitted_to_the_dat
     assert ca.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "case sigma255 D H A D/H_0.5 A/H_0.5"
-    d, h, a, dh, ah = (float(v) for v in lines[1].split()[2:])
+    d, _, a, _, _ = (float(v) for v in lines[1].split()[2:])
     assert abs(d - aligned_scores(d0 / 255, truth, 3)["psnr_aligned"]) < 0.006
     assert a > d + 1.0
     assert lines[-1].startswith("mean (1 cases) D=")

@@ -173,6 +173,41 @@ def test_classical_anchor_fits_the_output_image_to_the_data_before_the_blend(set
         assert (res.anchored is not None) == applied
 
 
+
+def test_classical_anchor_solves_on_the_runs_frame_and_knows_a_given_kernel_in_batches(setup, monkeypatch):
+    """The anchored solve gets the padded observation and the uncropped output image (the same frame, larger than
+    the image under the taper boundary), its result cropped back; restore_batch skips it for an image with a given
+    kernel under 'blind' and applies it to the blind image beside it."""
+    import dataclasses
+
+    from diffusion_em import restore as restore_mod
+    from diffusion_em.run import build_parser, restorer_from_args
+    from util.images import image_to_tensor
+    from util.inputs import list_inputs, load_sample
+
+    tmp, cfgs, data = setup
+    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
+    base = restorer_from_args(args, "fast_em")
+    r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=0.5, output="mean",
+                                                           classical_anchor="blind", steps=2))
+    samples = [load_sample(sp) for sp in list_inputs(data)[:2]]
+    ys = [image_to_tensor(s_.y) for s_ in samples]
+    calls = []
+    real = restore_mod.anchored_deconvolution
+    monkeypatch.setattr(restore_mod, "anchored_deconvolution",
+                        lambda yp, k, sigma, ref: calls.append((yp, ref, real(yp, k, sigma, ref))) or calls[-1][2])
+    res = restore_mod.restore(r, ys[0], samples[0].sigma, torch.Generator().manual_seed(3), boundary="taper")
+    (yp, ref, out), = calls
+    want_yp, box = restore_mod._prepared(r, ys[0], "taper")  # the run's frame: taper padding + the UNet multiple
+    assert torch.equal(yp, want_yp) and ref.shape == yp.shape and yp.shape[-1] > ys[0].shape[-1]
+    assert torch.equal(res.anchored, restore_mod.crop(out, box))
+    calls.clear()
+    k_true = torch.from_numpy(samples[1].k_true).float()
+    got = restore_mod.restore_batch(r, ys, [s_.sigma for s_ in samples],
+                                    [torch.Generator().manual_seed(i) for i in range(2)], ["circular"] * 2,
+                                    k_trues=[None, k_true])
+    assert got[0].anchored is not None and got[1].anchored is None and len(calls) == 1
+
 def test_the_runner_writes_the_blend_and_the_diffusion_image(setup):
     tmp, cfgs, data = setup
     d = yaml.safe_load(cfgs["fastem_pigdm"].read_text())
