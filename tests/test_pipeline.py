@@ -64,6 +64,18 @@ def test_output_mean_writes_the_particle_average(setup):
         assert np.abs(parts[0] - parts[1]).max() > 2 / 255  # the particles differ
 
 
+def _restorer_and_first_sample(setup):
+    """The fastem_pigdm restorer built from the runner's flags, and the set's first sample with its y tensor."""
+    from diffusion_em.run import build_parser, restorer_from_args
+    from util.images import image_to_tensor
+    from util.inputs import list_inputs, load_sample
+
+    tmp, cfgs, data = setup
+    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
+    s = load_sample(list_inputs(data)[0])
+    return restorer_from_args(args, "fast_em"), s, image_to_tensor(s.y)
+
+
 @pytest.mark.parametrize("boundary", ["circular", "taper"])
 def test_classical_blend_mixes_in_the_hyper_laplacian_deconvolution_with_the_final_kernel(setup, boundary):
     """classical_blend w: the output is (1 − w)·diffusion + w·(Krishnan–Fergus deconvolution of y with the run's
@@ -72,16 +84,9 @@ def test_classical_blend_mixes_in_the_hyper_laplacian_deconvolution_with_the_fin
 
     from classical.nonblind import hyper_laplacian, hyper_laplacian_lambda
     from diffusion_em.restore import restore
-    from diffusion_em.run import build_parser, restorer_from_args
     from util.geometry import crop, pad_for_boundary
-    from util.images import image_to_tensor
-    from util.inputs import list_inputs, load_sample
 
-    tmp, cfgs, data = setup
-    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
-    base = restorer_from_args(args, "fast_em")
-    s = load_sample(list_inputs(data)[0])
-    y = image_to_tensor(s.y)
+    base, s, y = _restorer_and_first_sample(setup)
     runs = {}
     for w in (0.0, 0.25):
         r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=w, output="mean"))
@@ -133,16 +138,9 @@ def test_classical_anchor_fits_the_output_image_to_the_data_before_the_blend(set
 
     from diffusion_em.blur import BlurOperator
     from diffusion_em.restore import restore
-    from diffusion_em.run import build_parser, restorer_from_args
     from classical.nonblind import hyper_laplacian, hyper_laplacian_lambda
-    from util.images import image_to_tensor
-    from util.inputs import list_inputs, load_sample
 
-    tmp, cfgs, data = setup
-    args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o"))
-    base = restorer_from_args(args, "fast_em")
-    s = load_sample(list_inputs(data)[0])
-    y = image_to_tensor(s.y)
+    base, s, y = _restorer_and_first_sample(setup)
     runs = {}
     for anchor in ("none", "blind"):
         r = dataclasses.replace(base, dcfg=dataclasses.replace(base.dcfg, classical_blend=0.25, output="mean",
