@@ -1,6 +1,6 @@
 """Aligned PSNR of (1 − w)·A + w·B for a grid of w, where A and B are two result folders on one test set.
 
-How the default `classical_blend` was chosen (README "Blending with a classical deconvolution"): A = a
+How the default `classical_blend` was chosen (docs/choices.md "Blending with a classical deconvolution"): A = a
 diffusion run (its images/NAME_diffusion.png when present, else images/NAME.png), B = the hyper-Laplacian
 deconvolution with that run's own kernels (`bench/set_with_kernels.py --run A`, then `python -m
 diffusion_em.baselines --method hyper_laplacian` on the copy). Both are read as the 8-bit PNGs the runs wrote,
@@ -14,7 +14,7 @@ either folder are skipped and counted.
 `--residual_pick` adds a per-image weight chosen without the ground truth: the w of the grid whose blend has
 the smallest re-blur residual ‖k ⊛ x_w − y‖² with run A's kernel (kernels/NAME.npy; circular blur, so for
 circular test sets), printed as two more columns (the w, its PSNR) and compared with w = 0.5 in the means
-(README "Blending with a classical deconvolution": tried, not kept).
+(docs/choices.md "Blending with a classical deconvolution": tried, not kept).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Running the non-blind sampler on the copy (`test_FastDiffEM.py --true_kernel`) restores each image with the
 estimated kernel held fixed: the image-formation half of a blind method, on its own kernels. Used to measure
-`final_pass` before it existed (README "A second run with the found kernel"); the scores' kernel MSE is then
+`final_pass` before it existed (docs/choices.md "A second run with the found kernel"); the scores' kernel MSE is then
 against the estimate, so read the image columns only.
 
     python bench/set_with_kernels.py --set SET --run RESULTS --out COPY

@@ -18,6 +18,8 @@ Variants (`--variants`):
 - `ours_bf16`: `ours` under CPU/GPU bf16 autocast.
 - `ours_chunk1`, `ours_nchw_chunk1`: a batch evaluated one image per UNet call (EpsDenoiser(max_batch=1), the
   CPU default since it measured faster than one batched call), channels-last or NCHW.
+- `ours_nchw_bf16`, `ours_nchw_chunk1_bf16`: the NCHW variants under bf16 autocast (what `precision: bf16` runs
+  for the small bundled net on a CPU).
 - `ours_compiled`, `ours_compiled_bf16`: `torch.compile` (inductor) of `ours`; the first call's extra time is
   reported as `compile_s`, and `break_even_calls` = compile_s / (ours − compiled) per-call saving
   (a 100-step Fast EM image makes 100 forward+input-gradient calls).
@@ -54,6 +56,8 @@ VARIANTS = {
     "ours_compiled_bf16": (False, True, torch.bfloat16, True, True, None),
     "ours_chunk1": (False, True, None, True, False, 1),
     "ours_nchw_chunk1": (False, False, None, True, False, 1),
+    "ours_nchw_bf16": (False, False, torch.bfloat16, True, False, None),
+    "ours_nchw_chunk1_bf16": (False, False, torch.bfloat16, True, False, 1),
 }
 
 

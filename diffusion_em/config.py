@@ -40,6 +40,9 @@ MOVED = {"schedule": "the β schedule belongs to the weights: set 'schedule' in 
          "recenter": "it is now 'recenter' in the 'mstep' section"}
 
 
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     method: str = "fast_em"          # 'fast_em' (M-step at every step) | 'diffusion_em' (L full runs)
@@ -49,7 +52,8 @@ class DiffusionConfig:
     pigdm_jacobian: str = "unet"     # 'unet': ΠGDM's VJP through the UNet (paper) | 'none': no backward pass
     zeta_true_kernel: Optional[float] = None  # ζ when the kernel is known (--true_kernel); None: zeta
     clip_denoised: bool = True
-    precision: str = "fp32"          # UNet autocast: 'fp32' | 'bf16' (GPUs; CPUs with BF16 units, docs/speed.md) | 'fp16' (GPU)
+    precision: str = "fp32"          # UNet autocast: 'fp32' | 'bf16' (GPUs; CPUs with BF16 units, docs/speed.md) | 'fp16'
+                                     # (GPU) | 'auto': bf16 on a CPU with BF16 units, fp32 elsewhere (restore.resolve_precision)
     compile: bool = False            # torch.compile (inductor) the UNet: a one-off compilation, then faster calls
     em_rounds: int = 10              # L, Diffusion EM only
     mstep: MStepConfig = field(default_factory=MStepConfig)
@@ -76,7 +80,7 @@ class DiffusionConfig:
 
     def __post_init__(self):
         for name, allowed in (("method", METHODS), ("guidance", GUIDANCES), ("boundary", BOUNDARIES), ("kernel", KERNELS),
-                              ("precision", ("fp32", "bf16", "fp16")), ("output", OUTPUTS),
+                              ("precision", PRECISIONS), ("output", OUTPUTS),
                               ("pigdm_jacobian", ("unet", "none")), ("on_divergence", ON_DIVERGENCE),
                               ("classical_anchor", CLASSICAL_ANCHOR)):
             if getattr(self, name) not in allowed:

@@ -51,7 +51,7 @@ class EMResult:
         """The result (1, C, H, W): 'sample' = the first particle, a posterior sample (the paper's output);
         'mean' = the particle average, an estimate of the posterior mean (lower squared error). anchor: that image
         fitted to the data (`anchored`, config key `classical_anchor`). blend = w > 0: (1 − w)·that + w·`classical`,
-        the classical deconvolution of y with the same kernel (config key `classical_blend`; README "Blending with
+        the classical deconvolution of y with the same kernel (config key `classical_blend`; docs/choices.md "Blending with
         a classical deconvolution")."""
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")

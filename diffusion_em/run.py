@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from diffusion_em import grayscale, shard
-from diffusion_em.config import (BOUNDARIES, CLASSICAL_ANCHOR, KERNELS, ON_DIVERGENCE, ConfigError, DiffusionConfig,
-                                 KernelConfig, diffusion_config_dict, load_diffusion_config, load_kernel_config)
+from diffusion_em.config import (BOUNDARIES, CLASSICAL_ANCHOR, KERNELS, ON_DIVERGENCE, PRECISIONS, ConfigError,
+                                 DiffusionConfig, KernelConfig, diffusion_config_dict, load_diffusion_config, load_kernel_config)
 from diffusion_em.budget import check_budget, default_budget_bytes
 from diffusion_em.em import DivergenceError
 from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, classical_fallback, kernel_source,
@@ -82,19 +82,22 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                         "em (paper), l0, l0_em, l0_box")
     p.add_argument("--classical_blend", type=float, default=None, metavar="W",
                    help="override the config's classical_blend: output (1 - W)·diffusion + W·hyper-Laplacian "
-                        "deconvolution with the final kernel; 0: diffusion only (README \"Blending with a classical "
+                        "deconvolution with the final kernel; 0: diffusion only (docs/choices.md \"Blending with a classical "
                         "deconvolution\")")
     p.add_argument("--classical_anchor", default=None, choices=CLASSICAL_ANCHOR,
                    help="override the config's classical_anchor: fit the diffusion image to the data (the "
                         "hyper-Laplacian solve with its prior centred on that image) before the blend: none | blind "
-                        "(only when the kernel is estimated) | all (README \"Fitting the diffusion image to the data\")")
+                        "(only when the kernel is estimated) | all (docs/choices.md \"Fitting the diffusion image to the data\")")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="override the config's precision (the UNet's autocast): fp32 | bf16 | fp16 (GPU) | auto "
+                        "(bf16 on a CPU with BF16 units, fp32 elsewhere; docs/speed.md)")
     p.add_argument("--on_divergence", default=None, choices=ON_DIVERGENCE,
                    help="override the config's on_divergence: what an image gets when every attempt fails the guard: "
                         "fail (a failed row) | classical (the ℓ0 + hyper-Laplacian restoration, flagged)")
     if method == "fast_em":
         p.add_argument("--final_pass", action="store_true", default=None,
                        help="after Fast EM, one non-blind run with its kernel fixed makes the image (about 2x "
-                            "the time; config key final_pass; README \"A second run with the found kernel\")")
+                            "the time; config key final_pass; docs/choices.md \"A second run with the found kernel\")")
     p.add_argument("--memory_budget_gb", type=float, default=None,
                    help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
                         "0: no check)")
@@ -151,7 +154,7 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
 def load_configs(args: argparse.Namespace, method: str) -> tuple:
     """(DiffusionConfig with the flags' overrides, KernelConfig, ModelConfig); no model is loaded."""
     overrides = {k: getattr(args, k) for k in ("n_particles", "steps", "kernel", "final_pass", "classical_blend",
-                                            "classical_anchor", "on_divergence")
+                                            "classical_anchor", "on_divergence", "precision")
                  if getattr(args, k, None) is not None}
     dcfg = load_diffusion_config(repo_path(args.diffusion_config), overrides)
     if dcfg.method != method:
@@ -490,7 +493,7 @@ def _all_ok(ranks: shard.Ranks, ok: bool) -> bool:
     return all(flags)
 
 
-RUN_FACTS = ("device", "threads", "ranks")  # not settings (a resume may change them) but they change the bits
+RUN_FACTS = ("device", "threads", "ranks", "precision")  # not settings (a resume may change them) but they change the bits
 
 
 def _with_earlier_runs(out: ResultsFolder, record: dict, previous: dict) -> dict:
@@ -569,7 +572,7 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     if args.max_images is not None:
         samples = samples[: args.max_images]
     lp_ok, lp_reason = lpips_available()
-    record = {"settings": settings, "device": str(r.device), "threads": torch.get_num_threads(),
+    record = {"settings": settings, "device": str(r.device), "precision": r.precision, "threads": torch.get_num_threads(),
               "ranks": ranks.world, "versions": _versions(), "args": vars(args)}
     previous = out.previous_rows()
     if ranks.main:

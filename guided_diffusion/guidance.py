@@ -27,7 +27,7 @@ class PiGDM:
     cost of the forward pass on a CPU, and its activations in memory). jacobian='none' uses ΠGDM's own Gaussian
     approximation p(x0 | x_t) ≈ N(x̂0, r²I) without the Jacobian: x̂0 is replaced by that Gaussian's posterior
     mean given y, x̂0 + ζr²·u (the Wiener-like data-consistent estimate, clamped to [0, 1]), before the DDPM
-    step; forward passes only (README "ΠGDM without the Jacobian").
+    step; forward passes only (docs/choices.md "ΠGDM without the Jacobian").
     """
     rule: str = "authors"
     zeta: float = 1.0

@@ -106,6 +106,7 @@ def _diff():
     (_fast, {"classical_blend": 1.5}, r"key 'classical_blend' must be in \[0, 1\]"),
     (_fast, {"classical_anchor": "yes"}, r"key 'classical_anchor' must be one of \('none', 'blind', 'all'\)"),
     (_fast, {"classical_anchor": True}, r"key 'classical_anchor' must be str, got bool"),
+    (_fast, {"precision": "bf8"}, r"key 'precision' must be one of \('fp32', 'bf16', 'fp16', 'auto'\)"),
     (_diff, {"kernel": "auto"}, "key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM"),
     (_diff, {"mstep": {"start": 0.2}}, "key 'mstep.start' applies only to method 'fast_em'"),
     (_diff, {"final_pass": True}, "key 'final_pass' applies only to method 'fast_em'"),
@@ -148,3 +149,29 @@ def test_the_guidance_follows_the_config():
     assert g.jacobian == "none" and g.zeta == 0.5 and not g.needs_grad
     assert guidance_for(diffusion_config_from_dict(_fast(), "t")).needs_grad  # the paper's VJP by default
     assert isinstance(guidance_for(diffusion_config_from_dict(_fast_dps(), "t")), DPS)
+
+
+def test_precision_auto_is_bf16_only_on_a_cpu_with_bf16_units(monkeypatch):
+    """'auto' resolves per device: bf16 where the CPU has BF16 units, fp32 on other CPUs and on GPUs (not measured
+    there); an explicit precision is kept everywhere."""
+    from diffusion_em import restore
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for units, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(restore, "cpu_has_bf16_units", lambda units=units: units)
+        assert restore.resolve_precision("auto", cpu) == want
+        assert restore.resolve_precision("auto", gpu) == "fp32"
+        for p in ("fp32", "bf16", "fp16"):
+            assert restore.resolve_precision(p, cpu) == p and restore.resolve_precision(p, gpu) == p
+
+
+def test_cpu_bf16_units_are_those_the_kernel_reports():
+    """torch's CPUID probe agrees with the flags Linux lists (avx512_bf16, amx_tile)."""
+    from diffusion_em.restore import cpu_has_bf16_units
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        pytest.skip("no /proc/cpuinfo (not Linux): nothing to compare the probe with")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.read_text().splitlines()
+                      if line.startswith("flags")), []))
+    if not flags:
+        pytest.skip("/proc/cpuinfo lists no x86 flags (not an x86 CPU)")
+    assert cpu_has_bf16_units() == bool(flags & {"avx512_bf16", "amx_tile"})

@@ -490,7 +490,19 @@ def test_a_resume_with_other_threads_keeps_the_earlier_runs_facts(tiny_run, caps
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--threads", "2"), method="fast_em") == 0
     rec = yaml.safe_load((out / "config.yaml").read_text())
-    assert rec["threads"] == 2 and rec["earlier_runs"] == [{"device": "cpu", "threads": 1, "ranks": 1}]
+    assert rec["threads"] == 2 and rec["earlier_runs"] == [{"device": "cpu", "precision": "fp32", "threads": 1, "ranks": 1}]
     assert "holds images made with" in capsys.readouterr().err
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--threads", "2"), method="fast_em") == 0
     assert yaml.safe_load((out / "config.yaml").read_text())["earlier_runs"] == rec["earlier_runs"]  # kept, not grown
+
+
+def test_the_record_names_the_precision_auto_resolved_to(tiny_run, monkeypatch):
+    """`--precision auto` keeps 'auto' in the settings and records what ran on this machine (it changes the bits)."""
+    from diffusion_em import restore
+    tmp, cfgs, data = tiny_run
+    monkeypatch.setattr(restore, "cpu_has_bf16_units", lambda: True)
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1", "--precision", "auto"),
+                method="fast_em") == 0
+    rec = yaml.safe_load((out / "config.yaml").read_text())
+    assert rec["precision"] == "bf16" and rec["settings"]["diffusion"]["precision"] == "auto"
