@@ -19,7 +19,8 @@ Variants (`--variants`):
 - `ours_chunk1`, `ours_nchw_chunk1`: a batch evaluated one image per UNet call (EpsDenoiser(max_batch=1), the
   CPU default since it measured faster than one batched call), channels-last or NCHW.
 - `ours_nchw_bf16`, `ours_nchw_chunk1_bf16`: the NCHW variants under bf16 autocast (what `precision: bf16` runs
-  for the small bundled net on a CPU).
+  for the small bundled net on a CPU); `ours_nchw_compiled(_bf16)`: the same compiled (what `compile: true` runs
+  for that net on a CPU).
 - `ours_compiled`, `ours_compiled_bf16`: `torch.compile` (inductor) of `ours`; the first call's extra time is
   reported as `compile_s`, and `break_even_calls` = compile_s / (ours − compiled) per-call saving
   (a 100-step Fast EM image makes 100 forward+input-gradient calls).
@@ -58,6 +59,8 @@ VARIANTS = {
     "ours_nchw_chunk1": (False, False, None, True, False, 1),
     "ours_nchw_bf16": (False, False, torch.bfloat16, True, False, None),
     "ours_nchw_chunk1_bf16": (False, False, torch.bfloat16, True, False, 1),
+    "ours_nchw_compiled": (False, False, None, True, True, None),
+    "ours_nchw_compiled_bf16": (False, False, torch.bfloat16, True, True, None),
 }
 
 
@@ -213,7 +216,7 @@ def main():
                         comp_s = first[n][k] - med[n]
                         rec["compile_s"] = round(first[n][0] - statistics.median(ts), 1)
                         rec["compile_cpu_s"] = round(first[n][1] - statistics.median(cpus[n]), 1)
-                        eager = "ours_bf16" if VARIANTS[n][2] else "ours"
+                        eager = ("ours_nchw" if not VARIANTS[n][1] else "ours") + ("_bf16" if VARIANTS[n][2] else "")
                         saving = med[eager] - med[n] if eager in med else None
                         rec["break_even_calls"] = round(comp_s / saving) if saving and saving > 0 else None
                     print(json.dumps(rec), flush=True)

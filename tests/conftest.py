@@ -89,6 +89,7 @@ def tiny_run(tmp_path, tiny_unet_config):
         if d["method"] == "diffusion_em":
             d["em_rounds"] = 2
         d["guard_residual"], d["guard_saturation"] = 1e9, 1.0
+        d["precision"] = "fp32"  # 'auto' would differ by machine; its resolution has its own tests
         cfgs[name] = tmp_path / f"diff_{name}.yaml"
         cfgs[name].write_text(yaml.safe_dump(d))
     data = tmp_path / "set"

@@ -504,3 +504,23 @@ def test_classical_anchor_screen_scores_a_runs_diffusion_image_fitted_to_the_dat
     assert abs(d - aligned_scores(d0 / 255, truth, 3)["psnr_aligned"]) < 0.006
     assert a > d + 1.0
     assert lines[-1].startswith("mean (1 cases) D=")
+
+
+def test_unet_speed_times_the_nchw_bf16_variants(repo_root, tmp_path, tiny_unet_config):
+    """bench/unet_speed.py on a tiny net: one record per variant and batch, bf16 variants under bf16, ratios to the
+    original-style baseline (always run first)."""
+    import subprocess
+    import sys
+    import yaml
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_unet_config))
+    out = subprocess.run([sys.executable, str(repo_root / "bench" / "unet_speed.py"), "--model", str(cfg), "--size", "32",
+                          "--batch", "1", "2", "--repeats", "1", "--threads", "1", "--devices", "cpu", "--variants",
+                          "ours_nchw", "ours_nchw_bf16", "ours_nchw_chunk1_bf16"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [(r["batch"], r["variant"]) for r in recs] == [
+        (b, v) for b in (1, 2) for v in ("original_style", "ours_nchw", "ours_nchw_bf16", "ours_nchw_chunk1_bf16")]
+    assert all((r["dtype"] == "bf16") == r["variant"].endswith("bf16") and r["channels_last"] is False for r in recs)
+    assert [r["rows_per_call"] for r in recs if r["batch"] == 2] == [2, 2, 2, 1]
+    assert all(r["median_vs_original"] > 0 for r in recs)
