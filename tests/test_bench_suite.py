@@ -524,3 +524,31 @@ def test_unet_speed_times_the_nchw_bf16_variants(repo_root, tmp_path, tiny_unet_
     assert all((r["dtype"] == "bf16") == r["variant"].endswith("bf16") and r["channels_last"] is False for r in recs)
     assert [r["rows_per_call"] for r in recs if r["batch"] == 2] == [2, 2, 2, 1]
     assert all(r["median_vs_original"] > 0 for r in recs)
+
+
+def test_compare_runs_pairs_the_cases_both_finished(repo_root, tmp_path):
+    """bench/compare_runs.py: paired differences over the common ok cases, their standard error, per σ, and the
+    cases below the blurry input; a failed or missing case is left out of both sides."""
+    cr = _load(repo_root, "compare_runs")
+    cols = ["name", "status", "sigma", "psnr_aligned", "psnr_blurry_aligned", "kernel_mse"]
+    rows_a = [("c0", "ok", 5 / 255, 20.0, 18.0, 1e-5), ("c1", "ok", 5 / 255, 22.0, 23.0, 2e-5),
+              ("c2", "ok", 20 / 255, 25.0, 20.0, 3e-5), ("c3", "ok", 20 / 255, 30.0, 20.0, 1e-5)]
+    rows_b = [("c0", "ok", 5 / 255, 21.0, 18.0, 1e-5), ("c1", "ok", 5 / 255, 22.5, 23.0, 1e-5),
+              ("c2", "ok", 20 / 255, 24.0, 20.0, 3e-5), ("c3", "failed", 20 / 255, "", 20.0, "")]
+    for name, rows in (("a", rows_a), ("b", rows_b)):
+        (tmp_path / name).mkdir()
+        lines = [",".join(cols)] + [",".join(str(v) for v in r) for r in rows]
+        (tmp_path / name / "metrics.csv").write_text("\n".join(lines) + "\n")
+    out = cr.compare(tmp_path / "a", tmp_path / "b", ["psnr_aligned", "kernel_mse"])
+    text = "\n".join(out)
+    assert "cases finished ok by both: 3 (A only: 1, B only: 0)" in text
+    # differences +1, +0.5, -1: mean 1/6, s.e. = sd/sqrt(3)
+    d = [1.0, 0.5, -1.0]
+    m = sum(d) / 3
+    se = (sum((v - m) ** 2 for v in d) / 2 / 3) ** 0.5
+    assert f"B-A {m:+.3f} (s.e. {se:.3f}), B higher on 2 of 3, largest |B-A| 1.000" in text
+    assert "sigma 5/255 (n=2): psnr_aligned A 21.00  B 21.75  B-A +0.75" in text
+    assert "sigma 20/255 (n=1)" in text
+    assert "A: 1 case(s) below their blurry input (aligned): c1" in text and "B: 1 case(s)" in text
+    with pytest.raises(SystemExit, match="no metrics.csv"):
+        cr.compare(tmp_path / "a", tmp_path / "nothing", ["psnr_aligned"])
