@@ -4,7 +4,7 @@
 #                  σ 5/10/20 /255 (the evaluation set of docs/benchmarks.md; blurry input 22.08 dB aligned)
 #   synth24_valid  the same images and kernels with valid (non-periodic) blur (blurry 22.21 dB aligned)
 #   dev256         10 cases, 256², circular: BSDS500 test images not in synth24, generated kernels 9–25 px
-#                  (the dev set "DEV256" of README and docs; blurry 21.50 dB aligned)
+#                  (the dev set "DEV256" of docs/choices.md and docs/speed.md; blurry 21.50 dB aligned)
 # Usage: bash bench/evalsets.sh [OUT_ROOT [SET ...]]   (default /work/evalsets, all three sets; then e.g.
 #        --input_dir OUT_ROOT/synth24). dev256 needs synth24 (it avoids synth24's images): it is made too.
 # The 128² dev set "DEV128" of earlier screens was made by a scratch script that was not kept.

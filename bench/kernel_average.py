@@ -13,8 +13,8 @@ w = 0 reproduces the run's own output up to the 8-bit rounding of its saved diff
     python bench/kernel_average.py --set SET --run RUN --l0 L0_RUN [--weights 0,0.25,0.5,0.75,1] [--blend 0.5]
 
 Circular sets only (the hyper-Laplacian solve here is circular on the unpadded image). Measured on DEV256 and
-synth24 (`bench/measured/kernel_average.txt`): a small kernel gain at w = 0.25, not adopted (README, "Where the
-remaining kernel error comes from").
+synth24 (`bench/measured/kernel_average.txt`): a small kernel gain at w = 0.25, not adopted (docs/choices.md, "Where
+the remaining kernel error comes from").
 """
 from __future__ import annotations
 

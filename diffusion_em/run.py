@@ -497,7 +497,7 @@ RUN_FACTS = ("device", "threads", "ranks", "precision")  # not settings (a resum
 
 
 def _with_earlier_runs(out: ResultsFolder, record: dict, previous: dict) -> dict:
-    """The record to write, keeping the device/threads/ranks of earlier runs whose images this folder holds when a
+    """The record to write, keeping the device/precision/threads/ranks of earlier runs whose images this folder holds when a
     resume uses others (the same seed gives other bits then: README "Reproducibility"), with a note. `previous`:
     the folder's rows (`ResultsFolder.previous_rows`)."""
     old = out.recorded() if previous else None
