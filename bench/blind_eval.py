@@ -72,7 +72,8 @@ def main(argv=None):
     if not args.skip_nonblind:
         gaps = [r["psnr_nonblind"] - r["psnr_blind"] for r in ok if r.get("psnr_nonblind") is not None]
         summary["mean_nonblind_minus_blind"] = float(np.mean(gaps)) if gaps else None
-    summary.update(n=len(rows), config=args.diffusion_config, model=args.img_model_config, steps=ctx.dcfg.steps)
+    summary.update(n=len(rows), config=args.diffusion_config, model=args.img_model_config, steps=ctx.dcfg.steps,
+                   precision=ctx.precision)
     print(json.dumps({"summary": summary}), flush=True)
 
 

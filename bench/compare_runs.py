@@ -39,10 +39,10 @@ def paired(a: list, b: list) -> dict:
 
 
 def _num(row: dict, col: str):
-    v = row.get(col, "")
+    """The column's value, or None where it is empty (e.g. no ground truth) or missing."""
     try:
-        return float(v)
-    except ValueError:
+        return float(row.get(col))
+    except (TypeError, ValueError):
         return None
 
 
@@ -65,15 +65,16 @@ def compare(run_a: Path, run_b: Path, columns: list) -> list:
         f = fmt.get(col, ".3f")
         lines.append(f"{col} (n={s['n']}): A {s['a']:{f}}  B {s['b']:{f}}  B-A {s['diff']:+{f}} (s.e. {s['se']:{f}}), "
                      f"B higher on {s['b_higher']} of {s['n']}, largest |B-A| {s['max_abs']:{f}}")
-    sigmas = sorted({ra[n]["sigma"] for n in names}, key=float)
-    for sg in sigmas:
-        sel = [n for n in names if ra[n]["sigma"] == sg]
-        s = paired([float(ra[n]["psnr_aligned"]) for n in sel], [float(rb[n]["psnr_aligned"]) for n in sel])
-        lines.append(f"  sigma {float(sg) * 255:.0f}/255 (n={s['n']}): psnr_aligned A {s['a']:.2f}  B {s['b']:.2f}  "
+    scored = [n for n in names if _num(ra[n], "psnr_aligned") is not None and _num(rb[n], "psnr_aligned") is not None]
+    for sg in sorted({_num(ra[n], "sigma") for n in scored} - {None}):
+        sel = [n for n in scored if _num(ra[n], "sigma") == sg]
+        s = paired([_num(ra[n], "psnr_aligned") for n in sel], [_num(rb[n], "psnr_aligned") for n in sel])
+        lines.append(f"  sigma {sg * 255:.0f}/255 (n={s['n']}): psnr_aligned A {s['a']:.2f}  B {s['b']:.2f}  "
                      f"B-A {s['diff']:+.2f} (s.e. {s['se']:.2f})")
     for tag, rows in (("A", ra), ("B", rb)):
-        below = [n for n in names if float(rows[n]["psnr_aligned"]) < float(rows[n]["psnr_blurry_aligned"])]
-        lines.append(f"{tag}: {len(below)} case(s) below their blurry input (aligned){': ' + ', '.join(below) if below else ''}")
+        below = [n for n in scored if _num(rows[n], "psnr_aligned") < (_num(rows[n], "psnr_blurry_aligned") or -1e9)]
+        listed = ": " + ", ".join(below) if below else ""
+        lines.append(f"{tag}: {len(below)} case(s) below their blurry input (aligned){listed}")
     return lines
 
 

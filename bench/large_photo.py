@@ -5,8 +5,10 @@
 Each (size, steps) is one fresh `test_FastDiffEM.py` process (bundled prior, Fast EM ΠGDM, default configs)
 on one synthetic plain photo of that size (so the default photo path runs: σ given, tapered border, padding).
 Peak memory is the child's peak resident set (`wait4` rusage), model and Python included; a 64×64 run gives
-that fixed part. The runner's pixel budget is off here (`--memory_budget_gb 0`); its estimate
-(`diffusion_em.budget.estimate_run_bytes`) is printed beside the measured peak. Seconds per step come from
+that fixed part. The runner's pixel budget stays on (a size it refuses is recorded with its message; the
+default's 4 particles need ~4x one particle's memory in the last steps); `--no_budget` turns it off
+(`--memory_budget_gb 0`), at the risk of the OOM killer. Its estimate (`diffusion_em.budget.estimate_run_bytes`,
+with the run's particles) is printed beside the measured peak. Seconds per step come from
 the difference of the two step counts, in wall time (the runner's per-image `seconds`) and in the process's
 CPU seconds (the robust figure on a shared machine with 1 thread); the 100-step time is projected from
 them (100 steps of a 1024² image take tens of minutes on this CPU). One JSON line per measurement.
@@ -38,12 +40,14 @@ def synthetic_photo(path: Path, H: int, W: int, seed: int = 0) -> None:
     img.save(path)
 
 
-def estimate_mb(H: int, W: int) -> float:
-    """The pixel budget's estimate for this image at the default settings (bundled prior, 33×33 kernels)."""
+def estimate_mb(H: int, W: int, n_particles: int) -> float:
+    """The pixel budget's estimate for this image at the default settings (bundled prior, 33×33 kernels) with
+    the particles the run uses (the default config's 4 hold their UNet graphs at once in the last steps)."""
     sys.path.insert(0, str(ROOT))
     from diffusion_em.budget import estimate_run_bytes
     from guided_diffusion.model_config import load_model_config
-    return estimate_run_bytes(H, W, 1, load_model_config(ROOT / "configs" / "model_config_bundled.yaml"), 33) / 2 ** 20
+    model = load_model_config(ROOT / "configs" / "model_config_bundled.yaml")
+    return estimate_run_bytes(H, W, n_particles, model, 33) / 2 ** 20
 
 
 def timing_config(path: Path) -> Path:
@@ -54,10 +58,10 @@ def timing_config(path: Path) -> Path:
     return path
 
 
-def run_once(photo_dir: Path, out: Path, steps: int, threads: int, extra: list) -> dict:
+def run_once(photo_dir: Path, out: Path, steps: int, threads: int, extra: list, budget: list) -> dict:
     cfg = timing_config(out.parent / "timing_config.yaml")
     cmd = [sys.executable, str(ROOT / "test_FastDiffEM.py"), "--input_dir", str(photo_dir), "--save_dir", str(out),
-           "--diffusion_config", str(cfg), "--memory_budget_gb", "0",
+           "--diffusion_config", str(cfg), *budget,
            "--steps", str(steps), "--threads", str(threads), "--device", "cpu", "--sigma", "0.02",
            "--overwrite", *extra]
     t0 = time.perf_counter()
@@ -81,8 +85,13 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, nargs=2, default=[2, 6], help="two step counts (per-step cost from the difference)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--baseline", default="64x64", help="a small size giving the fixed memory (model, Python)")
+    ap.add_argument("--no_budget", action="store_true",
+                    help="run with --memory_budget_gb 0 (measure past the estimate; may meet the OOM killer)")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more test_FastDiffEM.py flags")
     args = ap.parse_args(argv)
+    budget = ["--memory_budget_gb", "0"] if args.no_budget else []  # default: the runner refuses what will not fit
+    n_particles = int(args.extra[args.extra.index("--n_particles") + 1]) if "--n_particles" in args.extra else \
+        yaml.safe_load((ROOT / "configs" / "diffusion_config_fastem_pigdm.yaml").read_text())["n_particles"]
     sizes = ([args.baseline] if args.baseline else []) + args.sizes
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
@@ -92,7 +101,7 @@ def main(argv=None) -> int:
             synthetic_photo(d / f"photo_{size}.png", H, W)
             runs = {}
             for steps in (args.steps if size != args.baseline else args.steps[:1]):
-                r = run_once(d, Path(tmp) / f"out_{size}", steps, args.threads, args.extra)
+                r = run_once(d, Path(tmp) / f"out_{size}", steps, args.threads, args.extra, budget)
                 runs[steps] = r
                 print(json.dumps({"size": [H, W], "steps": steps, "threads": args.threads, **r,
                                   "load1": round(os.getloadavg()[0], 2)}), flush=True)
@@ -101,7 +110,7 @@ def main(argv=None) -> int:
                 per_step = (runs[s2]["image_s"] - runs[s1]["image_s"]) / (s2 - s1)
                 cpu_step = (runs[s2]["cpu_s"] - runs[s1]["cpu_s"]) / (s2 - s1)
                 print(json.dumps({"size": [H, W], "summary": True, "threads": args.threads,
-                                  "budget_estimate_mb": round(estimate_mb(H, W), 1),
+                                  "budget_estimate_mb": round(estimate_mb(H, W, n_particles), 1),
                                   "s_per_step": round(per_step, 2), "cpu_s_per_step": round(cpu_step, 2),
                                   "projected_100_steps_cpu_s": round(100 * cpu_step, 1),
                                   "projected_100_steps_s": round(runs[s1]["image_s"] + (100 - s1) * per_step, 1),

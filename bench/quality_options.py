@@ -64,8 +64,9 @@ def scores(img: np.ndarray, x_true: np.ndarray, ks: int) -> list:
 
 def variant_restorer(base, overrides: dict):
     """The restorer with diffusion-config overrides (validated like a config file; not 'steps')."""
-    if "steps" in overrides:
-        raise ValueError("'steps' is not a variant key (the schedule is built once): use --steps")
+    for key, flag in (("steps", "--steps"), ("precision", "--precision"), ("compile", "a config with compile")):
+        if key in overrides:  # these build the denoiser, which the variants share
+            raise ValueError(f"'{key}' is not a variant key (the denoiser is built once): use {flag}")
     d = diffusion_config_dict(base.dcfg)
     for key, v in overrides.items():
         sec, _, name = key.rpartition(".")
@@ -95,7 +96,7 @@ def run_cases(args) -> None:
         y = image_to_tensor(s.y, base.device)
         for vname, over in variants.items():
             r = variant_restorer(base, over)
-            row = {**case, "variant": vname, "overrides": over}
+            row = {**case, "variant": vname, "overrides": over, "precision": base.precision}
             oracle = args.oracle and (not args.oracle_for or vname in args.oracle_for.split(","))
             tags = ([] if args.oracle_only else [("blind", None)]) + ([("oracle", torch.from_numpy(s.k_true))] if oracle else [])
             for tag, k in tags:

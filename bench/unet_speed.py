@@ -20,7 +20,7 @@ Variants (`--variants`):
   CPU default since it measured faster than one batched call), channels-last or NCHW.
 - `ours_nchw_bf16`, `ours_nchw_chunk1_bf16`: the NCHW variants under bf16 autocast (what `precision: bf16` runs
   for the small bundled net on a CPU); `ours_nchw_compiled(_bf16)`: the same compiled (what `compile: true` runs
-  for that net on a CPU).
+  for that net on a CPU at batch 1; the CPU runner calls the UNet one image at a time).
 - `ours_compiled`, `ours_compiled_bf16`: `torch.compile` (inductor) of `ours`; the first call's extra time is
   reported as `compile_s`, and `break_even_calls` = compile_s / (ours − compiled) per-call saving
   (a 100-step Fast EM image makes 100 forward+input-gradient calls).

@@ -52,8 +52,7 @@ class DiffusionConfig:
     pigdm_jacobian: str = "unet"     # 'unet': ΠGDM's VJP through the UNet (paper) | 'none': no backward pass
     zeta_true_kernel: Optional[float] = None  # ζ when the kernel is known (--true_kernel); None: zeta
     clip_denoised: bool = True
-    precision: str = "fp32"          # UNet autocast: 'fp32' | 'bf16' (GPUs; CPUs with BF16 units, docs/speed.md) | 'fp16'
-                                     # (GPU) | 'auto': bf16 on a CPU with BF16 units, fp32 elsewhere (restore.resolve_precision)
+    precision: str = "fp32"          # UNet autocast: fp32 | bf16 | fp16 (GPU) | auto (restore.resolve_precision)
     compile: bool = False            # torch.compile (inductor) the UNet: a one-off compilation, then faster calls
     em_rounds: int = 10              # L, Diffusion EM only
     mstep: MStepConfig = field(default_factory=MStepConfig)

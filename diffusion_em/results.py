@@ -33,9 +33,10 @@ MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_
                "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
 RECORD_FILES = ("config.yaml", "metrics.csv", "summary.json")
 OUTPUT_DIRS = ("images", "kernels", "montage", "npy", "progress")  # what write_image fills
-# keys recorded with the settings that do not change a finished image, only what a failed one gets (retried on
-# resume anyway; a classical fallback's row is flagged): a resume may change them
-NOT_SETTINGS = ("diffusion.on_divergence:",)
+# keys recorded with the settings that a resume may change: on_divergence changes only what a failed image gets
+# (retried on resume anyway; a fallback's row is flagged); precision changes the bits as --threads does, and the
+# precision that ran is a run fact (run.RUN_FACTS), noted when a resume differs
+NOT_SETTINGS = ("diffusion.on_divergence:", "diffusion.precision:")
 POOR_FIT = 3.0  # a result whose re-blur misfits the observed frame by more than 3σ (RMS) does not explain it
 
 

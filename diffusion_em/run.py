@@ -493,7 +493,7 @@ def _all_ok(ranks: shard.Ranks, ok: bool) -> bool:
     return all(flags)
 
 
-RUN_FACTS = ("device", "threads", "ranks", "precision")  # not settings (a resume may change them) but they change the bits
+RUN_FACTS = ("device", "threads", "ranks", "precision")  # a resume may change them, but they change the bits
 
 
 def _with_earlier_runs(out: ResultsFolder, record: dict, previous: dict) -> dict:
@@ -504,7 +504,9 @@ def _with_earlier_runs(out: ResultsFolder, record: dict, previous: dict) -> dict
     if not isinstance(old, dict):
         return record
     earlier = list(old.get("earlier_runs") or [])
-    facts = {k: old[k] for k in RUN_FACTS if k in old}
+    if "precision" not in old:  # folders from before `auto` ran what their settings said
+        old = {**old, "precision": ((old.get("settings") or {}).get("diffusion") or {}).get("precision")}
+    facts = {k: old[k] for k in RUN_FACTS if old.get(k) is not None}
     if facts and facts != {k: record[k] for k in facts}:
         earlier.append(facts)
         print(f"note: {out.path} holds images made with {facts}; this run uses "

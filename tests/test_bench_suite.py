@@ -552,3 +552,13 @@ def test_compare_runs_pairs_the_cases_both_finished(repo_root, tmp_path):
     assert "A: 1 case(s) below their blurry input (aligned): c1" in text and "B: 1 case(s)" in text
     with pytest.raises(SystemExit, match="no metrics.csv"):
         cr.compare(tmp_path / "a", tmp_path / "nothing", ["psnr_aligned"])
+    # photos without ground truth: ok rows with empty scores are compared on what they have, not a crash
+    for name in ("p", "q"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text("name,status,sigma,psnr_aligned,psnr_blurry_aligned,seconds\n"
+                                                     "photo,ok,0.02,,,10\n")
+    text = "\n".join(cr.compare(tmp_path / "p", tmp_path / "q", ["psnr_aligned", "seconds"]))
+    assert "psnr_aligned: no values" in text and "seconds (n=1)" in text and "A: 0 case(s)" in text
+    (tmp_path / "q" / "metrics.csv").write_text("name,status,sigma,psnr_aligned\nother,ok,0.02,20\n")
+    with pytest.raises(SystemExit, match="no finished case in common"):
+        cr.compare(tmp_path / "p", tmp_path / "q", ["psnr_aligned"])

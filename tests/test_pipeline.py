@@ -64,6 +64,18 @@ def test_output_mean_writes_the_particle_average(setup):
         assert np.abs(parts[0] - parts[1]).max() > 2 / 255  # the particles differ
 
 
+def test_precision_auto_builds_a_bf16_denoiser_where_the_cpu_has_units(setup, monkeypatch):
+    """The flag reaches the UNet: `--precision auto` autocasts to bf16 with BF16 units and not without."""
+    from diffusion_em import restore as R
+    from diffusion_em.run import build_parser, restorer_from_args
+    tmp, cfgs, data = setup
+    for units, dtype in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(R, "cpu_has_bf16_units", lambda units=units: units)
+        args = build_parser("fast_em").parse_args(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "o") + ["--precision", "auto"])
+        r = restorer_from_args(args, "fast_em")
+        assert r.denoiser.autocast_dtype is dtype and r.precision == ("bf16" if units else "fp32")
+
+
 def _restorer_and_first_sample(setup):
     """The fastem_pigdm restorer built from the runner's flags, and the set's first sample with its y tensor."""
     from diffusion_em.run import build_parser, restorer_from_args

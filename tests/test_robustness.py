@@ -3,6 +3,7 @@
 Tiny random models, 32×32 images, 4 steps; subprocesses where a memory limit is involved.
 """
 import collections
+import json
 import os
 import pickle
 import shutil
@@ -506,3 +507,23 @@ def test_the_record_names_the_precision_auto_resolved_to(tiny_run, monkeypatch):
                 method="fast_em") == 0
     rec = yaml.safe_load((out / "config.yaml").read_text())
     assert rec["precision"] == "bf16" and rec["settings"]["diffusion"]["precision"] == "auto"
+    assert json.loads((out / "summary.json").read_text())["precision"] == "bf16"
+
+
+def test_a_folder_from_before_precision_auto_resumes_with_another_precision(tiny_run, capsys):
+    """A folder made before `precision: auto` records only its settings' precision; a resume under the new default
+    (or another --precision) goes on, and the record notes what the earlier images ran with."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1", "--threads", "1"), method="fast_em") == 0
+    rec = yaml.safe_load((out / "config.yaml").read_text())
+    del rec["precision"]  # the record as an older version wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(rec))
+    capsys.readouterr()
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--threads", "1", "--precision", "bf16"),
+                method="fast_em") == 0
+    rec = yaml.safe_load((out / "config.yaml").read_text())
+    assert rec["precision"] == "bf16"
+    assert rec["earlier_runs"] == [{"device": "cpu", "precision": "fp32", "threads": 1, "ranks": 1}]
+    assert "holds images made with" in capsys.readouterr().err
+    assert len(metrics_rows(out)) == 2
