@@ -13,19 +13,20 @@ mean shrinks as 1/√n; the standard error says how far the mean can be trusted.
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from diffusion_em.evaluate import read_run_metrics  # noqa: E402
+
 
 def read_rows(run: Path) -> dict:
     """{case name: row} of a run's metrics.csv, the rows with status ok."""
-    f = run / "metrics.csv"
-    if not f.exists():
-        raise SystemExit(f"error: {f}: no metrics.csv (a sharded run writes it when every rank has finished)")
-    with open(f, newline="") as fh:
-        return {r["name"]: r for r in csv.DictReader(fh) if r.get("status") == "ok"}
+    if not (run / "metrics.csv").exists():
+        raise SystemExit(f"error: {run / 'metrics.csv'}: no metrics.csv (a sharded run writes it when every rank "
+                         f"has finished)")
+    return {n: r for n, r in read_run_metrics(run).items() if r.get("status") == "ok"}
 
 
 def paired(a: list, b: list) -> dict:

@@ -74,7 +74,10 @@ def run_once(photo_dir: Path, out: Path, steps: int, threads: int, extra: list, 
         log = logf.read()
     rows = list(csv.DictReader(open(out / "metrics.csv"))) if (out / "metrics.csv").exists() else []
     row = rows[-1] if rows else {}
-    return {"rc": p.returncode, "wall_s": round(wall, 1), "image_s": float(row["seconds"]) if row.get("seconds") else None,
+    record = (yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else None) or {}
+    n_particles = record.get("settings", {}).get("diffusion", {}).get("n_particles")  # what the run resolved
+    return {"n_particles": n_particles, "rc": p.returncode, "wall_s": round(wall, 1),
+            "image_s": float(row["seconds"]) if row.get("seconds") else None,
             "status": row.get("status"), "message": row.get("message") or log.strip().splitlines()[-1][:300],
             "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
 
@@ -90,8 +93,6 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more test_FastDiffEM.py flags")
     args = ap.parse_args(argv)
     budget = ["--memory_budget_gb", "0"] if args.no_budget else []  # default: the runner refuses what will not fit
-    n_particles = int(args.extra[args.extra.index("--n_particles") + 1]) if "--n_particles" in args.extra else \
-        yaml.safe_load((ROOT / "configs" / "diffusion_config_fastem_pigdm.yaml").read_text())["n_particles"]
     sizes = ([args.baseline] if args.baseline else []) + args.sizes
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                 per_step = (runs[s2]["image_s"] - runs[s1]["image_s"]) / (s2 - s1)
                 cpu_step = (runs[s2]["cpu_s"] - runs[s1]["cpu_s"]) / (s2 - s1)
                 print(json.dumps({"size": [H, W], "summary": True, "threads": args.threads,
-                                  "budget_estimate_mb": round(estimate_mb(H, W, n_particles), 1),
+                                  "budget_estimate_mb": round(estimate_mb(H, W, runs[s2]["n_particles"]), 1),
                                   "s_per_step": round(per_step, 2), "cpu_s_per_step": round(cpu_step, 2),
                                   "projected_100_steps_cpu_s": round(100 * cpu_step, 1),
                                   "projected_100_steps_s": round(runs[s1]["image_s"] + (100 - s1) * per_step, 1),
