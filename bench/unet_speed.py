@@ -21,6 +21,8 @@ Variants (`--variants`):
 - `ours_nchw_bf16`, `ours_nchw_chunk1_bf16`: the NCHW variants under bf16 autocast (what `precision: bf16` runs
   for the small bundled net on a CPU); `ours_nchw_compiled(_bf16)`: the same compiled (what `compile: true` runs
   for that net on a CPU at batch 1; the CPU runner calls the UNet one image at a time).
+- `ours_nchw_chunk1_bf16_castops`: `ours_nchw_chunk1_bf16` with the bf16 CPU path as it was before
+  2026-12-07: GroupNorm on a float32 copy, 1×1 convolutions through conv2d, avg_pool2d.
 - `ours_compiled`, `ours_compiled_bf16`: `torch.compile` (inductor) of `ours`; the first call's extra time is
   reported as `compile_s`, and `break_even_calls` = compile_s / (ours − compiled) per-call saving
   (a 100-step Fast EM image makes 100 forward+input-gradient calls).
@@ -61,7 +63,11 @@ VARIANTS = {
     "ours_nchw_chunk1_bf16": (False, False, torch.bfloat16, True, False, 1),
     "ours_nchw_compiled": (False, False, None, True, True, None),
     "ours_nchw_compiled_bf16": (False, False, torch.bfloat16, True, True, None),
+    "ours_nchw_chunk1_bf16_castops": (False, False, torch.bfloat16, False, False, 1),
 }
+# bf16 on a CPU as it ran before the CPU bf16 ops of guided_diffusion/unet.py: GroupNorm on a float32 copy,
+# 1×1 convolutions through conv2d, avg_pool2d (the lever the `ours_nchw_chunk1_bf16` variant measures)
+CAST_OPS = {"ours_nchw_chunk1_bf16_castops"}
 
 
 def _attn_original(self, x):
@@ -83,7 +89,13 @@ def _attn_original(self, x):
     return inner(x)
 
 
-def build(model: str, original: bool, channels_last: bool, gemm1x1: bool, device) -> nn.Module:
+def _group_norm_on_float32_copy(self, x):
+    if x.dtype == torch.float32:
+        return nn.GroupNorm.forward(self, x)
+    return nn.GroupNorm.forward(self, x.float()).to(x.dtype)
+
+
+def build(model: str, original: bool, channels_last: bool, gemm1x1: bool, device, cast_ops: bool = False) -> nn.Module:
     cfg = load_model_config(ROOT / MODELS.get(model, model)).unet_kwargs()
     torch.manual_seed(0)
     m = U.create_model(**cfg).to(device).eval()
@@ -96,6 +108,10 @@ def build(model: str, original: bool, channels_last: bool, gemm1x1: bool, device
             mod.forward = _attn_original.__get__(mod)
         if not gemm1x1 and isinstance(mod, U.Conv1x1):
             mod.forward = nn.Conv2d.forward.__get__(mod)
+        if cast_ops and isinstance(mod, U.GroupNorm32):
+            mod.forward = _group_norm_on_float32_copy.__get__(mod)
+        if cast_ops and isinstance(mod, U.Downsample) and not isinstance(mod.op, nn.Conv2d):
+            mod.op = nn.AvgPool2d(2)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -181,7 +197,7 @@ def main():
         models = {}
         for n in names:
             orig, cl, _, g1, comp, _ = VARIANTS[n]
-            m = build(args.model, orig, cl, g1, device)
+            m = build(args.model, orig, cl, g1, device, cast_ops=n in CAST_OPS)
             models[n] = torch.compile(m) if comp else m
         for B in args.batch:
             x0 = torch.randn(B, 3, args.size, args.size, device=device)

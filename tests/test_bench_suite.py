@@ -516,14 +516,26 @@ def test_unet_speed_times_the_nchw_bf16_variants(repo_root, tmp_path, tiny_unet_
     cfg.write_text(yaml.safe_dump(tiny_unet_config))
     out = subprocess.run([sys.executable, str(repo_root / "bench" / "unet_speed.py"), "--model", str(cfg), "--size", "32",
                           "--batch", "1", "2", "--repeats", "1", "--threads", "1", "--devices", "cpu", "--variants",
-                          "ours_nchw", "ours_nchw_bf16", "ours_nchw_chunk1_bf16"],
+                          "ours_nchw", "ours_nchw_bf16", "ours_nchw_chunk1_bf16", "ours_nchw_chunk1_bf16_castops"],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    assert [(r["batch"], r["variant"]) for r in recs] == [
-        (b, v) for b in (1, 2) for v in ("original_style", "ours_nchw", "ours_nchw_bf16", "ours_nchw_chunk1_bf16")]
-    assert all((r["dtype"] == "bf16") == r["variant"].endswith("bf16") and r["channels_last"] is False for r in recs)
-    assert [r["rows_per_call"] for r in recs if r["batch"] == 2] == [2, 2, 2, 1]
+    names = ("original_style", "ours_nchw", "ours_nchw_bf16", "ours_nchw_chunk1_bf16", "ours_nchw_chunk1_bf16_castops")
+    assert [(r["batch"], r["variant"]) for r in recs] == [(b, v) for b in (1, 2) for v in names]
+    assert all((r["dtype"] == "bf16") == ("bf16" in r["variant"]) and r["channels_last"] is False for r in recs)
+    assert [r["rows_per_call"] for r in recs if r["batch"] == 2] == [2, 2, 2, 1, 1]
     assert all(r["median_vs_original"] > 0 for r in recs)
+    # the castops variant runs the bf16 ops of before (GroupNorm on a float32 copy, conv2d 1×1, avg_pool2d)
+    us = _load(repo_root, "unet_speed")
+    new, old = (us.build(str(cfg), False, False, g1, torch.device("cpu"), cast_ops=c) for g1, c in ((True, False), (False, True)))
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([500])
+
+    def vjp(m):
+        xx = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xx, t).float()
+        return torch.autograd.grad(out.square().sum(), xx)[0]
+    a, b = vjp(new), vjp(old)
+    assert not torch.equal(a, b) and ((a - b).norm() / b.norm()).item() < 0.05
 
 
 def test_compare_runs_pairs_the_cases_both_finished(repo_root, tmp_path):

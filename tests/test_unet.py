@@ -98,3 +98,95 @@ def test_conv1x1_gemm_matches_conv2d():
         g, = torch.autograd.grad((out * ref).sum(), xx)
         g_ref = torch.nn.functional.conv_transpose2d(ref, conv.weight)  # adjoint of the 1x1 map
         assert torch.allclose(g, g_ref, atol=1e-4)
+
+
+def _bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a − b| in units of b's bf16 spacing (2^(e−7) for |b| in [2^e, 2^(e+1)))."""
+    spacing = torch.exp2(torch.floor(torch.log2(b.abs().clamp_min(1e-30))) - 7)
+    return ((a - b).abs() / spacing).max().item()
+
+
+def test_groupnorm_bf16_cpu_path_equals_the_float32_computation():
+    """GroupNorm32 on contiguous bf16 CPU input uses torch's own mixed-precision kernel (no casts): within one bf16
+    rounding of the float32 GroupNorm, and its input-gradient as close to float32's as the cast path's."""
+    from guided_diffusion.unet import normalization
+    torch.manual_seed(0)
+    gn = normalization(64)
+    with torch.no_grad():
+        gn.weight.uniform_(0.5, 1.5), gn.bias.normal_()
+    x = (torch.randn(2, 64, 12, 10) * 3 + 1).bfloat16()
+    ref = torch.nn.functional.group_norm(x.float(), 32, gn.weight, gn.bias, gn.eps)
+    out = gn(x)
+    assert out.dtype == torch.bfloat16 and _bf16_ulps(out.float(), ref) <= 1.0
+    u = torch.randn(ref.shape)
+    xx = x.clone().requires_grad_(True)
+    g, = torch.autograd.grad((gn(xx).float() * u).sum(), xx)
+    xr = x.float().requires_grad_(True)
+    g_ref, = torch.autograd.grad((torch.nn.functional.group_norm(xr, 32, gn.weight, gn.bias, gn.eps) * u).sum(), xr)
+    xc = x.clone().requires_grad_(True)  # the cast path (what runs on other devices / layouts)
+    g_cast, = torch.autograd.grad((torch.nn.GroupNorm.forward(gn, xc.float()).bfloat16().float() * u).sum(), xc)
+    err, err_cast = ((g.float() - g_ref).norm() / g_ref.norm()).item(), ((g_cast.float() - g_ref).norm() / g_ref.norm()).item()
+    assert err < 1e-2 and err <= 1.5 * err_cast
+
+
+def test_conv1x1_nchw_under_cpu_autocast_is_a_bf16_matrix_product():
+    from guided_diffusion.unet import Conv1x1
+    torch.manual_seed(0)
+    conv = Conv1x1(64, 32)
+    x = torch.randn(2, 64, 9, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xx = x.clone().requires_grad_(True)
+        out = conv(xx)
+        ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias)  # autocast: bf16 conv
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape and out.is_contiguous()
+    # both round x, W and b to bf16, accumulate in float32 and round the result once
+    exact = torch.nn.functional.conv2d(x.bfloat16().float(), conv.weight.bfloat16().float(), conv.bias.bfloat16().float())
+    assert _bf16_ulps(out.float(), exact) <= 1.0 and _bf16_ulps(ref.float(), exact) <= 1.0
+    g, = torch.autograd.grad((out.float() * exact).sum(), xx)
+    g_ref = torch.nn.functional.conv_transpose2d(exact, conv.weight)
+    assert ((g - g_ref).norm() / g_ref.norm()).item() < 1e-2
+
+
+def test_avg_pool_2x2_bf16_cpu_is_bit_equal_to_avg_pool2d():
+    from guided_diffusion.unet import avg_pool_2x2
+    torch.manual_seed(0)
+    for shape in [(2, 5, 8, 6), (1, 3, 7, 6)]:  # the odd height falls back to avg_pool2d
+        x = (torch.randn(shape) * 4).bfloat16()
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out, ref = avg_pool_2x2(a), torch.nn.functional.avg_pool2d(b, 2)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+        assert ("AvgPool" in type(out.grad_fn).__name__) == (shape[2] % 2 == 1)  # which path ran
+        u = torch.randn(ref.shape).bfloat16()
+        assert torch.equal(torch.autograd.grad((out * u).sum(), a)[0], torch.autograd.grad((ref * u).sum(), b)[0])
+    x = torch.randn(1, 2, 6, 4)
+    assert torch.equal(avg_pool_2x2(x), torch.nn.functional.avg_pool2d(x, 2))  # float32: avg_pool2d itself
+
+
+def _bf16_errors(model, x, t, u):
+    """Relative errors of the bf16-autocast output and input-gradient against float32."""
+    xr = x.clone().requires_grad_(True)
+    ref = model(xr, t)
+    g_ref, = torch.autograd.grad((ref * u).sum(), xr)
+    xb = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(xb, t).float()
+    g, = torch.autograd.grad((out * u).sum(), xb)
+    return ((out - ref).norm() / ref.norm()).item(), ((g - g_ref).norm() / g_ref.norm()).item()
+
+
+def test_unet_bf16_cpu_paths_as_accurate_as_the_cast_paths(tiny_unet_config, monkeypatch):
+    """The whole bf16 CPU UNet (autocast + the three paths above) is as close to float32 as with GroupNorm on a
+    float32 copy and 1x1 convolutions through conv2d (the paths before, and elsewhere)."""
+    import guided_diffusion.unet as U
+    torch.manual_seed(0)
+    model = create_model(**{**tiny_unet_config, "resblock_updown": True}).eval().requires_grad_(False)
+    for p in model.parameters():  # zero-initialised output layers would make the output 0
+        if p.dim() > 1 and p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    x, t, u = torch.randn(1, 3, 32, 32), torch.tensor([300]), torch.randn(1, 6, 32, 32)
+    ours = _bf16_errors(model, x, t, u)
+    monkeypatch.setattr(U.GroupNorm32, "forward", lambda self, v: torch.nn.GroupNorm.forward(self, v.float()).to(v.dtype))
+    monkeypatch.setattr(U.Conv1x1, "forward", torch.nn.Conv2d.forward)
+    cast = _bf16_errors(model, x, t, u)
+    assert ours != cast  # the fast paths ran
+    assert all(0 < a <= 1.25 * b + 1e-3 for a, b in zip(ours, cast)) and ours[0] < 0.05 and ours[1] < 0.1
