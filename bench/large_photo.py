@@ -7,7 +7,8 @@ on one synthetic plain photo of that size (so the default photo path runs: σ gi
 Peak memory is the child's peak resident set (`wait4` rusage), model and Python included; a 64×64 run gives
 that fixed part. The runner's pixel budget stays on (a size it refuses is recorded with its message; the
 default's 4 particles need ~4x one particle's memory in the last steps); `--no_budget` turns it off
-(`--memory_budget_gb 0`), at the risk of the OOM killer. Its estimate (`diffusion_em.budget.estimate_run_bytes`,
+(`--memory_budget_gb 0`), at the risk of the OOM killer; an image that fits only in the low-memory mode runs
+in it (`"low_memory": true`; one particle's UNet graph at a time). Its estimate (`diffusion_em.budget.estimate_run_bytes`,
 with the run's particles) is printed beside the measured peak. Seconds per step come from
 the difference of the two step counts, in wall time (the runner's per-image `seconds`) and in the process's
 CPU seconds (the robust figure on a shared machine with 1 thread); the 100-step time is projected from
@@ -40,14 +41,15 @@ def synthetic_photo(path: Path, H: int, W: int, seed: int = 0) -> None:
     img.save(path)
 
 
-def estimate_mb(H: int, W: int, n_particles: int) -> float:
+def estimate_mb(H: int, W: int, n_particles: int, low_memory: bool = False) -> float:
     """The pixel budget's estimate for this image at the default settings (bundled prior, 33×33 kernels) with
-    the particles the run uses (the default config's 4 hold their UNet graphs at once in the last steps)."""
+    the particles the run uses (the default config's 4 hold their UNet graphs at once in the last steps, or one
+    at a time in the low-memory mode the runner picks when only that fits the budget)."""
     sys.path.insert(0, str(ROOT))
     from diffusion_em.budget import estimate_run_bytes
     from guided_diffusion.model_config import load_model_config
     model = load_model_config(ROOT / "configs" / "model_config_bundled.yaml")
-    return estimate_run_bytes(H, W, n_particles, model, 33) / 2 ** 20
+    return estimate_run_bytes(H, W, n_particles, model, 33, low_memory=low_memory) / 2 ** 20
 
 
 def timing_config(path: Path) -> Path:
@@ -76,7 +78,8 @@ def run_once(photo_dir: Path, out: Path, steps: int, threads: int, extra: list, 
     row = rows[-1] if rows else {}
     record = (yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else None) or {}
     n_particles = record.get("settings", {}).get("diffusion", {}).get("n_particles")  # what the run resolved
-    return {"n_particles": n_particles, "rc": p.returncode, "wall_s": round(wall, 1),
+    return {"n_particles": n_particles, "low_memory": "low-memory mode" in (row.get("message") or ""),
+            "rc": p.returncode, "wall_s": round(wall, 1),
             "image_s": float(row["seconds"]) if row.get("seconds") else None,
             "status": row.get("status"), "message": row.get("message") or log.strip().splitlines()[-1][:300],
             "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
@@ -111,7 +114,9 @@ def main(argv=None) -> int:
                 per_step = (runs[s2]["image_s"] - runs[s1]["image_s"]) / (s2 - s1)
                 cpu_step = (runs[s2]["cpu_s"] - runs[s1]["cpu_s"]) / (s2 - s1)
                 print(json.dumps({"size": [H, W], "summary": True, "threads": args.threads,
-                                  "budget_estimate_mb": round(estimate_mb(H, W, runs[s2]["n_particles"]), 1),
+                                  "low_memory": runs[s2]["low_memory"],
+                                  "budget_estimate_mb": round(estimate_mb(H, W, runs[s2]["n_particles"],
+                                                                          runs[s2]["low_memory"]), 1),
                                   "s_per_step": round(per_step, 2), "cpu_s_per_step": round(cpu_step, 2),
                                   "projected_100_steps_cpu_s": round(100 * cpu_step, 1),
                                   "projected_100_steps_s": round(runs[s1]["image_s"] + (100 - s1) * per_step, 1),

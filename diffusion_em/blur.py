@@ -34,6 +34,12 @@ class BlurOperator:
     def with_kernel(self, kernel: torch.Tensor) -> "BlurOperator":
         return BlurOperator.from_kernel(kernel, self.shape, self.sigma)
 
+    def row(self, r: int) -> "BlurOperator":
+        """The operator of batch row r: this one when every row is blurred alike, else row r's kernel."""
+        if self.K.shape[0] == 1:
+            return self
+        return BlurOperator(kernel=self.kernel[r:r + 1], K=self.K[r:r + 1], shape=self.shape, sigma=self.sigma)
+
     def A(self, x: torch.Tensor) -> torch.Tensor:
         """k ⊛ x."""
         return torch.fft.irfft2(torch.fft.rfft2(x) * self.K, s=self.shape)

@@ -7,7 +7,9 @@ forward passes only) it counts instead the encoder outputs kept for the skip con
 working tensors and one attention score matrix. The per-block tensor counts are an upper-side model of
 the ADM UNet (`bench/memory_estimate.py` prints the estimate next to the measured peak). `check_budget`
 compares it with a budget (`--memory_budget_gb`; default: 90 % of the memory available now) and raises a
-ResourceError saying what is needed and the largest square image that fits.
+ResourceError saying what is needed and the largest square image that fits. `needs_low_memory` first tries
+the drivers' low-memory mode (several particles, one UNet graph at a time: the same result, slower) and
+refuses only what fits in neither.
 """
 from __future__ import annotations
 
@@ -28,10 +30,16 @@ SAFETY = 1.25                # allocator slack and temporaries (estimate 1.3–1
 
 
 def estimate_run_bytes(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int = 33,
-                       channels: int = 3, bytes_per_value: int = 4, backward: bool = True) -> int:
+                       channels: int = 3, bytes_per_value: int = 4, backward: bool = True,
+                       low_memory: bool = False) -> int:
     """Peak bytes of one guided diffusion step on an image of height×width (before padding) with
     `n_particles` particles, for the UNet of `model` (weights included); `backward`: the guidance
-    backpropagates through the UNet (False only for ΠGDM without its Jacobian)."""
+    backpropagates through the UNet (False only for ΠGDM without its Jacobian); `low_memory`: the drivers'
+    low-memory mode (a pass over all particles without the graph, then one particle's graph at a time)."""
+    if backward and low_memory and n_particles > 1:
+        return max(estimate_run_bytes(height, width, 1, model, kernel_size, channels, bytes_per_value),
+                   estimate_run_bytes(height, width, n_particles, model, kernel_size, channels, bytes_per_value,
+                                      backward=False))
     pad = 2 * kernel_size  # the boundary band, then the UNet's multiple
     mult = _parse_channel_mult(model.channel_mult, model.image_size)
     multiple = 2 ** (len(mult) - 1)
@@ -99,16 +107,37 @@ def default_budget_bytes(device: torch.device) -> Optional[int]:
     return None if avail is None else int(0.9 * avail)
 
 
-def largest_square(budget: int, n_particles: int, model: ModelConfig, kernel_size: int, backward: bool = True) -> int:
+def largest_square(budget: int, n_particles: int, model: ModelConfig, kernel_size: int, backward: bool = True,
+                   low_memory: bool = False) -> int:
     """The largest side s such that an s×s image fits the budget (0 when none does)."""
     lo, hi = 0, 1 << 16
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if estimate_run_bytes(mid, mid, n_particles, model, kernel_size, backward=backward) <= budget:
+        if estimate_run_bytes(mid, mid, n_particles, model, kernel_size, backward=backward,
+                              low_memory=low_memory) <= budget:
             lo = mid
         else:
             hi = mid - 1
     return lo
+
+
+def needs_low_memory(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int,
+                     budget: Optional[int], backward: bool = True) -> bool:
+    """Whether the run fits `budget` only in the low-memory mode (False: it fits as it is, or there is no
+    budget); raises ResourceError, with both estimates, when it fits in neither."""
+    if budget is None:
+        return False
+    need = estimate_run_bytes(height, width, n_particles, model, kernel_size, backward=backward)
+    if need <= budget:
+        return False
+    low = estimate_run_bytes(height, width, n_particles, model, kernel_size, backward=backward, low_memory=True)
+    if low <= budget:
+        return True
+    side = largest_square(budget, n_particles, model, kernel_size, backward, low_memory=True)
+    also = (f" ({low / 2**30:.1f} GB recomputing each particle's UNet pass)" if low < need else "")
+    raise ResourceError(f"a {width}×{height} image with {n_particles} particle(s) needs about {need / 2**30:.1f} GB{also}, "
+                        f"over the memory budget of {budget / 2**30:.1f} GB (--memory_budget_gb); about "
+                        f"{side}×{side} px fit: downscale or crop it, or raise the budget")
 
 
 def check_budget(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int,

@@ -164,13 +164,18 @@ class StackedOperator:
         rows = [self._rows(b) for b in range(len(self.ops))]
         return torch.cat([op.pigdm_solve(y[r][:1], x0[r], r2) for op, r in zip(self.ops, rows)])
 
+    def row(self, r: int):
+        """The operator of batch row r (its image's)."""
+        return self.ops[r // self.n]
+
 
 def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance, mcfg: MStepConfig,
                       kernel_size: int, generator: torch.Generator, kernel_denoiser=None, n_particles: int = 1,
                       k_init: Optional[torch.Tensor] = None, fixed_kernel: Optional[torch.Tensor] = None,
                       guard: Optional[Guard] = Guard(), callback: Optional[Callable[[dict], None]] = None,
                       progress: bool = False, data_box: Optional[tuple] = None, eta: float = 1.0,
-                      branch_fraction: float = 1.0, support: Optional[torch.Tensor] = None) -> EMResult:
+                      branch_fraction: float = 1.0, support: Optional[torch.Tensor] = None,
+                      low_memory: bool = False) -> EMResult:
     """One diffusion run; at every step: x̂0 → M-step on x̂0 → re-centre → guided step with the new kernel.
 
     y: (1, C, H, W) in [0, 1]. `fixed_kernel` turns the M-step off (then this is the non-blind sampler).
@@ -180,11 +185,14 @@ def fast_diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guid
     `eta` < 1: DDIM steps (Schedule.step_coefs); the particles share one trajectory until the last
     `branch_fraction` of the steps (sampler.branch_start). `mcfg.coarse`: the first steps' M-steps run at
     half resolution (mstep.m_step_coarse). `support` (bool s×s): the full-resolution M-step's kernel stays
-    inside it (mstep.support_box). Raises DivergenceError when the guard fails.
+    inside it (mstep.support_box). `low_memory`: x̂0 of all particles without the UNet's graph (for the M-step),
+    then each particle's pass again with its graph for its guidance (sampler.guidance_correction): the same
+    result with one particle's activations in memory, for one more forward pass a particle and step.
+    Raises DivergenceError when the guard fails.
     """
     res = fast_diffusion_em_batch(denoiser, [y], [sigma], guidance, mcfg, kernel_size, [generator], kernel_denoiser,
                                   n_particles, [k_init], [fixed_kernel], guard, [callback], progress, [data_box],
-                                  eta, branch_fraction, [support])[0]
+                                  eta, branch_fraction, [support], low_memory)[0]
     if isinstance(res, DivergenceError):
         raise res
     return res
@@ -195,12 +203,13 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
                             k_inits: Optional[list] = None, fixed_kernels: Optional[list] = None,
                             guard: Optional[Guard] = Guard(), callbacks: Optional[list] = None,
                             progress: bool = False, data_boxes: Optional[list] = None, eta: float = 1.0,
-                            branch_fraction: float = 1.0, supports: Optional[list] = None) -> list:
+                            branch_fraction: float = 1.0, supports: Optional[list] = None,
+                            low_memory: bool = False) -> list:
     """Fast EM on B images of one size in one UNet batch, each with its own kernel, σ, M-step and generator.
 
     Equals B separate `fast_diffusion_em` runs (same generators): only the UNet evaluation is shared.
     ys: B tensors (1, C, H, W); k_inits / fixed_kernels / callbacks / data_boxes / supports: None or B entries
-    (each may be None).
+    (each may be None). `low_memory` as in `fast_diffusion_em` (one row's graph at a time).
     Returns B entries: an EMResult, or the DivergenceError that stopped that image (the others go on).
     """
     if mcfg.pigdm_r2 and not hasattr(guidance, "r2"):
@@ -227,7 +236,7 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
     for n, i in enumerate(step_indices(N, progress)):
         if n == start and p != n_particles:
             x, p = branch(x, n_particles), n_particles
-        pred = predict_x0(denoiser, x, i, needs_grad(guidance))
+        pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not low_memory)
         x0 = pred.x0.detach()
         t = int(sched.timesteps[i])
         rows = [slice(j * p, (j + 1) * p) for j in range(len(live))]
@@ -274,12 +283,12 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
                  rounds: int = 10, k_init: Optional[torch.Tensor] = None, guard: Optional[Guard] = Guard(),
                  callback: Optional[Callable[[dict], None]] = None, progress: bool = False,
                  data_box: Optional[tuple] = None, eta: float = 1.0, branch_fraction: float = 1.0,
-                 support: Optional[torch.Tensor] = None) -> EMResult:
+                 support: Optional[torch.Tensor] = None, low_memory: bool = False) -> EMResult:
     """L rounds of {full guided sampling from fresh noise with the current kernel; M-step on the samples}.
 
     `callback(info)` gets the Fast-EM keys plus "round" (0-based). `data_box` as in Fast EM; the guidance
     fills the padding with the previous step's prediction (each step returns its x̂0 after the update).
-    `eta`, `branch_fraction`, `support` as in Fast EM.
+    `eta`, `branch_fraction`, `support`, `low_memory` as in Fast EM.
     """
     if mcfg.pigdm_r2:
         raise ValueError("mstep.pigdm_r2 applies to Fast EM only: Diffusion EM's M-step sees finished samples")
@@ -296,7 +305,7 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
         y_g = y if mask is None else fill_padding(y, mask, frame_mean(y, mask))  # no x̂0 yet
         for n, i in enumerate(step_indices(N, progress)):
             x = branch(x, n_particles) if n == start and start > 0 else x
-            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g, eta)
+            x, x0 = ddpm_step(denoiser, x, i, generator, guidance, op, y_g, eta, low_memory)
             y_g = y if mask is None else fill_padding(y, mask, op.A(x0))
             nfe += 1
             t = int(sched.timesteps[i])

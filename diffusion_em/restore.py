@@ -203,14 +203,15 @@ def kernels_for(source: str, y: torch.Tensor, s: int, box: Optional[tuple], k_tr
 
 def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generator, *, boundary: str = "circular",
             k_true: Optional[torch.Tensor] = None, callback: Optional[Callable[[dict], None]] = None,
-            start: Optional[Start] = None) -> EMResult:
+            start: Optional[Start] = None, low_memory: bool = False) -> EMResult:
     """Deblur one observation (1, C, H, W) in [0, 1] on r.device: pad, run the configured EM, crop back.
 
     σ below SIGMA_FLOOR runs at the floor. boundary: 'circular' | 'reflect' | 'taper' | 'replicate' (see
     `boundary_mode`); k_true: the oracle kernel
     (M-step off, the non-blind bound); callback: per-step dict (see the drivers); start: a `Start` from
     `start_kernels`, else computed here. With `final_pass` (and a kernel to find) the Fast EM run only finds
-    the kernel and a second run with it fixed makes the image. Raises DivergenceError when
+    the kernel and a second run with it fixed makes the image. `low_memory`: the drivers' low-memory mode (one
+    particle's UNet graph at a time; the same result, slower; run.py chooses it from the memory budget). Raises DivergenceError when
     the guard fails the result (judged on the data region: padding is not data).
     """
     d, s = r.dcfg, r.kernel_size
@@ -222,7 +223,8 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
             return fast_diffusion_em(den, yp, sigma, _guidance(r, k_true is not None), d.mstep, s, generator,
                                      r.kernel_denoiser, n_particles=n, fixed_kernel=st.fixed_kernel,
                                      k_init=st.k_init, guard=r.guard, callback=callback, progress=True,
-                                     data_box=box, eta=d.eta, branch_fraction=d.branch_fraction, support=st.support)
+                                     data_box=box, eta=d.eta, branch_fraction=d.branch_fraction, support=st.support,
+                                     low_memory=low_memory)
 
         first = None
         if d.final_pass and st.fixed_kernel is None:  # the kernel-finding run; its image is not kept
@@ -236,7 +238,7 @@ def restore(r: Restorer, y: torch.Tensor, sigma: float, generator: torch.Generat
         res = diffusion_em(r.denoiser, yp, sigma, r.guidance, d.mstep, s, generator, r.kernel_denoiser,
                            n_particles=d.n_particles, rounds=d.em_rounds, k_init=st.k_init, guard=r.guard,
                            callback=callback, progress=True, data_box=box, eta=d.eta,
-                           branch_fraction=d.branch_fraction, support=st.support)
+                           branch_fraction=d.branch_fraction, support=st.support, low_memory=low_memory)
     res = _judged(r, res, yp, box, sigma, known_kernel=k_true is not None)
     if isinstance(res, DivergenceError):
         raise res

@@ -22,7 +22,7 @@ import torch
 from diffusion_em import grayscale, shard
 from diffusion_em.config import (BOUNDARIES, CLASSICAL_ANCHOR, KERNELS, ON_DIVERGENCE, PRECISIONS, ConfigError,
                                  DiffusionConfig, KernelConfig, diffusion_config_dict, load_diffusion_config, load_kernel_config)
-from diffusion_em.budget import check_budget, default_budget_bytes
+from diffusion_em.budget import check_budget, default_budget_bytes, needs_low_memory
 from diffusion_em.em import DivergenceError
 from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, classical_fallback, kernel_source,
                                   load_restorer, repo_path, restore_batch, restore_with_retries, start_kernels)
@@ -217,18 +217,24 @@ def out_of_memory(e: BaseException) -> bool:
         s in msg for s in ("can't allocate memory", "out of memory", "ALLOC_FAILED")))
 
 
-def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) -> None:
-    """Refuse before any diffusion: an image smaller than the kernel, or one over the memory budget."""
+def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) -> bool:
+    """Refuse before any diffusion: an image smaller than the kernel, or one over the memory budget even in the
+    low-memory mode. Returns whether it needs that mode (its particles' UNet graphs one at a time)."""
     H, W = y.shape[:2]
     if min(H, W) < r.kernel_size:
         raise InputError(f"{sample.blurry}: image {W}×{H} is smaller than the {r.kernel_size}×{r.kernel_size} kernel "
                          f"(use a smaller --kernel_config)")
-    if opts.model_cfg is not None:
-        try:
-            check_budget(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget,
-                         backward=needs_grad(r.guidance))
-        except ResourceError as e:
-            raise ResourceError(f"{sample.blurry}: {e}") from None
+    if opts.model_cfg is None:
+        return False
+    try:
+        low = needs_low_memory(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget,
+                               backward=needs_grad(r.guidance))
+    except ResourceError as e:
+        raise ResourceError(f"{sample.blurry}: {e}") from None
+    if low:
+        print(f"{sample.name}: its {r.dcfg.n_particles} particles' UNet passes are recomputed one at a time for the "
+              f"guidance, to fit the memory budget (the same result; about 1.5x the time)", file=sys.stderr)
+    return low
 
 
 @dataclass
@@ -245,6 +251,7 @@ class Loaded:
     boundary: str              # the boundary model it runs with (restore.boundary_mode)
     kernel_from: str           # where its kernel comes from: em | l0 | l0_em | true (the oracle)
     t0: float
+    low_memory: bool = False   # the budget holds it only with one particle's UNet graph at a time
     callback: Optional[object] = None
     frames: list = field(default_factory=list)
     kernels: list = field(default_factory=list)
@@ -262,7 +269,7 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     if sigma < SIGMA_FLOOR:
         source = f"{source}; ran at the floor {SIGMA_FLOOR:g}"
     known.update(sigma=sigma, sigma_source=source)
-    _check_size(r, opts, sample, loaded.y)
+    low_memory = _check_size(r, opts, sample, loaded.y)
     if source == "estimated":
         print(f"{sample.name}: no σ given, estimated σ = {sigma * 255:.2f}/255 from the image "
               f"(rule: util/noise.py)", file=sys.stderr)
@@ -281,7 +288,7 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     boundary = image_boundary(opts.boundary, r.dcfg, sample)
     kernel_from = "true" if opts.true_kernel else kernel_source(r.dcfg.kernel, boundary)
     return Loaded(sample, index, loaded, image_to_tensor(loaded.y, r.device), sigma, source, sigma_run, gray,
-                  boundary, kernel_from, t0, callback, frames, kernels)
+                  boundary, kernel_from, t0, low_memory, callback, frames, kernels)
 
 
 def _generator(r: Restorer, opts: RunOptions, index: int, attempt: int) -> torch.Generator:
@@ -310,7 +317,7 @@ def _retry(r: Restorer, opts: RunOptions, one: Loaded, first_attempt: int = 0, f
         return restore_with_retries(
             r, one.y, one.sigma_run, lambda attempt: _generator(r, opts, one.index, attempt), on_retry,
             first_attempt=first_attempt, boundary=one.boundary, k_true=_k_true(opts, one), callback=one.callback,
-            start=start)
+            start=start, low_memory=one.low_memory)
     except DivergenceError as e:
         if r.dcfg.on_divergence != "classical":
             raise
@@ -344,7 +351,10 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
                     kernel_frames, diffusion_only=x_diffusion)
     m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
     kernel_from = ("true" if one.kernel_from == "true" else "l0") if res.fallback else one.kernel_from
-    row = {"name": one.sample.name, "status": "ok", "message": f"classical fallback: {res.fallback}" if res.fallback else "",
+    message = f"classical fallback: {res.fallback}" if res.fallback else ""
+    if one.low_memory and not res.fallback:
+        message = "low-memory mode: particles' UNet graphs one at a time (the memory budget)"
+    row = {"name": one.sample.name, "status": "ok", "message": message,
            "sigma": one.sigma, "sigma_source": one.sigma_source, "kernel_source": kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
            "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}
     row["flag"] = ";".join((["classical_fallback"] if res.fallback else [])

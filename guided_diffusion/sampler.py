@@ -55,14 +55,31 @@ def ddpm_update(denoiser: EpsDenoiser, pred: Prediction, i: int, generator: torc
     if i > 0 and std > 0:
         mean = mean + std * gaussian(mean.shape, generator, mean.device)
     if guidance is not None:
-        mean = mean + guidance.correction(pred.x_t, pred.x0, denoiser.schedule, i, op, y, eta)
+        mean = mean + guidance_correction(denoiser, pred, i, guidance, op, y, eta)
     return mean
 
 
+def guidance_correction(denoiser: EpsDenoiser, pred: Prediction, i: int, guidance, op, y: torch.Tensor,
+                        eta: float = 1.0) -> torch.Tensor:
+    """The guidance's correction at step i. A prediction made without its graph (`predict_x0(...,
+    track_grad=False)` for a guidance that needs one: the low-memory mode) has each row's UNet pass recomputed
+    with its graph, one row at a time, against that row's operator (`op.row(r)`): the same correction, since
+    rows never mix, with one row's activations in memory instead of all rows' (one more forward pass a row)."""
+    if not needs_grad(guidance) or pred.x_t.requires_grad:
+        return guidance.correction(pred.x_t, pred.x0, denoiser.schedule, i, op, y, eta)
+    out = []
+    for r in range(pred.x_t.shape[0]):
+        p = predict_x0(denoiser, pred.x_t[r:r + 1], i, True)
+        y_r = y[r:r + 1] if y.shape[0] > 1 else y
+        out.append(guidance.correction(p.x_t, p.x0, denoiser.schedule, i, op.row(r), y_r, eta))
+    return torch.cat(out)
+
+
 def ddpm_step(denoiser: EpsDenoiser, x: torch.Tensor, i: int, generator: torch.Generator, guidance=None,
-              op=None, y: Optional[torch.Tensor] = None, eta: float = 1.0) -> tuple:
-    """One guided reverse step from x_t (model space): returns (x_{t-1}, x̂0 in [0, 1], detached)."""
-    pred = predict_x0(denoiser, x, i, needs_grad(guidance))
+              op=None, y: Optional[torch.Tensor] = None, eta: float = 1.0, low_memory: bool = False) -> tuple:
+    """One guided reverse step from x_t (model space): returns (x_{t-1}, x̂0 in [0, 1], detached).
+    `low_memory`: the guidance's UNet graphs are made one row at a time (`guidance_correction`)."""
+    pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not low_memory)
     return ddpm_update(denoiser, pred, i, generator, guidance, op, y, eta), pred.x0.detach()
 
 

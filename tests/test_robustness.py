@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from diffusion_em.budget import check_budget, estimate_run_bytes, largest_square
+from diffusion_em.budget import check_budget, estimate_run_bytes, largest_square, needs_low_memory
 from diffusion_em.config import DiffusionConfig
 from diffusion_em.restore import guidance_for
 from diffusion_em.run import main
@@ -146,6 +146,44 @@ def test_an_image_over_the_budget_is_refused_early_and_the_run_goes_on(tiny_run)
     assert rows["big"]["status"] == "failed" and "big.npy" in rows["big"]["message"]
     assert "needs about" in rows["big"]["message"] and "px fit" in rows["big"]["message"]
     assert rows["big"]["seconds"] == "" and rows["im0"]["status"] == rows["im1"]["status"] == "ok"
+
+
+def test_low_memory_mode_is_budgeted_for_one_particles_graph(tiny_unet_config, tmp_path):
+    """Several particles' UNet graphs at once, or one at a time after a graph-free pass over all of them: the
+    budget takes the second before refusing, and refuses with both figures what fits in neither."""
+    p = tmp_path / "m.yaml"
+    p.write_text(yaml.safe_dump({**tiny_unet_config, "model_path": "x"}))
+    cfg = load_model_config(p)
+    full, low = estimate_run_bytes(128, 128, 4, cfg, 9), estimate_run_bytes(128, 128, 4, cfg, 9, low_memory=True)
+    one = estimate_run_bytes(128, 128, 1, cfg, 9)
+    assert one <= low < full / 2 and estimate_run_bytes(128, 128, 1, cfg, 9, low_memory=True) == one
+    assert needs_low_memory(128, 128, 4, cfg, 9, full) is False and needs_low_memory(128, 128, 4, cfg, 9, None) is False
+    assert needs_low_memory(128, 128, 4, cfg, 9, low) is True
+    with pytest.raises(ResourceError, match=r"needs about .* GB \(.* GB recomputing each particle's UNet pass\)"):
+        needs_low_memory(128, 128, 4, cfg, 9, low - 1)
+    with pytest.raises(ResourceError) as e:  # one particle: no second figure
+        needs_low_memory(128, 128, 1, cfg, 9, one - 1)
+    assert "recomputing" not in str(e.value)
+
+
+def test_an_image_that_fits_only_in_low_memory_mode_runs_so_with_the_same_result(tiny_run):
+    """A budget between the two estimates: the image runs with one particle's graph at a time, says so in its
+    row, and gives the images of the run without a budget, bit for bit (one image per UNet call on a CPU)."""
+    import PIL.Image
+    tmp, cfgs, data = tiny_run
+    cfg = load_model_config(tmp / "model.yaml")
+    full, low = (estimate_run_bytes(32, 32, 3, cfg, 9, low_memory=m) for m in (False, True))
+    budget_gb = f"{(low + full) / 2 / 2**30:.9f}"
+    runs = {}
+    for name, extra in (("plain", ["--memory_budget_gb", "0"]), ("low", ["--memory_budget_gb", budget_gb])):
+        out = tmp / name
+        assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--n_particles", "3", *extra), method="fast_em") == 0
+        runs[name] = (out, _rows(out))
+    for im in ("im0", "im1"):
+        assert runs["plain"][1][im]["message"] == "" and "low-memory mode" in runs["low"][1][im]["message"]
+        a, b = (np.asarray(PIL.Image.open(runs[k][0] / "images" / f"{im}.png")) for k in ("plain", "low"))
+        assert np.array_equal(a, b)
+        assert runs["plain"][1][im]["psnr"] == runs["low"][1][im]["psnr"]
 
 
 def _legacy_storage_stream(numel: int) -> bytes:
