@@ -236,7 +236,7 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
     for n, i in enumerate(step_indices(N, progress)):
         if n == start and p != n_particles:
             x, p = branch(x, n_particles), n_particles
-        pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not low_memory)
+        pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not (low_memory and x.shape[0] > 1))
         x0 = pred.x0.detach()
         t = int(sched.timesteps[i])
         rows = [slice(j * p, (j + 1) * p) for j in range(len(live))]

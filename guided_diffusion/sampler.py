@@ -78,8 +78,8 @@ def guidance_correction(denoiser: EpsDenoiser, pred: Prediction, i: int, guidanc
 def ddpm_step(denoiser: EpsDenoiser, x: torch.Tensor, i: int, generator: torch.Generator, guidance=None,
               op=None, y: Optional[torch.Tensor] = None, eta: float = 1.0, low_memory: bool = False) -> tuple:
     """One guided reverse step from x_t (model space): returns (x_{t-1}, x̂0 in [0, 1], detached).
-    `low_memory`: the guidance's UNet graphs are made one row at a time (`guidance_correction`)."""
-    pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not low_memory)
+    `low_memory`: with several rows, the guidance's UNet graphs are made one row at a time (`guidance_correction`)."""
+    pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not (low_memory and x.shape[0] > 1))
     return ddpm_update(denoiser, pred, i, generator, guidance, op, y, eta), pred.x0.detach()
 
 

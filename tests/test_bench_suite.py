@@ -574,3 +574,40 @@ def test_compare_runs_pairs_the_cases_both_finished(repo_root, tmp_path):
     (tmp_path / "q" / "metrics.csv").write_text("name,status,sigma,psnr_aligned\nother,ok,0.02,20\n")
     with pytest.raises(SystemExit, match="no finished case in common"):
         cr.compare(tmp_path / "p", tmp_path / "q", ["psnr_aligned"])
+
+
+def test_low_memory_bench_runs_both_modes_and_finds_them_equal(repo_root):
+    """bench/low_memory.py on a 64×64 image with the bundled prior: one record per mode (a fresh process each),
+    the low-memory estimate below the normal one, and the two final images equal bit for bit."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(repo_root / "bench" / "low_memory.py"), "--sizes", "64x64", "--steps", "2",
+                          "--threads", "1", "--budget_gb", "100"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert [r.get("mode") for r in recs] == ["normal", "low", None]
+    normal, low, summary = recs
+    assert normal["rc"] == low["rc"] == 0 and len(normal["step_s"]) == len(low["step_s"]) == 2
+    assert low["budget_estimate_mb"] < normal["budget_estimate_mb"] and normal["n_particles"] == 4
+    assert summary["equal_images"] is True and summary["equal_kernels"] is True and summary["time_low_vs_normal"] > 0
+
+
+def test_large_photo_bench_records_memory_time_and_the_low_memory_mode(repo_root):
+    """bench/large_photo.py on a small photo with the runner's defaults: a record per step count (status ok, peak
+    memory, the particles the run used) and a summary; a budget between the two estimates puts the run in the
+    low-memory mode, which the records and the summary's estimate follow."""
+    import subprocess
+    import sys
+    from diffusion_em.budget import estimate_run_bytes
+    from guided_diffusion.model_config import load_model_config
+    model = load_model_config(repo_root / "configs" / "model_config_bundled.yaml")
+    full, low = (estimate_run_bytes(80, 96, 4, model, 33, low_memory=m) for m in (False, True))
+    out = subprocess.run([sys.executable, str(repo_root / "bench" / "large_photo.py"), "--sizes", "80x96", "--baseline", "",
+                          "--steps", "1", "2", "--threads", "1", "--extra", "--memory_budget_gb", f"{(full + low) / 2 / 2**30:.6f}"],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    runs, summary = recs[:2], recs[2]
+    assert [r["steps"] for r in runs] == [1, 2] and all(r["status"] == "ok" and r["rc"] == 0 for r in runs)
+    assert all(r["low_memory"] is True and r["n_particles"] == 4 and r["peak_rss_mb"] > 0 for r in runs)
+    assert summary["summary"] is True and summary["low_memory"] is True
+    assert abs(summary["budget_estimate_mb"] - low / 2**20) < 0.1
