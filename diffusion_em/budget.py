@@ -150,4 +150,4 @@ def check_budget(height: int, width: int, n_particles: int, model: ModelConfig, 
         side = largest_square(budget, n_particles, model, kernel_size, backward)
         raise ResourceError(f"a {width}×{height} image with {n_particles} particle(s) needs about {need / 2**30:.1f} GB, "
                             f"over the memory budget of {budget / 2**30:.1f} GB (--memory_budget_gb); about "
-                            f"{side}×{side} px fit: downscale or crop it, use fewer particles, or raise the budget")
+                            f"{side}×{side} px fit: downscale or crop it, or raise the budget")

@@ -217,6 +217,13 @@ def out_of_memory(e: BaseException) -> bool:
         s in msg for s in ("can't allocate memory", "out of memory", "ALLOC_FAILED")))
 
 
+def budget_particles(dcfg: DiffusionConfig) -> int:
+    """The most particles a run of this config holds at once (with `final_pass`, its kernel-finding run's too)."""
+    if dcfg.method == "fast_em" and dcfg.final_pass:
+        return max(dcfg.n_particles, dcfg.kernel_pass_particles or dcfg.n_particles)
+    return dcfg.n_particles
+
+
 def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) -> bool:
     """Refuse before any diffusion: an image smaller than the kernel, or one over the memory budget even in the
     low-memory mode. Returns whether it needs that mode (its particles' UNet graphs one at a time)."""
@@ -227,12 +234,12 @@ def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) ->
     if opts.model_cfg is None:
         return False
     try:
-        low = needs_low_memory(H, W, r.dcfg.n_particles, opts.model_cfg, r.kernel_size, opts.memory_budget,
+        low = needs_low_memory(H, W, budget_particles(r.dcfg), opts.model_cfg, r.kernel_size, opts.memory_budget,
                                backward=needs_grad(r.guidance))
     except ResourceError as e:
         raise ResourceError(f"{sample.blurry}: {e}") from None
     if low:
-        print(f"{sample.name}: its {r.dcfg.n_particles} particles' UNet passes are recomputed one at a time for the "
+        print(f"{sample.name}: its {budget_particles(r.dcfg)} particles' UNet passes are recomputed one at a time for the "
               f"guidance, to fit the memory budget (the same result; about 1.5x the time)", file=sys.stderr)
     return low
 
@@ -364,6 +371,23 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     return row
 
 
+def _retry_in_memory(r: Restorer, opts: RunOptions, one: Loaded, **kw) -> tuple:
+    """`_retry`; when it runs out of memory with the particles' UNet graphs together (the estimate was low), once
+    more in the low-memory mode (one particle's graph at a time, the same result) before giving up."""
+    try:
+        return _retry(r, opts, one, **kw)
+    except Exception as e:
+        if not out_of_memory(e) or one.low_memory or budget_particles(r.dcfg) < 2:
+            raise
+    if r.device.type != "cpu":
+        torch.accelerator.empty_cache()
+    print(f"{one.sample.name}: out of memory with its particles' UNet graphs together; again in the low-memory "
+          f"mode (one at a time, the same result)", file=sys.stderr)
+    one.low_memory = True
+    one.frames.clear(), one.kernels.clear()
+    return _retry(r, opts, one, **kw)
+
+
 def _out_of_memory_error(r: Restorer, sample: Sample, e: BaseException) -> ResourceError:
     if r.device.type != "cpu":
         torch.accelerator.empty_cache()
@@ -378,7 +402,7 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     known = {} if known is None else known
     try:
         one = load_one(r, opts, sample, index, known)
-        res, attempts = _retry(r, opts, one)
+        res, attempts = _retry_in_memory(r, opts, one)
         return finish_one(opts, out, one, res, attempts, time.time() - one.t0, r.dcfg)
     except Exception as e:
         if not out_of_memory(e):
@@ -398,7 +422,7 @@ def _fit_together(r: Restorer, opts: RunOptions, ready: list) -> bool:
         return True
     H, W = max(o.y.shape[-2] for o in ready), max(o.y.shape[-1] for o in ready)
     try:
-        check_budget(H, W, r.dcfg.n_particles * len(ready), opts.model_cfg, r.kernel_size, opts.memory_budget,
+        check_budget(H, W, budget_particles(r.dcfg) * len(ready), opts.model_cfg, r.kernel_size, opts.memory_budget,
                      backward=needs_grad(r.guidance))
     except ResourceError:
         return False
@@ -437,9 +461,9 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
         try:
             t1, attempts, spent = time.time(), 1, share
             if res is None:  # the batch ran out of memory
-                spent, (res, attempts) = 0.0, _retry(r, opts, one, start=start)
+                spent, (res, attempts) = 0.0, _retry_in_memory(r, opts, one, start=start)
             elif isinstance(res, DivergenceError):
-                res, attempts = _retry(r, opts, one, first_attempt=1, failed=res, start=start)
+                res, attempts = _retry_in_memory(r, opts, one, first_attempt=1, failed=res, start=start)
             rows[name] = finish_one(opts, out, one, res, attempts, spent + time.time() - t1, r.dcfg)
         except ProjectError as e:
             rows[name] = _failed_row(one.sample, e, known[name])

@@ -1,8 +1,9 @@
 """Posterior guidance for one DDPM step: each rule returns a correction added to the unconditional step.
 
 A guidance rule receives the current x_t (requires grad), x̂0 in [0, 1] computed from it (with its graph),
-the operator (anything with `A(x)` and `pigdm_solve(y, x0, r2)`, e.g. diffusion_em.blur.BlurOperator),
-and the measurement y in [0, 1]. It never imports the operator's module.
+the operator (anything with `A(x)` and `pigdm_solve(y, x0, r2)`, e.g. diffusion_em.blur.BlurOperator; in the
+low-memory mode also `row(r)`, the operator of batch row r: sampler.guidance_correction), and the measurement
+y in [0, 1]. It never imports the operator's module.
 """
 from __future__ import annotations
 

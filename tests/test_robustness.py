@@ -166,6 +166,15 @@ def test_low_memory_mode_is_budgeted_for_one_particles_graph(tiny_unet_config, t
     assert "recomputing" not in str(e.value)
 
 
+def test_the_budget_counts_the_kernel_passs_particles():
+    """With final_pass the kernel-finding run may hold more particles than the final one: the budget takes the most."""
+    from diffusion_em.run import budget_particles
+    assert budget_particles(DiffusionConfig(n_particles=3)) == 3
+    assert budget_particles(DiffusionConfig(n_particles=1, final_pass=True, kernel_pass_particles=4)) == 4
+    assert budget_particles(DiffusionConfig(n_particles=4, final_pass=True, kernel_pass_particles=2)) == 4
+    assert budget_particles(DiffusionConfig(n_particles=2, final_pass=False, kernel_pass_particles=5)) == 2
+
+
 def test_an_image_that_fits_only_in_low_memory_mode_runs_so_with_the_same_result(tiny_run):
     """A budget between the two estimates: the image runs with one particle's graph at a time, says so in its
     row, and gives the images of the run without a budget, bit for bit (one image per UNet call on a CPU)."""
@@ -261,6 +270,34 @@ def test_out_of_memory_inside_one_image_is_a_failed_row(tiny_run):
     rows = _rows(out)
     assert rows["a_big"]["status"] == "failed" and "out of memory" in rows["a_big"]["message"]
     assert rows["im0"]["status"] == rows["im1"]["status"] == "ok"
+
+
+def test_out_of_memory_with_the_graphs_together_is_retried_in_low_memory_mode(tiny_run, monkeypatch, capsys):
+    """The estimate can be low (a GPU, another process): an image that runs out of memory with its particles'
+    UNet graphs together runs again with one at a time before it fails; one particle has no such second try."""
+    import diffusion_em.restore as R
+    tmp, cfgs, data = tiny_run
+    real, calls = R.fast_diffusion_em, []
+
+    def tight(*a, **kw):  # as if the graphs of several particles did not fit
+        calls.append((kw.get("n_particles"), kw.get("low_memory")))
+        if kw.get("n_particles", 1) > 1 and not kw.get("low_memory"):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*a, **kw)
+    monkeypatch.setattr(R, "fast_diffusion_em", tight)
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--n_particles", "3", "--memory_budget_gb", "0"),
+                method="fast_em") == 0
+    rows = _rows(out)
+    assert all(rows[n]["status"] == "ok" and "low-memory mode" in rows[n]["message"] for n in ("im0", "im1"))
+    assert calls == [(3, False), (3, True)] * 2
+    assert capsys.readouterr().err.count("again in the low-memory mode") == 2
+    monkeypatch.setattr(R, "fast_diffusion_em", lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    out1 = tmp / "out1"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out1, "--n_particles", "1", "--memory_budget_gb", "0"),
+                method="fast_em") == 1
+    assert all(r["status"] == "failed" and "out of memory" in r["message"] for r in _rows(out1).values())
+    assert "low-memory mode" not in capsys.readouterr().err
 
 
 # 3 ----------------------------------------------------------------------------------------------- σ = 0

@@ -116,8 +116,11 @@ def test_groupnorm_bf16_cpu_path_equals_the_float32_computation():
         gn.weight.uniform_(0.5, 1.5), gn.bias.normal_()
     x = (torch.randn(2, 64, 12, 10) * 3 + 1).bfloat16()
     ref = torch.nn.functional.group_norm(x.float(), 32, gn.weight, gn.bias, gn.eps)
-    out = gn(x)
+    out = gn(x.clone().requires_grad_(True))
     assert out.dtype == torch.bfloat16 and _bf16_ulps(out.float(), ref) <= 1.0
+    assert type(out.grad_fn).__name__ == "NativeGroupNormBackward0"  # no cast back: the bf16 kernel ran
+    cl = gn(x.contiguous(memory_format=torch.channels_last).requires_grad_(True))  # other layouts: the cast path
+    assert type(cl.grad_fn).__name__ == "ToCopyBackward0" and _bf16_ulps(cl.float(), ref) <= 1.0
     u = torch.randn(ref.shape)
     xx = x.clone().requires_grad_(True)
     g, = torch.autograd.grad((gn(xx).float() * u).sum(), xx)
@@ -139,6 +142,9 @@ def test_conv1x1_nchw_under_cpu_autocast_is_a_bf16_matrix_product():
         out = conv(xx)
         ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias)  # autocast: bf16 conv
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape and out.is_contiguous()
+    assert "Convolution" not in type(out.grad_fn).__name__ and "Convolution" in type(ref.grad_fn).__name__
+    plain = conv(x.clone().requires_grad_(True))  # no autocast: conv2d, as before
+    assert plain.dtype == torch.float32 and "Convolution" in type(plain.grad_fn).__name__
     # both round x, W and b to bf16, accumulate in float32 and round the result once
     exact = torch.nn.functional.conv2d(x.bfloat16().float(), conv.weight.bfloat16().float(), conv.bias.bfloat16().float())
     assert _bf16_ulps(out.float(), exact) <= 1.0 and _bf16_ulps(ref.float(), exact) <= 1.0
@@ -158,6 +164,10 @@ def test_avg_pool_2x2_bf16_cpu_is_bit_equal_to_avg_pool2d():
         assert ("AvgPool" in type(out.grad_fn).__name__) == (shape[2] % 2 == 1)  # which path ran
         u = torch.randn(ref.shape).bfloat16()
         assert torch.equal(torch.autograd.grad((out * u).sum(), a)[0], torch.autograd.grad((ref * u).sum(), b)[0])
+    # avg_pool2d's summation order, also where it matters: huge and tiny values in one window
+    x = (torch.randn(4, 8, 16, 12) * torch.exp2(torch.randint(-20, 21, (4, 8, 16, 12)).float())).bfloat16()
+    x[0, 0, :2, :2] = torch.tensor([[2.0 ** 30, 1.0], [-2.0 ** 30, 1.0]])
+    assert torch.equal(avg_pool_2x2(x), torch.nn.functional.avg_pool2d(x, 2))
     x = torch.randn(1, 2, 6, 4)
     assert torch.equal(avg_pool_2x2(x), torch.nn.functional.avg_pool2d(x, 2))  # float32: avg_pool2d itself
 
