@@ -12,7 +12,10 @@ in it (`"low_memory": true`; one particle's UNet graph at a time). Its estimate 
 with the run's particles) is printed beside the measured peak. Seconds per step come from
 the difference of the two step counts, in wall time (the runner's per-image `seconds`) and in the process's
 CPU seconds (the robust figure on a shared machine with 1 thread); the 100-step time is projected from
-them (100 steps of a 1024² image take tens of minutes on this CPU). One JSON line per measurement.
+them (100 steps of a 1024² image take tens of minutes on this CPU). With the default's particles the two step
+counts differ only in single-trajectory steps (the last 30 % branch, at least 2 steps: a 2-step run is all
+branched steps), so the per-step figure and the projection are single-trajectory steps; the branched steps'
+cost is `bench/low_memory.py`'s. One JSON line per measurement.
 """
 from __future__ import annotations
 
