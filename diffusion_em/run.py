@@ -99,8 +99,9 @@ def build_parser(method: str) -> argparse.ArgumentParser:
                        help="after Fast EM, one non-blind run with its kernel fixed makes the image (about 2x "
                             "the time; config key final_pass; docs/choices.md \"A second run with the found kernel\")")
     p.add_argument("--memory_budget_gb", type=float, default=None,
-                   help="refuse images whose estimated need exceeds this (default: 90%% of the memory free at start; "
-                        "0: no check)")
+                   help="an image whose particles' UNet graphs do not fit this together runs with one at a time "
+                        "(the low-memory mode: the same result, slower); one that fits in neither is refused "
+                        "(default: 90%% of the memory free at start; 0: no check)")
     p.add_argument("--batch_size", type=int, default=1,
                    help="images per UNet batch, each with its own kernel, σ and M-step (Fast EM; images of one "
                         "padded size share a batch). Under torchrun each rank batches its own share")
