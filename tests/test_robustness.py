@@ -188,11 +188,17 @@ def test_an_image_that_fits_only_in_low_memory_mode_runs_so_with_the_same_result
         out = tmp / name
         assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--n_particles", "3", *extra), method="fast_em") == 0
         runs[name] = (out, _rows(out))
+    # a batch of two that does not fit together runs one image at a time, each in the low-memory mode
+    out = tmp / "low_batch"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--n_particles", "3", "--memory_budget_gb", budget_gb,
+                      "--batch_size", "2"), method="fast_em") == 0
+    runs["low_batch"] = (out, _rows(out))
     for im in ("im0", "im1"):
         assert runs["plain"][1][im]["message"] == "" and "low-memory mode" in runs["low"][1][im]["message"]
-        a, b = (np.asarray(PIL.Image.open(runs[k][0] / "images" / f"{im}.png")) for k in ("plain", "low"))
-        assert np.array_equal(a, b)
-        assert runs["plain"][1][im]["psnr"] == runs["low"][1][im]["psnr"]
+        assert "low-memory mode" in runs["low_batch"][1][im]["message"]
+        a, b, c = (np.asarray(PIL.Image.open(runs[k][0] / "images" / f"{im}.png")) for k in ("plain", "low", "low_batch"))
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+        assert runs["plain"][1][im]["psnr"] == runs["low"][1][im]["psnr"] == runs["low_batch"][1][im]["psnr"]
 
 
 def _legacy_storage_stream(numel: int) -> bytes:
