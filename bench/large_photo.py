@@ -34,6 +34,8 @@ import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from diffusion_em.run import LOW_MEMORY_NOTE  # noqa: E402
 
 
 def synthetic_photo(path: Path, H: int, W: int, seed: int = 0) -> None:
@@ -81,7 +83,7 @@ def run_once(photo_dir: Path, out: Path, steps: int, threads: int, extra: list, 
     row = rows[-1] if rows else {}
     record = (yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else None) or {}
     n_particles = record.get("settings", {}).get("diffusion", {}).get("n_particles")  # what the run resolved
-    return {"n_particles": n_particles, "low_memory": "low-memory mode" in (row.get("message") or ""),
+    return {"n_particles": n_particles, "low_memory": row.get("message") == LOW_MEMORY_NOTE,
             "rc": p.returncode, "wall_s": round(wall, 1),
             "image_s": float(row["seconds"]) if row.get("seconds") else None,
             "status": row.get("status"), "message": row.get("message") or log.strip().splitlines()[-1][:300],

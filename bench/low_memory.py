@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def padded(size: str, kernel_size: int = 33, multiple: int = 16) -> tuple:
-    """The frame the runner diffuses for a photo of this size: a border of one kernel size on each side, then
-    the bundled UNet's multiple (restore._prepare)."""
+def padded(size: str) -> tuple:
+    """The frame the runner diffuses for a photo of this size with the bundled prior (budget.frame_size)."""
+    from diffusion_em.budget import frame_size
+    from guided_diffusion.model_config import load_model_config
     H, W = (int(v) for v in size.lower().split("x"))
-    return tuple(-(-(v + 2 * kernel_size) // multiple) * multiple for v in (H, W))
+    return frame_size(H, W, load_model_config(ROOT / "configs" / "model_config_bundled.yaml"), 33)
 
 
 def child(size: str, steps: int, low: bool, threads: int, out: str) -> None:

@@ -89,12 +89,6 @@ def _attn_original(self, x):
     return inner(x)
 
 
-def _group_norm_on_float32_copy(self, x):
-    if x.dtype == torch.float32:
-        return nn.GroupNorm.forward(self, x)
-    return nn.GroupNorm.forward(self, x.float()).to(x.dtype)
-
-
 def build(model: str, original: bool, channels_last: bool, gemm1x1: bool, device, cast_ops: bool = False) -> nn.Module:
     cfg = load_model_config(ROOT / MODELS.get(model, model)).unet_kwargs()
     torch.manual_seed(0)
@@ -109,7 +103,7 @@ def build(model: str, original: bool, channels_last: bool, gemm1x1: bool, device
         if not gemm1x1 and isinstance(mod, U.Conv1x1):
             mod.forward = nn.Conv2d.forward.__get__(mod)
         if cast_ops and isinstance(mod, U.GroupNorm32):
-            mod.forward = _group_norm_on_float32_copy.__get__(mod)
+            mod.forward = mod.on_float32_copy
         if cast_ops and isinstance(mod, U.Downsample) and not isinstance(mod.op, nn.Conv2d):
             mod.op = nn.AvgPool2d(2)
     if channels_last:

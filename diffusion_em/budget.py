@@ -40,11 +40,8 @@ def estimate_run_bytes(height: int, width: int, n_particles: int, model: ModelCo
         return max(estimate_run_bytes(height, width, 1, model, kernel_size, channels, bytes_per_value),
                    estimate_run_bytes(height, width, n_particles, model, kernel_size, channels, bytes_per_value,
                                       backward=False))
-    pad = 2 * kernel_size  # the boundary band, then the UNet's multiple
     mult = _parse_channel_mult(model.channel_mult, model.image_size)
-    multiple = 2 ** (len(mult) - 1)
-    H = math.ceil((height + pad) / multiple) * multiple
-    W = math.ceil((width + pad) / multiple) * multiple
+    H, W = frame_size(height, width, model, kernel_size)
     attn_ds = set(_parse_attention(model.attention_resolutions, model.image_size))
     if not backward:
         return int(SAFETY * bytes_per_value * (n_particles * _forward_values(H, W, mult, attn_ds, model)
@@ -64,6 +61,13 @@ def estimate_run_bytes(height: int, width: int, n_particles: int, model: ModelCo
     values += 40 * channels * H * W                  # FFTs of the guidance and the M-step (complex, per channel)
     weights = _parameter_count(model) * 2            # weights and their gradient buffers in autograd
     return int(SAFETY * bytes_per_value * (values + weights))
+
+
+def frame_size(height: int, width: int, model: ModelConfig, kernel_size: int = 33) -> tuple:
+    """The frame the runner diffuses for an image: a band of one kernel size on every side (the boundary
+    model), then the UNet's multiple (restore._prepare)."""
+    multiple = 2 ** (len(_parse_channel_mult(model.channel_mult, model.image_size)) - 1)
+    return tuple(math.ceil((v + 2 * kernel_size) / multiple) * multiple for v in (height, width))
 
 
 def _forward_values(H: int, W: int, mult: list, attn_ds: set, model: ModelConfig) -> float:
@@ -134,10 +138,15 @@ def needs_low_memory(height: int, width: int, n_particles: int, model: ModelConf
     if low <= budget:
         return True
     side = largest_square(budget, n_particles, model, kernel_size, backward, low_memory=True)
-    also = (f" ({low / 2**30:.1f} GB recomputing each particle's UNet pass)" if low < need else "")
-    raise ResourceError(f"a {width}×{height} image with {n_particles} particle(s) needs about {need / 2**30:.1f} GB{also}, "
-                        f"over the memory budget of {budget / 2**30:.1f} GB (--memory_budget_gb); about "
-                        f"{side}×{side} px fit: downscale or crop it, or raise the budget")
+    also = f" ({low / 2**30:.1f} GB recomputing each particle's UNet pass)" if low < need else ""
+    raise _too_large(height, width, n_particles, need, budget, side, also)
+
+
+def _too_large(height: int, width: int, n_particles: int, need: int, budget: int, side: int,
+               also: str = "") -> ResourceError:
+    return ResourceError(f"a {width}×{height} image with {n_particles} particle(s) needs about {need / 2**30:.1f} GB"
+                         f"{also}, over the memory budget of {budget / 2**30:.1f} GB (--memory_budget_gb); about "
+                         f"{side}×{side} px fit: downscale or crop it, or raise the budget")
 
 
 def check_budget(height: int, width: int, n_particles: int, model: ModelConfig, kernel_size: int,
@@ -147,7 +156,5 @@ def check_budget(height: int, width: int, n_particles: int, model: ModelConfig, 
         return
     need = estimate_run_bytes(height, width, n_particles, model, kernel_size, backward=backward)
     if need > budget:
-        side = largest_square(budget, n_particles, model, kernel_size, backward)
-        raise ResourceError(f"a {width}×{height} image with {n_particles} particle(s) needs about {need / 2**30:.1f} GB, "
-                            f"over the memory budget of {budget / 2**30:.1f} GB (--memory_budget_gb); about "
-                            f"{side}×{side} px fit: downscale or crop it, or raise the budget")
+        raise _too_large(height, width, n_particles, need, budget, largest_square(budget, n_particles, model,
+                                                                                  kernel_size, backward))

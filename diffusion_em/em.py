@@ -19,7 +19,7 @@ from diffusion_em.mstep import MStepConfig, m_step, m_step_coarse
 from util.geometry import crop, dirac
 from guided_diffusion.denoiser import EpsDenoiser
 from guided_diffusion.sampler import (branch, branch_start, ddpm_step, ddpm_update, final_image, gaussian,
-                                      needs_grad, predict_x0, step_indices)
+                                      keeps_graph, predict_x0, step_indices)
 from util.errors import ProjectError
 from util.geometry import recenter as recenter_kernel
 
@@ -236,7 +236,7 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
     for n, i in enumerate(step_indices(N, progress)):
         if n == start and p != n_particles:
             x, p = branch(x, n_particles), n_particles
-        pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not (low_memory and x.shape[0] > 1))
+        pred = predict_x0(denoiser, x, i, keeps_graph(guidance, x, low_memory))
         x0 = pred.x0.detach()
         t = int(sched.timesteps[i])
         rows = [slice(j * p, (j + 1) * p) for j in range(len(live))]

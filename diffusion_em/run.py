@@ -218,6 +218,9 @@ def out_of_memory(e: BaseException) -> bool:
         s in msg for s in ("can't allocate memory", "out of memory", "ALLOC_FAILED")))
 
 
+LOW_MEMORY_NOTE = "low-memory mode: particles' UNet graphs one at a time (the memory budget)"  # the row's message
+
+
 def budget_particles(dcfg: DiffusionConfig) -> int:
     """The most particles a run of this config holds at once (with `final_pass`, its kernel-finding run's too)."""
     if dcfg.method == "fast_em" and dcfg.final_pass:
@@ -241,7 +244,8 @@ def _check_size(r: Restorer, opts: RunOptions, sample: Sample, y: np.ndarray) ->
         raise ResourceError(f"{sample.blurry}: {e}") from None
     if low:
         print(f"{sample.name}: its {budget_particles(r.dcfg)} particles' UNet passes are recomputed one at a time for the "
-              f"guidance, to fit the memory budget (the same result; about 1.5x the time)", file=sys.stderr)
+              f"guidance, to fit the memory budget (the same result; the particle steps take up to 1.5x as long)",
+              file=sys.stderr)
     return low
 
 
@@ -361,7 +365,7 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
     kernel_from = ("true" if one.kernel_from == "true" else "l0") if res.fallback else one.kernel_from
     message = f"classical fallback: {res.fallback}" if res.fallback else ""
     if one.low_memory and not res.fallback:
-        message = "low-memory mode: particles' UNet graphs one at a time (the memory budget)"
+        message = LOW_MEMORY_NOTE
     row = {"name": one.sample.name, "status": "ok", "message": message,
            "sigma": one.sigma, "sigma_source": one.sigma_source, "kernel_source": kernel_from, **m, "seconds": round(seconds, 2), "nfe": res.nfe, "attempts": attempts,
            "reblur_rms_frame": None if res.reblur_mse is None else res.reblur_mse ** 0.5}

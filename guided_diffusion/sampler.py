@@ -35,6 +35,12 @@ def needs_grad(guidance) -> bool:
     return guidance is not None and getattr(guidance, "needs_grad", True)
 
 
+def keeps_graph(guidance, x: torch.Tensor, low_memory: bool = False) -> bool:
+    """Whether the step's UNet pass keeps its graph: the guidance needs one, unless the low-memory mode makes
+    the graphs one row at a time (`guidance_correction`; a single row gains nothing from that)."""
+    return needs_grad(guidance) and not (low_memory and x.shape[0] > 1)
+
+
 def predict_x0(denoiser: EpsDenoiser, x: torch.Tensor, i: int, track_grad: bool) -> Prediction:
     """One UNet evaluation at step i (x in model space)."""
     x = x.detach().requires_grad_(track_grad)
@@ -79,7 +85,7 @@ def ddpm_step(denoiser: EpsDenoiser, x: torch.Tensor, i: int, generator: torch.G
               op=None, y: Optional[torch.Tensor] = None, eta: float = 1.0, low_memory: bool = False) -> tuple:
     """One guided reverse step from x_t (model space): returns (x_{t-1}, x̂0 in [0, 1], detached).
     `low_memory`: with several rows, the guidance's UNet graphs are made one row at a time (`guidance_correction`)."""
-    pred = predict_x0(denoiser, x, i, needs_grad(guidance) and not (low_memory and x.shape[0] > 1))
+    pred = predict_x0(denoiser, x, i, keeps_graph(guidance, x, low_memory))
     return ddpm_update(denoiser, pred, i, generator, guidance, op, y, eta), pred.x0.detach()
 
 

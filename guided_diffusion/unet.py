@@ -46,6 +46,10 @@ class GroupNorm32(nn.GroupNorm):
             # torch's CPU kernel already computes bf16 input in float32 (the same error against fp32, measured),
             # without the two casts: 0.83x the bundled net's bf16 call (docs/speed.md "bf16 on the bundled prior")
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return self.on_float32_copy(x)
+
+    def on_float32_copy(self, x: torch.Tensor) -> torch.Tensor:
+        """The reduced-precision path elsewhere (GPUs, channels-last): GroupNorm of a float32 copy, cast back."""
         return super().forward(x.float()).to(x.dtype)
 
 
