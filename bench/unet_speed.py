@@ -21,6 +21,9 @@ Variants (`--variants`):
 - `ours_nchw_bf16`, `ours_nchw_chunk1_bf16`: the NCHW variants under bf16 autocast (what `precision: bf16` runs
   for the small bundled net on a CPU); `ours_nchw_compiled(_bf16)`: the same compiled (what `compile: true` runs
   for that net on a CPU at batch 1; the CPU runner calls the UNet one image at a time).
+- `ours_chunk1_bf16`: channels-last, one image per call, bf16 autocast: what `precision: bf16` runs on a CPU since
+  2026-12-07 evening (GroupNorm through guided_diffusion/nhwc_norm.py, channels-last kept through concatenation,
+  upsampling and attention).
 - `ours_nchw_chunk1_bf16_castops`: `ours_nchw_chunk1_bf16` with the bf16 CPU path as it was before
   2026-12-07: GroupNorm on a float32 copy, 1×1 convolutions through conv2d, avg_pool2d.
 - `ours_compiled`, `ours_compiled_bf16`: `torch.compile` (inductor) of `ours`; the first call's extra time is
@@ -58,6 +61,7 @@ VARIANTS = {
     "ours_compiled": (False, True, None, True, True, None),
     "ours_compiled_bf16": (False, True, torch.bfloat16, True, True, None),
     "ours_chunk1": (False, True, None, True, False, 1),
+    "ours_chunk1_bf16": (False, True, torch.bfloat16, True, False, 1),
     "ours_nchw_chunk1": (False, False, None, True, False, 1),
     "ours_nchw_bf16": (False, False, torch.bfloat16, True, False, None),
     "ours_nchw_chunk1_bf16": (False, False, torch.bfloat16, True, False, 1),

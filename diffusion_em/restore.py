@@ -73,7 +73,7 @@ def load_restorer(dcfg: DiffusionConfig, kcfg: KernelConfig, model_cfg: ModelCon
     sched = Schedule.create(dcfg.steps, model_cfg.schedule)  # the schedule the weights were trained with
     precision = resolve_precision(dcfg.precision, device)
     denoiser = EpsDenoiser(model, sched, clip=dcfg.clip_denoised, autocast_dtype=AUTOCAST[precision],
-                           channels_last=prefers_channels_last(model_cfg, device),
+                           channels_last=prefers_channels_last(model_cfg, device, precision),
                            max_batch=1 if device.type == "cpu" else None,  # CPU: a batch costs more than its rows alone
                            compile_backend="inductor" if dcfg.compile else None)
     kd = None
@@ -101,11 +101,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
 
 
-def prefers_channels_last(model_cfg: ModelConfig, device: torch.device) -> bool:
-    """NHWC convolutions: always on GPUs; on CPUs (one image per UNet call) only for wide nets: at 256², −7 %
-    on the FFHQ net (128 channels), +12 % (1 thread) to +14 % (2 threads) on the bundled prior (32 channels;
-    docs/speed.md)."""
-    return device.type != "cpu" or model_cfg.num_channels >= 64
+def prefers_channels_last(model_cfg: ModelConfig, device: torch.device, precision: str = "fp32") -> bool:
+    """NHWC convolutions: always on GPUs; on CPUs (one image per UNet call) for wide nets (at 256², −7 % on the
+    FFHQ net, 128 channels) and in bf16 (where NCHW pays oneDNN's layout reorders around every convolution and
+    GroupNorm runs through guided_diffusion/nhwc_norm.py); not for the bundled prior (32 channels) in fp32,
+    +12 % (1 thread) to +14 % (2 threads). docs/speed.md."""
+    return device.type != "cpu" or model_cfg.num_channels >= 64 or precision == "bf16"
 
 
 def guidance_for(dcfg: DiffusionConfig, true_kernel: bool = False):

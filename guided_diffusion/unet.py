@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from guided_diffusion import nhwc_norm
 from util.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
 
 MODEL_KEYS = (
@@ -42,11 +43,21 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return super().forward(x)
+        if nhwc_norm.applies(x):  # one channels-last bf16 image on a CPU (docs/speed.md "Channels-last bf16")
+            return nhwc_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
             # torch's CPU kernel already computes bf16 input in float32 (the same error against fp32, measured),
             # without the two casts: 0.83x the bundled net's bf16 call (docs/speed.md "bf16 on the bundled prior")
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return self.on_float32_copy(x)
+
+    def modulated(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """GroupNorm(x)·(1 + scale) + shift (the scale-shift norm of ResBlock); on the channels-last bf16 path
+        the modulation is folded into the per-channel affine map: one pass and one rounding instead of three."""
+        if nhwc_norm.applies(x):
+            s, b = 1 + scale.reshape(-1).float(), shift.reshape(-1).float()
+            return nhwc_norm.group_norm_nhwc(x, self.num_groups, self.weight * s, self.bias * s + b, self.eps)
+        return self(x) * (1 + scale) + shift
 
     def on_float32_copy(self, x: torch.Tensor) -> torch.Tensor:
         """The reduced-precision path elsewhere (GPUs, channels-last): GroupNorm of a float32 copy, cast back."""
@@ -94,6 +105,22 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def same_layout(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """out in channels-last when `like` is: torch's upsampling and attention's reshape return NCHW, and one NCHW
+    tensor in a channels-last net costs a layout conversion in every convolution and element-wise op after it."""
+    if nhwc_norm.is_nhwc(like) and not nhwc_norm.is_nhwc(out):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def cat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.cat([a, b], dim=1), channels-last when both are (torch's CPU cat of channels-last tensors along
+    the channels returns NCHW): one concatenation of the NHWC views."""
+    if nhwc_norm.is_nhwc(a) and nhwc_norm.is_nhwc(b):
+        return torch.cat([a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)], dim=3).permute(0, 3, 1, 2)
+    return torch.cat([a, b], dim=1)
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int, use_conv: bool):
         super().__init__()
@@ -102,7 +129,7 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = same_layout(F.interpolate(x, scale_factor=2, mode="nearest"), x)
         return self.conv(x) if self.use_conv else x
 
 
@@ -155,7 +182,7 @@ class ResBlock(TimestepBlock):
         e = self.emb_layers(emb).to(h.dtype)[..., None, None]
         if self.use_scale_shift_norm:
             scale, shift = e.chunk(2, dim=1)
-            h = self.out_layers[0](h) * (1 + scale) + shift
+            h = self.out_layers[0].modulated(h, scale, shift)
             h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
         else:
             h = self.out_layers(h + e)
@@ -191,7 +218,7 @@ class AttentionBlock(nn.Module):
         # SDPA wants (batch, T, d); the softmax runs in float32 when inputs are float32.
         a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         a = a.transpose(1, 2).reshape(B, C, T)
-        return (xs + self.proj_out(a)).reshape(B, C, H, W)
+        return same_layout((xs + self.proj_out(a)).reshape(B, C, H, W), x)
 
 
 def _parse_channel_mult(channel_mult, image_size: int) -> tuple[float, ...]:
@@ -302,7 +329,7 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = block(cat_channels(h, skips.pop()), emb)
         return self.out(h).to(x.dtype)
 
 
