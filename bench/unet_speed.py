@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -48,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guided_diffusion import unet as U  # noqa: E402
 from guided_diffusion.denoiser import in_chunks  # noqa: E402
 from guided_diffusion.model_config import load_model_config  # noqa: E402
+from util.cpu_memory import keep_freed_memory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"ffhq": "configs/model_config.yaml", "bundled": "configs/model_config_bundled.yaml"}
@@ -143,11 +145,12 @@ def make_call(m, x0, t, channels_last: bool, dtype, mode: str, chunk=None):
 
 
 def timed(fn, device) -> tuple:
-    """(wall seconds, process CPU seconds) of one call."""
-    t0, c0 = time.perf_counter(), time.process_time()
+    """(wall seconds, process CPU seconds, minor page faults) of one call."""
+    t0, c0, f0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     fn()
     _sync(device)
-    return time.perf_counter() - t0, time.process_time() - c0
+    return (time.perf_counter() - t0, time.process_time() - c0,
+            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 
 
 CATEGORIES = (("convolution", ("conv",)), ("gemm", ("addmm", "bmm", "::mm", "matmul", "linear", "baddbmm")),
@@ -185,9 +188,13 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="also print, per variant, one call's self CPU seconds by op category (convolution, GEMM, "
                          "GroupNorm, attention, the rest): how much of a call no fusion can remove")
+    ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                    help="keep: glibc keeps freed memory for reuse, as the scripts set it on a CPU "
+                         "(util/cpu_memory.py); default: glibc's own thresholds (the page-fault lever)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.malloc == "keep" else False
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     names = ["original_style"] + [v for v in args.variants if v != "original_style"]  # the baseline first
     for dev_name in devices:
@@ -204,12 +211,13 @@ def main():
                 fns = {n: make_call(models[n], x0, t, VARIANTS[n][1], VARIANTS[n][2], mode, VARIANTS[n][5])
                        for n in names}
                 first = {n: timed(fns[n], device) for n in names}  # warm-up; includes compilation
-                times, cpus = {n: [] for n in names}, {n: [] for n in names}
+                times, cpus, faults = {n: [] for n in names}, {n: [] for n in names}, {n: [] for n in names}
                 for _ in range(args.repeats):
                     for n in names:
-                        w, c = timed(fns[n], device)
+                        w, c, f = timed(fns[n], device)
                         times[n].append(w)
                         cpus[n].append(c)
+                        faults[n].append(f)
                 base_min, base_med = min(times["original_style"]), statistics.median(times["original_style"])
                 base_cpu = statistics.median(cpus["original_style"])
                 med = {n: statistics.median(cpus[n] if device.type == "cpu" else times[n]) for n in names}
@@ -224,6 +232,7 @@ def main():
                            "cpu_s": round(statistics.median(cpus[n]), 4),
                            "cpu_vs_original": round(statistics.median(cpus[n]) / base_cpu, 3),
                            "first_call_s": round(first[n][0], 2), "first_call_cpu_s": round(first[n][1], 2),
+                           "minor_page_faults": int(statistics.median(faults[n])), "keep_freed_memory": kept,
                            "threads": torch.get_num_threads(), "load1": round(os.getloadavg()[0], 2)}
                     if VARIANTS[n][4]:  # compile cost and the calls it takes to pay off (CPU seconds on the CPU)
                         k = 1 if device.type == "cpu" else 0

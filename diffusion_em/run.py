@@ -30,6 +30,7 @@ from diffusion_em.results import FIELDS, ResultsFolder, check_output_names, qual
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from guided_diffusion.sampler import needs_grad
 from util.config import as_dict
+from util.cpu_memory import keep_freed_memory
 from util.errors import InputError, ProjectError, ResourceError
 from util.geometry import pad_centred
 from util.images import image_to_tensor, tensor_to_image
@@ -564,6 +565,8 @@ def main(argv=None, method: str = "fast_em") -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # a fifth of each UNet call was page faults otherwise (util/cpu_memory.py)
     if ranks.sharded and device.type != "cpu":
         torch.accelerator.set_device_index(device.index)
     shard.start(ranks, device)
