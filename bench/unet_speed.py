@@ -191,12 +191,18 @@ def main():
     ap.add_argument("--malloc", choices=["keep", "default"], default="keep",
                     help="keep: glibc keeps freed memory for reuse, as the scripts set it on a CPU "
                          "(util/cpu_memory.py); default: glibc's own thresholds (the page-fault lever)")
+    ap.add_argument("--no_baseline", action="store_true",
+                    help="time only --variants, without original_style (no ratios): one model in the process, as "
+                         "in a run, which is what the page-fault figures need (another model's freed blocks change "
+                         "glibc's thresholds)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.malloc == "keep" else False
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    names = ["original_style"] + [v for v in args.variants if v != "original_style"]  # the baseline first
+    names = [v for v in args.variants if v != "original_style"]
+    if not args.no_baseline:
+        names = ["original_style"] + names  # the baseline first
     for dev_name in devices:
         device = torch.device(dev_name)
         models = {}
@@ -218,8 +224,10 @@ def main():
                         times[n].append(w)
                         cpus[n].append(c)
                         faults[n].append(f)
-                base_min, base_med = min(times["original_style"]), statistics.median(times["original_style"])
-                base_cpu = statistics.median(cpus["original_style"])
+                base = "original_style" if "original_style" in names else None
+                base_min = min(times[base]) if base else None
+                base_med = statistics.median(times[base]) if base else None
+                base_cpu = statistics.median(cpus[base]) if base else None
                 med = {n: statistics.median(cpus[n] if device.type == "cpu" else times[n]) for n in names}
                 for n in names:
                     ts = times[n]
@@ -227,10 +235,10 @@ def main():
                            "dtype": "bf16" if VARIANTS[n][2] else "fp32", "channels_last": VARIANTS[n][1],
                            "batch": B, "rows_per_call": VARIANTS[n][5] or B, "size": args.size, "mode": mode, "repeats": len(ts),
                            "min_s": round(min(ts), 4), "median_s": round(statistics.median(ts), 4),
-                           "min_vs_original": round(min(ts) / base_min, 3),
-                           "median_vs_original": round(statistics.median(ts) / base_med, 3),
+                           "min_vs_original": round(min(ts) / base_min, 3) if base else None,
+                           "median_vs_original": round(statistics.median(ts) / base_med, 3) if base else None,
                            "cpu_s": round(statistics.median(cpus[n]), 4),
-                           "cpu_vs_original": round(statistics.median(cpus[n]) / base_cpu, 3),
+                           "cpu_vs_original": round(statistics.median(cpus[n]) / base_cpu, 3) if base else None,
                            "first_call_s": round(first[n][0], 2), "first_call_cpu_s": round(first[n][1], 2),
                            "minor_page_faults": int(statistics.median(faults[n])), "keep_freed_memory": kept,
                            "threads": torch.get_num_threads(), "load1": round(os.getloadavg()[0], 2)}

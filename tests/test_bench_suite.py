@@ -611,3 +611,24 @@ def test_large_photo_bench_records_memory_time_and_the_low_memory_mode(repo_root
     assert all(r["low_memory"] is True and r["n_particles"] == 4 and r["peak_rss_mb"] > 0 for r in runs)
     assert summary["summary"] is True and summary["low_memory"] is True
     assert abs(summary["budget_estimate_mb"] - low / 2**20) < 0.1
+
+
+def test_unet_speed_one_model_with_page_faults(repo_root, tmp_path, tiny_unet_config):
+    """bench/unet_speed.py --no_baseline: only the named variant in the process (no ratios), with its minor page
+    faults a call and whether glibc keeps freed memory (--malloc keep, the scripts' CPU setting, or default)."""
+    import subprocess
+    import sys
+    import yaml
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_unet_config))
+    for malloc in ("keep", "default"):
+        out = subprocess.run([sys.executable, str(repo_root / "bench" / "unet_speed.py"), "--model", str(cfg),
+                              "--size", "32", "--batch", "1", "--repeats", "2", "--threads", "1", "--devices", "cpu",
+                              "--no_baseline", "--malloc", malloc, "--variants", "ours_chunk1_bf16"],
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+        recs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        assert [r["variant"] for r in recs] == ["ours_chunk1_bf16"]
+        r = recs[0]
+        assert r["median_vs_original"] is None and r["channels_last"] is True and r["dtype"] == "bf16"
+        assert isinstance(r["minor_page_faults"], int) and r["minor_page_faults"] >= 0
+        assert r["keep_freed_memory"] is (malloc == "keep" and sys.platform.startswith("linux"))
