@@ -2,9 +2,10 @@
 
 Why: glibc serves blocks above its mmap threshold with fresh mmap()s and returns freed heap tops to the system,
 so every UNet call on a CPU touched its activation and gradient buffers as new pages: ~30 000 minor page
-faults a call on the bundled prior at 256², a fifth of the call's time (docs/speed.md "Page faults").
-Raising the mmap threshold and the trim threshold makes the freed blocks reusable; the peak memory is the same
-(it is what a call needs), only it is not handed back between calls.
+faults a call on the bundled prior at 256², a fifth of the call's time (docs/speed.md "Channels-last bf16 and
+page faults"). Raising the mmap threshold and the trim threshold makes the freed blocks reusable. The cost is
+memory kept by the process: the same peak at 256², +26 % peak RSS on a 1200×690 photo (for 1.7x the speed;
+bench/measured/large_photo_malloc_epyc.txt).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import ctypes
 import sys
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 64 * 2**20  # blocks up to 64 MiB from the heap: every activation of a 512² image in fp32
+MMAP_THRESHOLD = 256 * 2**20  # blocks below 256 MiB from the heap: every activation of the FFHQ net at 256², of the bundled one at 1024²
 TRIM_THRESHOLD = 2**31 - 1   # never hand the heap's free top back
 
 
