@@ -30,7 +30,7 @@ from diffusion_em.results import FIELDS, ResultsFolder, check_output_names, qual
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from guided_diffusion.sampler import needs_grad
 from util.config import as_dict
-from util.cpu_memory import keep_freed_memory
+from util.cpu_memory import keep_freed_memory, release_freed_memory
 from util.errors import InputError, ProjectError, ResourceError
 from util.geometry import pad_centred
 from util.images import image_to_tensor, tensor_to_image
@@ -385,8 +385,7 @@ def _retry_in_memory(r: Restorer, opts: RunOptions, one: Loaded, **kw) -> tuple:
     except Exception as e:
         if not out_of_memory(e) or one.low_memory or budget_particles(r.dcfg) < 2:
             raise
-    if r.device.type != "cpu":
-        torch.accelerator.empty_cache()
+    give_back_memory(r.device)
     print(f"{one.sample.name}: out of memory with its particles' UNet graphs together; again in the low-memory "
           f"mode (one at a time, the same result)", file=sys.stderr)
     one.low_memory = True
@@ -394,9 +393,17 @@ def _retry_in_memory(r: Restorer, opts: RunOptions, one: Loaded, **kw) -> tuple:
     return _retry(r, opts, one, **kw)
 
 
-def _out_of_memory_error(r: Restorer, sample: Sample, e: BaseException) -> ResourceError:
-    if r.device.type != "cpu":
+def give_back_memory(device: torch.device) -> None:
+    """After running out of memory: the allocator's cached blocks back to the GPU, or the process's kept freed
+    memory back to the system (util/cpu_memory.py), before the next attempt or image."""
+    if device.type != "cpu":
         torch.accelerator.empty_cache()
+    else:
+        release_freed_memory()
+
+
+def _out_of_memory_error(r: Restorer, sample: Sample, e: BaseException) -> ResourceError:
+    give_back_memory(r.device)
     return ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
                          f"--memory_budget_gb so such inputs are refused before they start")
 
@@ -459,6 +466,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
     except Exception as e:
         if not out_of_memory(e):
             raise
+        give_back_memory(r.device)
         print(f"batch of {len(ready)}: {' '.join(str(e).split())[:160]}; one image at a time", file=sys.stderr)
         results = [None] * len(ready)
     share = (time.time() - t0) / max(1, len(ready))

@@ -17,13 +17,27 @@ MMAP_THRESHOLD = 256 * 2**20  # blocks below 256 MiB from the heap: every activa
 TRIM_THRESHOLD = 2**31 - 1   # never hand the heap's free top back
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc's thresholds (idempotent); False where the C library is not glibc (macOS, musl, Windows)."""
+def _libc():
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
+        libc.mallopt, libc.malloc_trim  # glibc's; musl has neither
     except (OSError, AttributeError):
-        return False
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+        return None
+    return libc
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's thresholds (idempotent); False where the C library is not glibc (macOS, musl, Windows)."""
+    libc = _libc()
+    return libc is not None and (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+                                 and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
+
+
+def release_freed_memory() -> None:
+    """Hand the freed memory kept by `keep_freed_memory` back to the system now (glibc's malloc_trim): after an
+    image ran out of memory, so that the next one does not start short of it."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
