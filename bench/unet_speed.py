@@ -192,17 +192,16 @@ def main():
                     help="keep: glibc keeps freed memory for reuse, as the scripts set it on a CPU "
                          "(util/cpu_memory.py); default: glibc's own thresholds (the page-fault lever)")
     ap.add_argument("--no_baseline", action="store_true",
-                    help="time only --variants, without original_style (no ratios): one model in the process, as "
-                         "in a run, which is what the page-fault figures need (another model's freed blocks change "
-                         "glibc's thresholds)")
+                    help="time only --variants as given (ratios only if original_style is among them): one model "
+                         "in the process, as in a run, which is what the page-fault figures need (another model's "
+                         "freed blocks change glibc's thresholds)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.malloc == "keep" else False
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-    names = [v for v in args.variants if v != "original_style"]
-    if not args.no_baseline:
-        names = ["original_style"] + names  # the baseline first
+    names = list(args.variants) if args.no_baseline else (  # the baseline first
+        ["original_style"] + [v for v in args.variants if v != "original_style"])
     for dev_name in devices:
         device = torch.device(dev_name)
         models = {}

@@ -395,15 +395,15 @@ def _retry_in_memory(r: Restorer, opts: RunOptions, one: Loaded, **kw) -> tuple:
 
 def give_back_memory(device: torch.device) -> None:
     """After running out of memory: the allocator's cached blocks back to the GPU, or the process's kept freed
-    memory back to the system (util/cpu_memory.py), before the next attempt or image."""
+    memory back to the system (util/cpu_memory.py), before the next attempt or image. Call it after the
+    `except` block: inside it the exception's traceback still holds the failed attempt's tensors."""
     if device.type != "cpu":
         torch.accelerator.empty_cache()
     else:
         release_freed_memory()
 
 
-def _out_of_memory_error(r: Restorer, sample: Sample, e: BaseException) -> ResourceError:
-    give_back_memory(r.device)
+def _out_of_memory_error(sample: Sample, e: BaseException) -> ResourceError:
     return ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
                          f"--memory_budget_gb so such inputs are refused before they start")
 
@@ -420,7 +420,9 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     except Exception as e:
         if not out_of_memory(e):
             raise
-        raise _out_of_memory_error(r, sample, e) from None
+        err = _out_of_memory_error(sample, e)
+    give_back_memory(r.device)
+    raise err
 
 
 def _failed_row(sample: Sample, e: ProjectError, known: dict) -> dict:
@@ -455,6 +457,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
             rows[sample.name] = _failed_row(sample, e, known[sample.name])
     t0 = time.time()
     starts = [None] * len(ready)
+    batch_oom = False
     try:
         if not _fit_together(r, opts, ready):
             raise MemoryError(f"the memory budget fits these {len(ready)} images one at a time, not together")
@@ -466,12 +469,14 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
     except Exception as e:
         if not out_of_memory(e):
             raise
-        give_back_memory(r.device)
         print(f"batch of {len(ready)}: {' '.join(str(e).split())[:160]}; one image at a time", file=sys.stderr)
-        results = [None] * len(ready)
+        results, batch_oom = [None] * len(ready), True
+    if batch_oom:
+        give_back_memory(r.device)
     share = (time.time() - t0) / max(1, len(ready))
     for one, res, start in zip(ready, results, starts):
         name = one.sample.name
+        oom = False
         try:
             t1, attempts, spent = time.time(), 1, share
             if res is None:  # the batch ran out of memory
@@ -484,7 +489,9 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            rows[name] = _failed_row(one.sample, _out_of_memory_error(r, one.sample, e), known[name])
+            rows[name], oom = _failed_row(one.sample, _out_of_memory_error(one.sample, e), known[name]), True
+        if oom:
+            give_back_memory(r.device)
     return [rows[sample.name] for _, sample in items]
 
 

@@ -55,6 +55,7 @@ class _GroupNormNHWC(torch.autograd.Function):
         return _image(Y, x.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # its backward treats the statistics as constants
     def backward(ctx, gy):
         x, mean, rstd, weight = ctx.saved_tensors
         gs, eps = ctx.gs, ctx.eps
@@ -75,7 +76,11 @@ class _GroupNormNHWC(torch.autograd.Function):
         n = X.shape[0] * gs
         A = _per_channel(_group_sum(weight * S1, gs), gs)
         B = _per_channel(_group_sum(weight * T, gs), gs)
-        # dx = r·w·dy − r·A/n − r³·B/n·(x − μ): the last two terms as one affine map of x (batch norm, inference)
+        # dx = r·w·dy − r·A/n − r³·B/n·(x − μ): the last two terms as one affine map of x (batch norm, inference).
+        # Both terms are rounded to x's dtype before the sum; where they cancel (dy nearly constant over a group, or
+        # along its normalised input) a bf16 gradient is less accurate than torch's NCHW kernel's. Summing in
+        # float32 costs 11 % of the bundled prior's call; the whole UNet's input gradient and synth24 did not
+        # move (docs/speed.md "Channels-last bf16 and page faults"), so it stays in x's dtype.
         beta = -rstd.pow(3) * B / n
         gamma = -rstd * A / n
         XA = torch.native_batch_norm(X, beta, gamma, mean, torch.full_like(rstd, 1 - eps), False, 0.0, eps)[0]

@@ -12,15 +12,26 @@ def _run(code: str, root, *args) -> str:
     r = subprocess.run([sys.executable, "-c", code.format(root=str(root)), *args], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
+    if r.stdout.strip() == "refused":
+        pytest.skip("this C library refused the thresholds (not glibc)")
     return r.stdout
+
+
+def _huge_pages_always() -> bool:
+    """Transparent huge pages on every anonymous mapping: a fresh block then faults per 2 MiB, not per 4 KiB."""
+    try:
+        return "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return False
 
 
 _FAULTS = """
 import resource, sys, torch
 sys.path.insert(0, {root!r})
 from util.cpu_memory import keep_freed_memory
-if sys.argv[1] == "keep":
-    assert keep_freed_memory()
+if sys.argv[1] == "keep" and not keep_freed_memory():
+    print("refused")
+    sys.exit(0)
 torch.set_num_threads(1)
 faults = []
 for _ in range(3):
@@ -41,7 +52,8 @@ def test_keep_freed_memory_reuses_freed_blocks_without_page_faults(repo_root):
         first, most = map(int, _run(_FAULTS, repo_root, mode).split()[-2:])
         return first, most
     pages = 30 * 2**20 // 4096
-    assert faults("default")[0] > 0.5 * pages
+    if not _huge_pages_always():
+        assert faults("default")[0] > 0.5 * pages
     assert faults("keep")[1] < 0.02 * pages
 
 
@@ -51,7 +63,9 @@ sys.path.insert(0, {root!r})
 from util.cpu_memory import keep_freed_memory, release_freed_memory
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-assert keep_freed_memory()
+if not keep_freed_memory():
+    print("refused")
+    sys.exit(0)
 base = rss_mb()
 a = torch.empty(120 * 2**20, dtype=torch.uint8).fill_(1)
 del a
