@@ -79,3 +79,16 @@ def test_batch_rejects_mixed_sizes(tiny_unet):
     with pytest.raises(ValueError, match="one size"):
         fast_diffusion_em_batch(den, ys, [0.1, 0.1], PiGDM(), MStepConfig(), S, [torch.Generator()] * 2)
 
+
+
+def test_batch_equals_one_by_one_in_bf16_channels_last(tiny_unet):
+    """The CPU default path (bf16 autocast, channels-last, one image per UNet call: the NHWC GroupNorm of
+    guided_diffusion/nhwc_norm.py) keeps a batched run equal to the one-by-one runs, bit for bit."""
+    den = EpsDenoiser(tiny_unet, Schedule.create(3), max_batch=1, autocast_dtype=torch.bfloat16, channels_last=True)
+    ys, ks, sigmas = _problem(2)
+    gens = lambda: [torch.Generator().manual_seed(20 + b) for b in range(2)]  # noqa: E731
+    batch = fast_diffusion_em_batch(den, ys, sigmas, PiGDM(), MStepConfig(J=2), S, gens(), n_particles=2, guard=None)
+    for b, g in enumerate(gens()):
+        one = fast_diffusion_em(den, ys[b], sigmas[b], PiGDM(), MStepConfig(J=2), S, g, n_particles=2, guard=None)
+        assert torch.equal(batch[b].x, one.x) and torch.equal(batch[b].kernel, one.kernel)
+    assert (batch[0].x - batch[1].x).abs().max() > 1e-3
