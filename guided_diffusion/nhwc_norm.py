@@ -2,8 +2,8 @@
 
 Why: on a CPU, bf16 convolutions on channels-last (NHWC) tensors skip the layout reorders that NCHW costs
 (a third of the bundled prior's bf16 call), but torch's own GroupNorm is slow on NHWC (its backward most of
-all; docs/speed.md "Channels-last bf16 on a CPU"). For one image (N = 1) a GroupNorm is a batch norm over the
-(H·W, C) view of the NHWC memory — rows are pixels, columns channels — once each group's statistics are known,
+all; docs/speed.md "Channels-last bf16 and page faults"). For one image (N = 1) a GroupNorm is a batch norm
+over the (H·W, C) view of the NHWC memory — rows are pixels, columns channels — once each group's statistics are known,
 and torch's batch-norm kernels are fast on that view and compute in float32 with one rounding of the output.
 
 - groups of one channel (the 32-channel levels of a 32-group net): batch norm itself, forward and backward;
@@ -47,9 +47,9 @@ class _GroupNormNHWC(torch.autograd.Function):
             m_c, v_c = torch.batch_norm_update_stats(X, torch.zeros_like(weight), torch.ones_like(weight), 0.0)
             m_g = _group_sum(m_c, gs) / gs
             v_g = _group_sum(v_c + m_c * m_c, gs) / gs - m_g * m_g  # the group's E[x²] − mean², from exact channel moments
-            mean = _per_channel(m_g, gs)
-            rstd = _per_channel(torch.rsqrt(v_g.clamp_min(0) + eps), gs)
-            Y = torch.native_batch_norm(X, weight, bias, mean, rstd.pow(-2) - eps, False, 0.0, eps)[0]
+            mean, var = _per_channel(m_g, gs), _per_channel(v_g.clamp_min(0), gs)
+            rstd = torch.rsqrt(var + eps)
+            Y = torch.native_batch_norm(X, weight, bias, mean, var, False, 0.0, eps)[0]
         ctx.save_for_backward(x, mean, rstd, weight)
         ctx.gs, ctx.eps = gs, eps
         return _image(Y, x.shape)

@@ -43,7 +43,7 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return super().forward(x)
-        if nhwc_norm.applies(x):  # one channels-last bf16 image on a CPU (docs/speed.md "Channels-last bf16")
+        if nhwc_norm.applies(x):  # one channels-last bf16 image on a CPU (docs/speed.md "Channels-last bf16 ...")
             return nhwc_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
             # torch's CPU kernel already computes bf16 input in float32 (the same error against fp32, measured),
