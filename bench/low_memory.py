@@ -36,9 +36,13 @@ def padded(size: str) -> tuple:
     return frame_size(H, W, load_model_config(ROOT / "configs" / "model_config_bundled.yaml"), 33)
 
 
-def child(size: str, steps: int, low: bool, threads: int, out: str) -> None:
-    """One run in this process; writes its step times and final particles to `out`."""
+def child(size: str, steps: int, low: bool, threads: int, out: str, malloc: str = "keep") -> None:
+    """One run in this process; writes its step times and final particles to `out`. malloc 'keep' sets glibc's
+    thresholds as the runner does on a CPU (util/cpu_memory.py); 'default' leaves glibc's own."""
     import torch
+    from util.cpu_memory import keep_freed_memory
+    if malloc == "keep":
+        keep_freed_memory()
     from diffusion_em.config import load_diffusion_config, load_kernel_config
     from diffusion_em.em import fast_diffusion_em
     from diffusion_em.restore import load_restorer
@@ -65,10 +69,10 @@ def child(size: str, steps: int, low: bool, threads: int, out: str) -> None:
                 "n_particles": dcfg.n_particles}, out)
 
 
-def run(size: str, steps: int, low: bool, threads: int, tmp: Path) -> dict:
+def run(size: str, steps: int, low: bool, threads: int, tmp: Path, malloc: str = "keep") -> dict:
     import torch
     out = tmp / f"{size}_{'low' if low else 'normal'}.pt"
-    cmd = [sys.executable, __file__, "--child", size, str(steps), str(int(low)), str(threads), str(out)]
+    cmd = [sys.executable, __file__, "--child", size, str(steps), str(int(low)), str(threads), str(out), malloc]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     _, status, ru = os.wait4(p.pid, 0)
@@ -85,12 +89,15 @@ def run(size: str, steps: int, low: bool, threads: int, tmp: Path) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        child(argv[1], int(argv[2]), bool(int(argv[3])), int(argv[4]), argv[5])
+        child(argv[1], int(argv[2]), bool(int(argv[3])), int(argv[4]), argv[5], *argv[6:7])
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["512x512"], help="HxW")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", default="keep", choices=("keep", "default"),
+                    help="glibc's thresholds in the children: 'keep' as the runner sets them on a CPU (default), "
+                         "'default' glibc's own (the runner's --malloc default)")
     ap.add_argument("--budget_gb", type=float, default=None, help="skip a mode estimated above this (default: 90 %% free)")
     args = ap.parse_args(argv)
     import torch
@@ -106,12 +113,12 @@ def main(argv=None) -> int:
                 est = estimate_run_bytes(H, W, 4, model, 33, low_memory=low)
                 mode = "low" if low else "normal"
                 base = {"size": [H, W], "frame": list(padded(size)), "mode": mode, "steps": args.steps, "threads": args.threads,
-                        "budget_estimate_mb": round(est / 2**20, 1)}
+                        "malloc": args.malloc, "budget_estimate_mb": round(est / 2**20, 1)}
                 if budget is not None and est > budget:
                     print(json.dumps({**base, "skipped": f"estimate over the budget of {budget / 2**30:.1f} GB"}),
                           flush=True)
                     continue
-                runs[mode] = run(size, args.steps, low, args.threads, Path(tmp))
+                runs[mode] = run(size, args.steps, low, args.threads, Path(tmp), args.malloc)
                 print(json.dumps({**base, **{k: v for k, v in runs[mode].items() if not k.startswith("_")},
                                   "load1": round(os.getloadavg()[0], 2)}), flush=True)
             summary = {"size": [H, W], "summary": True}

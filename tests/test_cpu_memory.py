@@ -80,3 +80,16 @@ def test_release_freed_memory_hands_kept_memory_back(repo_root):
     after an image ran out of memory) returns it to the system."""
     kept, released = map(int, _run(_RSS, repo_root).split()[-2:])
     assert kept > 100 and released < 20
+
+
+@pytest.mark.parametrize("malloc, expected", [("keep", 1), ("default", 0)])
+def test_runner_sets_the_allocator_only_when_asked(tmp_path, monkeypatch, malloc, expected):
+    """`--malloc default` leaves glibc's thresholds alone (a user short of memory on large photos); `keep`, the
+    default, sets them once, before anything is read."""
+    import diffusion_em.run as run
+    calls = []
+    monkeypatch.setattr(run, "keep_freed_memory", lambda: calls.append(1) or True)
+    rc = run.main(["--input_dir", str(tmp_path / "missing"), "--save_dir", str(tmp_path / "out"), "--device", "cpu",
+                   "--malloc", malloc])
+    assert rc != 0  # the folder does not exist: an error, after the setting
+    assert len(calls) == expected
