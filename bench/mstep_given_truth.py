@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion_em.mstep import MStepConfig, m_step  # noqa: E402
 from diffusion_em.results import diffusion_image_file  # noqa: E402
 from kernel_denoiser.network import load_kernel_denoiser  # noqa: E402
-from util.geometry import dirac, recenter  # noqa: E402
+from util.geometry import RECENTER_SHIFTS, dirac, recenter  # noqa: E402
 from util.images import read_image  # noqa: E402
 from util.inputs import list_inputs, load_sample  # noqa: E402
 from util.metrics import kernel_mse  # noqa: E402
@@ -34,11 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def kernel_given(y: torch.Tensor, x: torch.Tensor, sigma: float, size: int, calls: int, denoiser,
-                 k0: torch.Tensor = None) -> torch.Tensor:
-    """The kernel after `calls` M-step calls from k0 (default a Dirac) with the images x (n, C, H, W) held fixed."""
+                 k0: torch.Tensor = None, shift: str = "bilinear") -> torch.Tensor:
+    """The kernel after `calls` M-step calls from k0 (default a Dirac) with the images x (n, C, H, W) held fixed,
+    re-centred after each call as Fast EM does (`shift`: its `mstep.recenter_shift`)."""
     k = dirac(size)[0, 0] if k0 is None else k0
     for _ in range(calls):
-        k = recenter(m_step(y, x, k, sigma, MStepConfig(), denoiser))
+        k = recenter(m_step(y, x, k, sigma, MStepConfig(), denoiser), shift)
     return k
 
 
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     p.add_argument("--set", required=True, help="circular test-set folder (blurry/ sharp/ kernel/ meta.csv)")
     p.add_argument("--run", required=True, help="a run's --save_dir on that set")
     p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--recenter_shift", default="bilinear", choices=RECENTER_SHIFTS,
+                   help="re-centring after each call (the config's mstep.recenter_shift)")
     p.add_argument("--names", default=None, help="comma-separated case names (default: all)")
     p.add_argument("--denoiser", default=str(REPO / "models/kernel_denoiser_33.pth"))
     args = p.parse_args(argv)
@@ -66,12 +69,13 @@ def main(argv=None) -> int:
         y = chw(s.y)
         row = [kernel_mse(k_run, s.k_true)[0]]
         for x in (chw(s.x_true), chw(read_image(restored))):
-            row.append(kernel_mse(kernel_given(y, x, s.sigma, k_run.shape[-1], args.calls, den).numpy(), s.k_true)[0])
+            row.append(kernel_mse(kernel_given(y, x, s.sigma, k_run.shape[-1], args.calls, den,
+                                              shift=args.recenter_shift).numpy(), s.k_true)[0])
         # the run's own fixed point: its kernel, more M-step calls given its final particles (as its last step saw)
         parts = sorted((run / "images").glob(f"{sample.name}_p[0-9]*.png")) or [restored]
         xs = torch.cat([chw(read_image(f)) for f in parts])
         row.append(kernel_mse(kernel_given(y, xs, s.sigma, k_run.shape[-1], args.calls, den,
-                                           torch.from_numpy(k_run)).numpy(), s.k_true)[0])
+                                           torch.from_numpy(k_run), args.recenter_shift).numpy(), s.k_true)[0])
         rows.append(row)
         print(f"{sample.name}: kernel MSE run {row[0]:.2e}, M-step given the true image {row[1]:.2e}, "
               f"given the run's image {row[2]:.2e}, the run's kernel continued on its particles {row[3]:.2e}",

@@ -250,7 +250,7 @@ def fast_diffusion_em_batch(denoiser: EpsDenoiser, ys: list, sigmas: list, guida
                 else:
                     k = m_step(observed(b, x0[rows[j]]), x0[rows[j]], ops[b].kernel, sigmas[b], mcfg, kernel_denoiser,
                                r2=r2, support=supports[b])
-                ops[b] = ops[b].with_kernel(recenter_kernel(k) if mcfg.recenter else k)
+                ops[b] = ops[b].with_kernel(recenter_kernel(k, mcfg.recenter_shift) if mcfg.recenter else k)
             traces[b].append(_record(_where(n + 1, N, t), i, t, x0[rows[j]], ops[b].kernel))
             try:
                 if guard is not None:
@@ -317,5 +317,5 @@ def diffusion_em(denoiser: EpsDenoiser, y: torch.Tensor, sigma: float, guidance,
         x = final_image(denoiser, x)
         y_m = y if mask is None else fill_padding(y, mask, op.A(x))
         k = m_step(y_m, x, k, sigma, mcfg, kernel_denoiser, support=support)  # the M-step, on this round's samples
-        k = recenter_kernel(k) if mcfg.recenter else k
+        k = recenter_kernel(k, mcfg.recenter_shift) if mcfg.recenter else k
     return EMResult(x=x, kernel=k[0, 0], nfe=nfe, trace=trace)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from classical.nonblind import grad_otfs
 from util.fft import o2p, p2o
-from util.geometry import project_simplex, project_simplex_on
+from util.geometry import RECENTER_SHIFTS, project_simplex, project_simplex_on
 
 __all__ = ["MStepConfig", "m_step", "m_step_coarse", "resize_kernel", "MStepState", "support_box"]
 
@@ -50,6 +50,7 @@ class MStepConfig:
     colour: str = "joint"       # 'joint' | 'per_channel_mean' (authors')
     pigdm_r2: bool = False      # Fast EM + ΠGDM: add the step's r_t² to the denominator (paper App. D)
     recenter: bool = True       # re-centre the kernel's centre of mass after each M-step
+    recenter_shift: str = "bilinear"  # 'bilinear' (exact, sub-pixel: low-passes the kernel) | 'integer' (whole pixels)
     every: int = 1              # Fast EM: run the M-step every k diffusion steps
     coarse: float = 0.0         # Fast EM: the first fraction of the steps run the M-step at half resolution
     domain: str = "pixel"       # 'pixel' | 'gradient': data term on image gradients (less weight on low frequencies)
@@ -58,6 +59,8 @@ class MStepConfig:
     def __post_init__(self):
         if self.domain not in DOMAINS:
             raise ValueError(f"key 'domain' must be one of {DOMAINS}, got {self.domain!r}")
+        if self.recenter_shift not in RECENTER_SHIFTS:
+            raise ValueError(f"key 'recenter_shift' must be one of {RECENTER_SHIFTS}, got {self.recenter_shift!r}")
         if self.colour not in COLOUR_MODES:
             raise ValueError(f"key 'colour' must be one of {COLOUR_MODES}, got {self.colour!r}")
         for name, ok, rule in (("J", self.J >= 1, ">= 1"), ("every", self.every >= 1, ">= 1"),

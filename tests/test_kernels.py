@@ -132,3 +132,23 @@ def test_recenter_identity_on_centred_and_even_sizes():
     r = recenter(k64)
     torch.testing.assert_close(center_of_mass(r), torch.tensor([32.0, 32.0], dtype=torch.float64), atol=1e-9, rtol=0)
     assert abs(r.sum().item() - 12.0) < 1e-9
+
+
+def test_integer_recenter_moves_whole_pixels_only_and_copies_the_taps():
+    """'integer' shifts by the integer part of the offset: the taps are an exact copy, the centre of mass ends
+    within 1 px of the middle, and a kernel less than 1 px off is left as it is (no back-and-forth)."""
+    k = _offcentre_batch()
+    r = recenter(k[:, None], "integer")[:, 0]
+    off = 16 - center_of_mass(k)
+    moved = torch.trunc(off)
+    assert (moved.abs().sum(-1) > 0).any()  # some kernels were moved
+    for i in range(len(k)):
+        expect = torch.roll(k[i], (int(moved[i, 0]), int(moved[i, 1])), (0, 1))  # well inside: no wrap-around
+        torch.testing.assert_close(r[i], expect, atol=1e-12, rtol=0)
+    assert ((center_of_mass(r) - 16).abs() < 1.0).all()
+    torch.testing.assert_close(r.sum((-2, -1)), k.sum((-2, -1)), atol=1e-12, rtol=0)
+    near = torch.roll(k[0], (0, 0), (0, 1))
+    near = 0.6 * recenter(near) + 0.4 * torch.roll(recenter(near), 1, 1)  # centre of mass 0.4 px off
+    torch.testing.assert_close(recenter(near, "integer"), near, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="recenter shift"):
+        recenter(k, "cubic")

@@ -230,3 +230,23 @@ def test_m_step_inside_a_support_box():
         K = m_step(y, x, K, 1e-3, MStepConfig(), support=box)
         assert (K[0, 0][~box] == 0).all() and abs(K.sum().item() - 1) < 1e-9
     assert kernel_mse(K, k)[0] < 1e-3 * kernel_mse(dirac(33).double(), k)[0]
+
+
+def test_integer_recentring_keeps_a_sharp_kernel_that_bilinear_recentring_smears():
+    """Fast EM re-centres the kernel after each M-step. A kernel whose centre of mass lies between pixels is moved
+    by a sub-pixel bilinear shift — an average of neighbouring taps — each call, and the data pull it back: given
+    the true image the fixed point is a smeared kernel. Whole-pixel re-centring leaves it exact."""
+    from util.geometry import center_of_mass, recenter
+    k = recenter(_true_kernel(3))
+    k = 0.5 * k + 0.5 * torch.roll(k, 1, 1)  # centre of mass half a pixel off, a sharp kernel still
+    assert abs(center_of_mass(k)[1].item() - 16.5) < 1e-9
+    x = _textured(1, 3, 64, 64, 5)
+    y = conv_circular(x, k)
+    found = {}
+    for shift in ("bilinear", "integer"):
+        K = dirac(33, dtype=torch.float64)
+        for _ in range(10):
+            K = recenter(m_step(y, x, K, 20 / 255, MStepConfig()), shift)
+        found[shift] = kernel_mse(K, k)[0]
+    assert found["integer"] <= 1e-7, found
+    assert found["bilinear"] > 20 * found["integer"], found

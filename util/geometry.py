@@ -166,22 +166,33 @@ def _shift_axis(k: torch.Tensor, t: torch.Tensor, dim: int) -> torch.Tensor:
     return (1 - a).reshape(shape) * integer_shift(f) + a.reshape(shape) * integer_shift(f + 1)
 
 
-def recenter(k: torch.Tensor) -> torch.Tensor:
+RECENTER_SHIFTS = ("bilinear", "integer")
+
+
+def recenter(k: torch.Tensor, shift: str = "bilinear") -> torch.Tensor:
     """Move each kernel's centre of mass to (s1//2, s2//2); batched over leading dims, on k's device.
 
-    Separable integer + bilinear sub-pixel shift: it moves the first moment exactly, keeps taps
-    non-negative (a convex combination of shifted copies, unlike the authors' cubic-spline shift) and the
-    sum is restored exactly (mass pushed over the border by a far off-centre kernel is rescaled back).
+    shift 'bilinear': separable integer + bilinear sub-pixel shift: it moves the first moment exactly, keeps
+    taps non-negative (a convex combination of shifted copies, unlike the authors' cubic-spline shift), but
+    averages neighbouring taps: every sub-pixel move low-passes the kernel. 'integer': whole pixels only,
+    towards the middle, once the centre of mass is at least 1 px off (the integer part of the offset): an exact
+    copy of the taps, the centre kept within 1 px, no back-and-forth at half-pixel offsets.
+    The sum is restored exactly (mass pushed over the border by a far off-centre kernel is rescaled back).
     Negative input taps are clipped first (the centre of mass needs a non-negative kernel).
     """
+    if shift not in RECENTER_SHIFTS:
+        raise ValueError(f"recenter shift must be one of {RECENTER_SHIFTS}, got {shift!r}")
     lead = k.shape[:-2]
     s1, s2 = k.shape[-2:]
     kb = k.reshape(-1, s1, s2)
     total = kb.sum((-2, -1), keepdim=True)
     kb = kb.clamp_min(0)
     com = center_of_mass(kb)
-    out = _shift_axis(kb, (s1 // 2) - com[:, 0], 1)
-    out = _shift_axis(out, (s2 // 2) - com[:, 1], 2)
+    ty, tx = (s1 // 2) - com[:, 0], (s2 // 2) - com[:, 1]
+    if shift == "integer":
+        ty, tx = torch.trunc(ty), torch.trunc(tx)
+    out = _shift_axis(kb, ty, 1)
+    out = _shift_axis(out, tx, 2)
     s_out = out.sum((-2, -1), keepdim=True)
     out = torch.where(s_out > 0, out * (total / s_out.clamp_min(torch.finfo(k.dtype).tiny)), kb)
     return out.reshape(*lead, s1, s2)
