@@ -11,7 +11,9 @@ steps), the divergence guard off. Reported per run: wall seconds of each step, p
 process (`wait4` rusage: model and Python included), and the budget's estimate; then the ratio low/normal of
 the per-step time (the first step dropped: allocator warm-up) and whether the two final images are equal bit
 for bit. A mode whose estimate exceeds `--budget_gb` (default: 90 % of the memory free now) is not run and
-says so. One JSON line per run and one per size.
+says so. One JSON line per run and one per size. The children set glibc's allocator as the runner does on a
+CPU (`--malloc keep`, util/cpu_memory.py; `keep_freed_memory` in each record says whether glibc took it);
+`--malloc default` leaves glibc's own thresholds (the figures recorded before 2026-12-07 evening ran so).
 """
 from __future__ import annotations
 
@@ -41,8 +43,9 @@ def child(size: str, steps: int, low: bool, threads: int, out: str, malloc: str 
     thresholds as the runner does on a CPU (util/cpu_memory.py); 'default' leaves glibc's own."""
     import torch
     from util.cpu_memory import keep_freed_memory
-    if malloc == "keep":
-        keep_freed_memory()
+    if malloc not in ("keep", "default"):
+        raise ValueError(f"malloc must be 'keep' or 'default', got {malloc!r}")
+    kept = keep_freed_memory() if malloc == "keep" else False
     from diffusion_em.config import load_diffusion_config, load_kernel_config
     from diffusion_em.em import fast_diffusion_em
     from diffusion_em.restore import load_restorer
@@ -66,7 +69,7 @@ def child(size: str, steps: int, low: bool, threads: int, out: str, malloc: str 
                             r.kernel_denoiser, n_particles=dcfg.n_particles, guard=None, callback=tick,
                             branch_fraction=1.0, low_memory=low)
     torch.save({"times": times, "x": res.x, "kernel": res.kernel, "precision": r.precision,
-                "n_particles": dcfg.n_particles}, out)
+                "n_particles": dcfg.n_particles, "keep_freed_memory": kept}, out)
 
 
 def run(size: str, steps: int, low: bool, threads: int, tmp: Path, malloc: str = "keep") -> dict:
@@ -83,7 +86,7 @@ def run(size: str, steps: int, low: bool, threads: int, tmp: Path, malloc: str =
         return {**rec, "error": err.strip().splitlines()[-1][:300] if err.strip() else ""}
     d = torch.load(out, weights_only=True)
     return {**rec, "step_s": [round(t, 3) for t in d["times"]], "precision": d["precision"],
-            "n_particles": d["n_particles"], "_x": d["x"], "_k": d["kernel"]}
+            "n_particles": d["n_particles"], "keep_freed_memory": d["keep_freed_memory"], "_x": d["x"], "_k": d["kernel"]}
 
 
 def main(argv=None) -> int:

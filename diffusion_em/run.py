@@ -170,9 +170,13 @@ def load_configs(args: argparse.Namespace, method: str) -> tuple:
 
 
 def restorer_from_args(args: argparse.Namespace, method: str) -> Restorer:
-    """Configs from the flags, then the models (for tools that reuse this script's flags, e.g. bench/)."""
+    """Configs from the flags, then the models (for tools that reuse this script's flags, e.g. bench/); the
+    allocator setting of `--malloc` as the runner applies it."""
     dcfg, kcfg, model_cfg = load_configs(args, method)
-    return load_restorer(dcfg, kcfg, model_cfg, resolve_device(args.device, args.gpu), args.img_model_config)
+    device = resolve_device(args.device, args.gpu)
+    if device.type == "cpu" and args.malloc == "keep":
+        keep_freed_memory()
+    return load_restorer(dcfg, kcfg, model_cfg, device, args.img_model_config)
 
 
 @dataclass(frozen=True)

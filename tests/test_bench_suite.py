@@ -589,7 +589,9 @@ def test_low_memory_bench_runs_both_modes_and_finds_them_equal(repo_root):
     normal, low, summary = recs
     assert normal["rc"] == low["rc"] == 0 and len(normal["step_s"]) == len(low["step_s"]) == 2
     assert low["budget_estimate_mb"] < normal["budget_estimate_mb"] and normal["n_particles"] == 4
+    from util.cpu_memory import keep_freed_memory  # True where glibc takes the setting
     assert normal["malloc"] == low["malloc"] == "keep"  # its children run with the runner's allocator setting
+    assert normal["keep_freed_memory"] is low["keep_freed_memory"] is keep_freed_memory()
     assert summary["equal_images"] is True and summary["equal_kernels"] is True and summary["time_low_vs_normal"] > 0
 
 

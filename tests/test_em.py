@@ -107,3 +107,23 @@ def test_mstep_start_keeps_the_initial_kernel_for_the_first_steps(tiny_unet):
 def test_mstep_start_is_a_fraction():
     with pytest.raises(ValueError, match="'start'"):
         MStepConfig(start=1.5)
+
+
+@pytest.mark.parametrize("driver", ["fast", "rounds"])
+@pytest.mark.parametrize("shift", ["bilinear", "integer"])
+def test_both_drivers_recentre_with_the_configured_shift(tiny_unet, monkeypatch, driver, shift):
+    """`mstep.recenter_shift` reaches the re-centring of Fast EM and of Diffusion EM; `recenter: false` skips it."""
+    import diffusion_em.em as em
+    from util.geometry import recenter
+    seen = []
+    monkeypatch.setattr(em, "recenter_kernel", lambda k, s: seen.append(s) or recenter(k, s))
+    den = EpsDenoiser(tiny_unet, Schedule.create(3))
+    run = {"fast": lambda c: fast_diffusion_em(den, _y(4, 32), 0.05, PiGDM(), c, 5, torch.Generator().manual_seed(0),
+                                               guard=None),
+           "rounds": lambda c: diffusion_em(den, _y(4, 32), 0.05, PiGDM(), c, 5, torch.Generator().manual_seed(0),
+                                            rounds=2, guard=None)}[driver]
+    run(MStepConfig(J=1, recenter_shift=shift))
+    assert seen and set(seen) == {shift}
+    seen.clear()
+    run(MStepConfig(J=1, recenter=False, recenter_shift=shift))
+    assert seen == []

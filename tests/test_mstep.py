@@ -250,3 +250,8 @@ def test_integer_recentring_keeps_a_sharp_kernel_that_bilinear_recentring_smears
         found[shift] = kernel_mse(K, k)[0]
     assert found["integer"] <= 1e-7, found
     assert found["bilinear"] > 20 * found["integer"], found
+
+
+def test_recenter_shift_must_be_known():
+    with pytest.raises(ValueError, match="recenter_shift"):
+        MStepConfig(recenter_shift="cubic")
