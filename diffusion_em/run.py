@@ -174,9 +174,15 @@ def restorer_from_args(args: argparse.Namespace, method: str) -> Restorer:
     allocator setting of `--malloc` as the runner applies it."""
     dcfg, kcfg, model_cfg = load_configs(args, method)
     device = resolve_device(args.device, args.gpu)
+    apply_malloc(args, device)
+    return load_restorer(dcfg, kcfg, model_cfg, device, args.img_model_config)
+
+
+def apply_malloc(args: argparse.Namespace, device: torch.device) -> None:
+    """`--malloc keep` on a CPU: glibc keeps freed memory for reuse (util/cpu_memory.py); a fifth of each UNet
+    call was page faults otherwise."""
     if device.type == "cpu" and args.malloc == "keep":
         keep_freed_memory()
-    return load_restorer(dcfg, kcfg, model_cfg, device, args.img_model_config)
 
 
 @dataclass(frozen=True)
@@ -588,8 +594,7 @@ def main(argv=None, method: str = "fast_em") -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cpu" and args.malloc == "keep":
-        keep_freed_memory()  # a fifth of each UNet call was page faults otherwise (util/cpu_memory.py)
+    apply_malloc(args, device)
     if ranks.sharded and device.type != "cpu":
         torch.accelerator.set_device_index(device.index)
     shard.start(ranks, device)
