@@ -473,6 +473,28 @@ def test_kernel_average_realigns_before_averaging(repo_root):
     assert abs(avg.sum() - 1) < 1e-12 and np.allclose(ka.average(k, other, 1.0), ka.aligned_to(other, k))
 
 
+def test_kernel_spectrum_band_ratio_subpixel_and_compensation(repo_root):
+    """bench/kernel_spectrum.py: a kernel against itself has band ratio 1 everywhere; a Gaussian widened by
+    blurring has ratios that fall with frequency; a half-pixel shift costs whole-pixel-aligned MSE that the
+    0.25-px search removes; α = 0 compensation returns the kernel and dividing a blurred kernel by its own
+    attenuation moves it towards the truth."""
+    ks = _load(repo_root, "kernel_spectrum")
+    yy, xx = np.mgrid[-7:8, -7:8]
+    k = np.exp(-(yy ** 2 + (xx / 2.0) ** 2) / 2.0)
+    k /= k.sum()
+    assert np.allclose(ks.band_ratio(k, k), 1.0)
+    wide = np.exp(-(yy ** 2 + (xx / 2.0) ** 2) / 4.5)
+    wide /= wide.sum()
+    r = ks.band_ratio(wide, k)
+    assert r[0] > 0.9 and r[-3] < 0.5 * r[1]
+    assert np.allclose(ks.compensated(wide, r, 0.0), wide, atol=1e-12)
+    from util.metrics import kernel_mse
+    assert kernel_mse(ks.compensated(wide, r, 1.0), k)[0] < 0.5 * kernel_mse(wide, k)[0]
+    f = np.fft.fftfreq(ks.N)
+    half = ks.from_spectrum(ks.spectrum(k) * np.exp(-2j * np.pi * (f[:, None] * 0.5 + f[None, :] * 0.5)), 15)
+    assert kernel_mse(half, k)[0] > 1e-5 and ks.subpixel_mse(half, k) < 1e-3 * kernel_mse(half, k)[0]
+
+
 def test_classical_anchor_screen_scores_a_runs_diffusion_image_fitted_to_the_data(tmp_path, repo_root, capsys):
     """bench/classical_anchor.py: D is the run's saved image; fitted to exact data with the true kernel (A) it
     gets closer to the truth; a set that is not circular is refused (its run's frame is not the image)."""
