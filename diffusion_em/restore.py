@@ -93,8 +93,8 @@ def cpu_has_bf16_units() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The config's `precision` for this device. 'auto' (the default config's) is bf16 on a CPU with BF16 units:
-    there the default's synth24 results moved −0.01 dB (s.e. 0.02, largest case 0.28 dB) against fp32 at 0.77x
-    the time (docs/speed.md, "bf16"). Elsewhere it is fp32: on GPUs bf16 against fp32 is not yet measured, CPUs
+    there the default's synth24 results moved +0.01 dB (s.e. 0.02, largest case 0.26 dB) against fp32 at 0.6x
+    the time (docs/speed.md, "Channels-last bf16 and page faults"). Elsewhere it is fp32: on GPUs bf16 against fp32 is not yet measured, CPUs
     without BF16 units emulate it, and ARM CPUs' BF16 is not detected."""
     if precision != "auto":
         return precision

@@ -155,6 +155,9 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
         raise InputError(f"--seed {args.seed}: must be in [0, 2^32)")
     if args.true_kernel and method != "fast_em":
         raise InputError("--true_kernel is a test_FastDiffEM.py option (Diffusion EM would re-estimate the kernel)")
+    if args.kernel in ("l0", "auto") and method != "fast_em":
+        raise InputError(f"--kernel {args.kernel}: test_DiffEM.py takes em, l0_em or l0_box (its rounds re-estimate the "
+                         f"kernel)")
 
 
 def load_configs(args: argparse.Namespace, method: str) -> tuple:

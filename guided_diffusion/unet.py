@@ -47,7 +47,7 @@ class GroupNorm32(nn.GroupNorm):
             return nhwc_norm.group_norm_nhwc(x, self.num_groups, self.weight, self.bias, self.eps)
         if x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.is_contiguous():
             # torch's CPU kernel already computes bf16 input in float32 (the same error against fp32, measured),
-            # without the two casts: 0.83x the bundled net's bf16 call (docs/speed.md "bf16 on the bundled prior")
+            # without the two casts: 0.83x the bundled net's bf16 call (docs/speed.md "bf16 without casts on the CPU")
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return self.on_float32_copy(x)
 

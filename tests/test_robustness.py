@@ -395,6 +395,17 @@ def test_bad_flags_are_one_line_errors_before_loading(tiny_run, capsys, flag, va
     assert not (tmp / "out").exists()
 
 
+@pytest.mark.parametrize("value", ["auto", "l0"])
+def test_diffusion_em_refuses_a_kernel_source_it_cannot_run_naming_the_flag(tiny_run, capsys, value):
+    """test_DiffEM.py --kernel auto was blamed on the YAML file's key 'kernel' though the value came from the flag."""
+    tmp, cfgs, data = tiny_run
+    assert main(_args(tmp, cfgs["pigdm"], data, tmp / "out", "--kernel", value) + _no_model(tmp),
+                method="diffusion_em") == 2
+    err = capsys.readouterr().err
+    assert f"--kernel {value}" in err and "l0_box" in err and len(err.strip().splitlines()) == 1 and "yaml" not in err
+    assert not (tmp / "out").exists()
+
+
 # 6 ------------------------------------------------------------------------------------------------ inputs
 def test_links_webp_bom_and_unmatched_meta_names(tiny_run, capsys):
     tmp, cfgs, data = tiny_run
