@@ -372,6 +372,9 @@ def test_config_errors(setup, tmp_path, capsys):
     assert main(_args(tmp, cfgs["pigdm"], data, tmp / "o", "--sigma", "10"), method="diffusion_em") == 2
     capsys.readouterr()
     assert main(_args(tmp, cfgs["pigdm"], data, tmp / "o", "--kernel", "l0"), method="diffusion_em") == 2
+    assert "--kernel l0: test_DiffEM.py takes em, l0_em or l0_box" in capsys.readouterr().err  # the flag, not the YAML
+    bad.write_text(cfgs["pigdm"].read_text() + "\nkernel: l0\n")
+    assert main(_args(tmp, bad, data, tmp / "o"), method="diffusion_em") == 2
     assert "key 'kernel' must be 'em', 'l0_em' or 'l0_box' with Diffusion EM" in capsys.readouterr().err
 
 
