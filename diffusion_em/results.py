@@ -33,6 +33,7 @@ MEAN_FIELDS = ("psnr", "ssim", "psnr_aligned", "ssim_aligned", "lpips", "kernel_
                "psnr_blurry", "ssim_blurry", "psnr_blurry_aligned", "ssim_blurry_aligned", "seconds", "nfe")
 RECORD_FILES = ("config.yaml", "metrics.csv", "summary.json")
 OUTPUT_DIRS = ("images", "kernels", "montage", "npy", "progress")  # what write_image fills
+LONGEST_SUFFIX = "_diffusion.png"  # the longest name write_image gives a result file: <name> + this
 # keys recorded with the settings that a resume may change: on_divergence changes only what a failed image gets
 # (retried on resume anyway; a fallback's row is flagged); precision changes the bits as --threads does, and the
 # precision that ran is a run fact (run.RUN_FACTS), noted when a resume differs
@@ -131,6 +132,20 @@ class ResultsFolder:
                 pass
         except OSError as e:
             raise OutputError(f"{p}: cannot write results there ({e.strerror or e})") from None
+        for name in RECORD_FILES:  # a folder (or a FIFO, a dangling link) where a record file goes: found now, not after loading
+            q = p / name
+            if (q.exists() or q.is_symlink()) and not q.is_file():
+                raise OutputError(f"{q}: is not a regular file; move it away or choose another --save_dir")
+        for name in OUTPUT_DIRS:
+            q = p / name
+            if (q.exists() or q.is_symlink()) and not q.is_dir():
+                raise OutputError(f"{q}: is a file, not a folder; move it away or choose another --save_dir")
+        for log in [self.metrics, *self.rank_logs()]:  # a resume reads them: a log it cannot read is refused now
+            try:
+                read_csv_rows(log)
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise OutputError(f"{log}: cannot be read as a metrics log ({e}); move it away or choose another "
+                                  f"--save_dir") from None
         if self.metrics.is_file() and self.metrics.stat().st_size > 0:
             with open(self.metrics, newline="", errors="replace") as f:
                 header = f.readline().strip().split(",")
@@ -168,6 +183,9 @@ class ResultsFolder:
         diff = [] if old is None else [d for d in _differences(old, settings, defaults=defaults)
                                        if not d.startswith(NOT_SETTINGS)]
         if diff and (has_results or (self.path / "summary.json").exists()) and not overwrite:
+            if isinstance(old, dict) and set(old) == {"unreadable"}:  # say so, rather than list every setting as changed
+                raise OutputError(f"{old['unreadable']}: cannot be read (not this program's YAML record), so these "
+                                  f"results cannot be resumed; --overwrite to replace them, or choose another --save_dir")
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "
                               f"those settings to resume, --overwrite to replace them, or choose another --save_dir")

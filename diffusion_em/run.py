@@ -8,6 +8,7 @@ rows: anything else is a bug and stops the run.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -26,7 +27,8 @@ from diffusion_em.budget import check_budget, default_budget_bytes, needs_low_me
 from diffusion_em.em import DivergenceError
 from diffusion_em.restore import (ROOT, SIGMA_FLOOR, Restorer, boundary_mode, classical_fallback, kernel_source,
                                   load_restorer, repo_path, restore_batch, restore_with_retries, start_kernels)
-from diffusion_em.results import FIELDS, ResultsFolder, check_output_names, quality_flags, summarise
+from diffusion_em.results import (FIELDS, LONGEST_SUFFIX, ResultsFolder, check_output_names, quality_flags,
+                                  summarise)
 from guided_diffusion.model_config import ModelConfig, load_model_config
 from guided_diffusion.sampler import needs_grad
 from util.config import as_dict
@@ -138,6 +140,11 @@ def resolve_device(name: str, gpu: int) -> torch.device:
 MAX_SEED = 2 ** 32
 
 
+def max_threads() -> int:
+    """The most --threads accepted: 4 per CPU (oversubscribing more only slows; 10⁵ threads crashed torch)."""
+    return 4 * (os.cpu_count() or 1)
+
+
 def check_flags(args: argparse.Namespace, method: str) -> None:
     """Flag values that cannot work, refused before anything loads (InputError naming the flag)."""
     check_sigma_flag(args.sigma)
@@ -149,6 +156,9 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise InputError(f"--{flag} {v}: must be >= 1")
+    if args.threads is not None and args.threads > max_threads():
+        raise InputError(f"--threads {args.threads}: more than {max_threads()} (4× this machine's "
+                         f"{os.cpu_count() or 1} CPUs)")
     if args.gpu < 0:
         raise InputError(f"--gpu {args.gpu}: must be >= 0")
     if not 0 <= args.seed < MAX_SEED:  # each image's generator seed is derived from it and must fit 64 bits
@@ -287,10 +297,22 @@ class Loaded:
     kernels: list = field(default_factory=list)
 
 
+NAME_MAX = 255  # bytes in one file name on common file systems (ext4, APFS, NTFS in UTF-16 units)
+
+
+def check_name_length(sample: Sample) -> None:
+    """Refuse (for this image only) a name whose longest result file, images/<name>_diffusion.png, would not fit."""
+    longest = len(f"{sample.name}{LONGEST_SUFFIX}".encode())
+    if longest > NAME_MAX:
+        raise InputError(f"{sample.blurry}: its name is too long for its result files ({longest} bytes in "
+                         f"'<name>{LONGEST_SUFFIX}', at most {NAME_MAX}): rename it")
+
+
 def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: dict) -> Loaded:
     """Read and check one sample, resolve its σ (into `known` too, for a failed row); raises a ProjectError
     naming the file when it cannot be used."""
     t0 = time.time()
+    check_name_length(sample)
     loaded = load_sample(sample)
     try:
         sigma, source = resolve_sigma(loaded, opts.sigma)
@@ -586,6 +608,16 @@ def _with_earlier_runs(out: ResultsFolder, record: dict, previous: dict) -> dict
     return {**record, "earlier_runs": earlier} if earlier else record
 
 
+def _write_summary(out: ResultsFolder, rows: dict, record: dict, lp_ok: bool, lp_reason: str,
+                   interrupted: bool = False) -> dict:
+    """summary.json from the rows by name; `interrupted`: written as the run stops on Ctrl-C (a resume rewrites it)."""
+    summary = {**summarise(rows), "lpips": "computed" if lp_ok else f"skipped: {lp_reason}", **record}
+    if interrupted:
+        summary["interrupted"] = True
+    out.write_summary(summary)
+    return summary
+
+
 def main(argv=None, method: str = "fast_em") -> int:
     args = build_parser(method).parse_args(argv)
     try:
@@ -654,8 +686,14 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
         record = _with_earlier_runs(out, record, previous)  # config.yaml and summary.json both keep them
         out.write_config(record)
     mine = ranks.indices(len(samples))
-    rows = run_all(r, opts, ResultsFolder(args.save_dir, rank=ranks.rank) if ranks.sharded else out,
-                   [samples[i] for i in mine], args.batch_size, mine)
+    try:
+        rows = run_all(r, opts, ResultsFolder(args.save_dir, rank=ranks.rank) if ranks.sharded else out,
+                       [samples[i] for i in mine], args.batch_size, mine)
+    except KeyboardInterrupt:
+        done = out.previous_rows() if not ranks.sharded else {}  # a sharded run's rank 0 merges its logs on resume
+        if done:  # the summary of the rows written so far, this run's and earlier ones'
+            _write_summary(out, done, record, lp_ok, lp_reason, interrupted=True)
+        raise
     code = 0 if all(row["status"] == "ok" for row in rows) else 1
     shard.barrier(ranks)  # every rank's rows are written
     if not ranks.main:
@@ -667,8 +705,7 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     if not everything:
         print("nothing to do", file=sys.stderr)
         return 0
-    summary = {**summarise(everything), "lpips": "computed" if lp_ok else f"skipped: {lp_reason}", **record}
-    out.write_summary(summary)
+    summary = _write_summary(out, everything, record, lp_ok, lp_reason)
     m = summary["means"]
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     fb = summary["classical_fallback"]

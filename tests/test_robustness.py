@@ -622,3 +622,138 @@ def test_a_folder_from_before_precision_auto_resumes_with_another_precision(tiny
     assert rec["earlier_runs"] == [{"device": "cpu", "precision": "fp32", "threads": 1, "ranks": 1}]
     assert "holds images made with" in capsys.readouterr().err
     assert len(metrics_rows(out)) == 2
+
+
+# 7 --------------------------------------------------------------------- found by a hostile-use hunt (2026-12-07)
+def test_ctrl_c_writes_the_summary_of_the_rows_so_far(tiny_run, capsys, monkeypatch):
+    """Ctrl-C left summary.json missing (a fresh folder) or describing the earlier run only (a resumed one)."""
+    from diffusion_em import run as run_module
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    real = run_module.process_one
+    calls = []
+
+    def second_interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(run_module, "process_one", second_interrupted)
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["images"] == 1 and summary["ok"] == 1
+    monkeypatch.setattr(run_module, "process_one", real)
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 0  # the resume rewrites it
+    summary = json.loads((out / "summary.json").read_text())
+    assert "interrupted" not in summary and summary["images"] == 2 and summary["ok"] == 2
+
+
+@pytest.mark.parametrize("taken,kind,message", [
+    ("images", "file", "images: is a file, not a folder"),
+    ("kernels", "file", "kernels: is a file, not a folder"),
+    ("metrics.csv", "dir", "metrics.csv: is not a regular file"),
+    ("summary.json", "dir", "summary.json: is not a regular file"),
+    ("config.yaml", "dir", "config.yaml: is not a regular file"),
+])
+def test_a_record_or_output_path_taken_inside_save_dir_is_refused_before_loading(tiny_run, capsys, taken, kind,
+                                                                                message):
+    """images/ as a file or metrics.csv as a folder crashed after the models loaded (metrics.csv: after the first
+    image's files were written, with no row for them)."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    out.mkdir()
+    (out / taken).mkdir() if kind == "dir" else (out / taken).write_text("x")
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out) + _no_model(tmp), method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == [taken]  # nothing written
+
+
+@pytest.mark.parametrize("content", [b"name,status\nim0,ok\xe9\n", b"name,status\nim0," + b"x" * 200_000 + b"\n"])
+def test_an_unreadable_metrics_log_is_refused_on_resume_in_one_line(tiny_run, capsys, content):
+    """A latin-1 byte or a field over the csv module's limit in metrics.csv was a traceback on resume."""
+    from diffusion_em.results import FIELDS
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    out.mkdir()
+    (out / "metrics.csv").write_bytes(",".join(FIELDS).encode() + b"\n" + content.split(b"\n", 1)[1])
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out) + _no_model(tmp), method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert "metrics.csv: cannot be read as a metrics log" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unreadable_config_record_is_named_not_listed_as_other_settings(tiny_run, capsys):
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1"), method="fast_em") == 0
+    (out / "config.yaml").write_text("settings: [unclosed\n")
+    capsys.readouterr()
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out) + _no_model(tmp), method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert "config.yaml: cannot be read" in err and len(err) < 400
+
+
+def test_a_name_too_long_for_its_result_files_fails_alone(tiny_run, capsys):
+    """A legal 240-character input name crashed the whole run (its temporary file's name did not fit); one whose
+    result files cannot fit fails alone."""
+    tmp, cfgs, data = tiny_run
+    fits, too_long = "n" * 240, "t" * 245  # + "_diffusion.png": 254 and 259 bytes
+    os.rename(data / "blurry" / "im1.npy", data / "blurry" / f"{fits}.npy")
+    shutil.copy(data / "blurry" / "im0.npy", data / "blurry" / f"{too_long}.npy")
+    (data / "meta.csv").write_text(f"name,sigma\nim0,0.02\n{fits},0.02\n{too_long},0.02\n")
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--classical_blend", "0.5"), method="fast_em") == 1
+    rows = _rows(out)
+    assert rows["im0"]["status"] == "ok" and rows[fits]["status"] == "ok" and rows[too_long]["status"] == "failed"
+    assert "name is too long for its result files" in rows[too_long]["message"]
+    assert (out / "images" / f"{fits}_diffusion.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["images"] == 3
+
+
+def test_a_meta_csv_that_is_a_folder_or_a_broken_link_or_has_a_huge_field_is_one_line(tiny_run, capsys):
+    """meta.csv as a folder or a dangling link was skipped in silence (σ then estimated); a field over 128 KB
+    was a traceback."""
+    tmp, cfgs, data = tiny_run
+    meta = data / "meta.csv"
+    for make, message in ((lambda: meta.mkdir(), "not a regular file"),
+                          (lambda: os.symlink(data / "nowhere.csv", meta), "a broken link"),
+                          (lambda: meta.write_text("name,sigma\nim0," + "1" * 200_000 + "\n"), "not a readable CSV")):
+        shutil.rmtree(meta) if meta.is_dir() and not meta.is_symlink() else meta.unlink(missing_ok=True)
+        make()
+        assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out") + _no_model(tmp), method="fast_em") == 2
+        err = capsys.readouterr().err
+        assert "meta.csv" in err and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_files_no_input_uses_are_named_in_the_note(tmp_path):
+    """Sub-folders of a photo folder, FIFOs, and sharp/ or kernel/ files with no blurry/<name> were dropped in
+    silence."""
+    from util.inputs import list_inputs
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "sub" / "inner.png")
+    os.mkfifo(photos / "pipe.png")
+    notes = []
+    assert [s.name for s in list_inputs(photos, notice=notes.append)] == ["a"]
+    assert len(notes) == 1 and "sub/" in notes[0] and "pipe.png" in notes[0]
+    ts = tmp_path / "set"
+    for sub in ("blurry", "sharp", "kernel"):
+        (ts / sub).mkdir(parents=True)
+    np.save(ts / "blurry" / "a.npy", np.zeros((8, 8, 3), np.float32))
+    np.save(ts / "kernel" / "orphan.npy", np.ones((3, 3), np.float32))
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(ts / "sharp" / "orphan2.png")
+    notes.clear()
+    assert [s.name for s in list_inputs(ts, notice=notes.append)] == ["a"]
+    assert len(notes) == 1 and "kernel/orphan.npy" in notes[0] and "sharp/orphan2.png" in notes[0]
+
+
+def test_absurd_thread_counts_are_refused_before_loading(tiny_run, capsys):
+    """--threads 100000 crashed torch (a segfault, no message)."""
+    from diffusion_em.run import max_threads
+    tmp, cfgs, data = tiny_run
+    n = max_threads() + 1
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--threads", str(n)) + _no_model(tmp),
+                method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert f"--threads {n}: more than {n - 1}" in err and not (tmp / "out").exists()

@@ -48,6 +48,12 @@ def _visible_files(d: Path) -> list:
                   key=lambda f: f.name)
 
 
+def _specials(d: Path) -> list:
+    """Entries that are neither files, links nor folders (FIFOs, sockets, devices): named in the note, never read."""
+    return sorted(f.name for f in d.iterdir() if not (f.is_symlink() or f.is_file() or f.is_dir())
+                  and not f.name.startswith("."))
+
+
 def _folders(d: Path) -> list:
     """Sub-folders of d (not hidden): never inputs, so named in the run's note rather than skipped in silence."""
     return sorted(f"{f.name}/" for f in d.iterdir() if f.is_dir() and not f.is_symlink() and not f.name.startswith("."))
@@ -93,6 +99,8 @@ def read_meta_csv(path: PathLike) -> dict:
             return out
     except UnicodeDecodeError:
         raise fail(p, "not a text CSV file") from None
+    except csv.Error as e:  # e.g. a field over the csv module's 128 KB limit
+        raise fail(p, f"not a readable CSV file ({e})") from None
 
 
 META_BOUNDARIES = ("circular", "valid")
@@ -101,18 +109,21 @@ META_BOUNDARIES = ("circular", "valid")
 def read_meta_boundaries(path: PathLike) -> dict:
     """The optional `boundary` column of meta.csv -> {name: 'circular' | 'valid'} (empty cells omitted)."""
     p = Path(path)
-    with open(p, newline="", encoding="utf-8-sig") as f:  # as read_meta: Excel's BOM would hide the 'name' column
-        reader = csv.DictReader(f)
-        if "boundary" not in (reader.fieldnames or []):
-            return {}
-        out = {}
-        for row in reader:
-            b = (row.get("boundary") or "").strip().lower()
-            if b and b not in META_BOUNDARIES:
-                raise fail(p, f"line {reader.line_num}: boundary '{b}' is not one of {', '.join(META_BOUNDARIES)}")
-            if b:
-                out[(row.get("name") or "").strip()] = b
-        return out
+    try:
+        with open(p, newline="", encoding="utf-8-sig") as f:  # as read_meta: Excel's BOM would hide the 'name' column
+            reader = csv.DictReader(f)
+            if "boundary" not in (reader.fieldnames or []):
+                return {}
+            out = {}
+            for row in reader:
+                b = (row.get("boundary") or "").strip().lower()
+                if b and b not in META_BOUNDARIES:
+                    raise fail(p, f"line {reader.line_num}: boundary '{b}' is not one of {', '.join(META_BOUNDARIES)}")
+                if b:
+                    out[(row.get("name") or "").strip()] = b
+            return out
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise fail(p, f"not a readable CSV file ({e})") from None
 
 
 def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda message: None) -> list:
@@ -140,6 +151,8 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
             raise InputError(f"{root}: a broken symbolic link or a symbolic link loop, not an input folder")
         raise InputError(f"{root}: input folder does not exist")
     meta_path = root / "meta.csv"
+    if not meta_path.is_file() and (meta_path.is_symlink() or meta_path.exists()):  # σ would be guessed in silence
+        raise InputError(f"{meta_path}: a folder, a broken link or not a regular file; meta.csv must be a CSV file")
     meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
     bnd = read_meta_boundaries(meta_path) if meta_path.is_file() else {}
 
@@ -148,14 +161,17 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
         sharp = _by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp") if (root / "sharp").is_dir() else {}
         kern = _by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel") if (root / "kernel").is_dir() else {}
         samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n)) for n, f in blurry.items()]
-        ignored = _unused(_visible_files(root / "blurry"), IMAGE_EXTS) + _folders(root / "blurry")
+        ignored = (_unused(_visible_files(root / "blurry"), IMAGE_EXTS) + _folders(root / "blurry")
+                   + _specials(root / "blurry"))
         for sub, exts in (("sharp", IMAGE_EXTS), ("kernel", (".npy",))):  # e.g. kernel/a.png: a runs with no true kernel
             if (root / sub).is_dir():
-                ignored += [f"{sub}/{n}" for n in _unused(_visible_files(root / sub), exts) + _folders(root / sub)]
+                ignored += [f"{sub}/{n}" for n in _unused(_visible_files(root / sub), exts) + _folders(root / sub)
+                            + _specials(root / sub)]
+        ignored += sorted(f"{sub}/{f.name}" for sub, found in (("sharp", sharp), ("kernel", kern))
+                          for n, f in found.items() if n not in blurry)  # no blurry/<name>: nothing to deblur
     else:
         files = _visible_files(root)
-        ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,)) + [n for n in _folders(root)
-                                                               if Path(n).suffix.lower() in IMAGE_EXTS + (PICKLE_EXT,)]
+        ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,)) + _folders(root) + _specials(root)  # never recursed into
         pickles = _by_stem(files, (PICKLE_EXT,), root)
         photos = _by_stem(files, IMAGE_EXTS, root)
         clash = sorted(set(pickles) & set(photos))

@@ -38,7 +38,7 @@ def atomic_write(path: PathLike, write: Callable) -> Path:
     """Call write(fileobj) on a temp file in the destination folder, fsync, then rename over `path`."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name[:32]}.", suffix=".tmp")  # short: any legal name fits
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
