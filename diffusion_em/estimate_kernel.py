@@ -3,34 +3,100 @@
     python -m diffusion_em.estimate_kernel --sharp S --blurry B --sigma 0.01 --kernel_size 33 --out k.npy
 
 Runs the M-step (docs/algorithm.md §1) with the sharp image as the known x, `--calls` times from a centred Dirac
-(J HQS iterations each), writes the kernel (float32, sum 1) to `--out` and a magnified PNG preview next to
-it (`k.png`). Inputs: png/jpg/tif/.npy (docs/algorithm.md §4; .npy = float32 H×W×3 in [0,1]). The blur model is
-circular; for real photographs use `--taper N` to fade both images to their mean over N pixels at the
-borders, which removes most of the wrap-around mismatch. The kernel keeps the sharp→blurry registration
-(no re-centring) unless `--recenter` is given. `--denoiser auto` uses models/kernel_denoiser_<s>.pth when
-it exists (s = 33 or 64), `none` disables the kernel prior.
+(J HQS iterations each), writes the kernel (float32, sum 1) and a magnified PNG preview of it. Output names:
+a trailing .npy or .png is taken off `--out` and both are put back, so `--out k.npy`, `--out k.png` and
+`--out k` all write the kernel to `k.npy` and the preview to `k.png`. Both are refused before any work when
+either would replace an input (`--sharp`, `--blurry`, `--denoiser`), when `--out` is a folder, and when an
+existing file of those names is not a kernel resp. a grey square preview (a rerun replaces its own outputs).
+Inputs: png/jpg/tif/.npy (docs/algorithm.md §4; .npy = float32 H×W×3 in [0,1]). The blur model is circular;
+for real photographs use `--taper N` to fade both images to their mean over N pixels at the borders, which
+removes most of the wrap-around mismatch. The kernel keeps the sharp→blurry registration (no re-centring)
+unless `--recenter` is given. `--denoiser auto` uses models/kernel_denoiser_<s>.pth when it exists (s = 33 or
+64), `none` disables the kernel prior.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 
 from diffusion_em.mstep import MStepConfig, m_step
+from diffusion_em.run import resolve_device
 from util.geometry import dirac
 from kernel_denoiser.network import load_kernel_denoiser
 from util.geometry import edge_taper, recenter
-from util.images import read_image
-from util.outputs import save_kernel_png, save_npy
+from util.errors import InputError
+from util.images import PathLike, read_image
+from util.outputs import file_in_the_way, save_kernel_png, save_npy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     pass
+
+
+def output_paths(out: str) -> Tuple[str, str]:
+    """(kernel .npy, preview .png) of --out: a trailing .npy or .png (any case) is replaced by both suffixes."""
+    stem, ext = os.path.splitext(out)
+    if ext.lower() not in (".npy", ".png"):
+        stem = out
+    return stem + ".npy", stem + ".png"
+
+
+def _same_file(a: PathLike, b: PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either does not exist (yet): it cannot be the other one
+        return False
+
+
+def _not_ours(path: str, preview: bool) -> Optional[str]:
+    """What an existing output file is when it is not what this command writes (a kernel array, a grey square
+    preview), None when it is (a rerun may replace it)."""
+    if preview:
+        try:
+            with Image.open(path) as im:
+                mode, (w, h) = im.mode, im.size
+        except Exception:  # noqa: BLE001 - any unreadable file: not a preview of ours
+            return "not a PNG image"
+        return None if mode == "L" and w == h else f"a {w}x{h} {mode} image"
+    try:
+        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+    except Exception:  # noqa: BLE001
+        return "not a .npy array"
+    return None if len(shape) == 2 and shape[0] == shape[1] else f"an array of shape {tuple(shape)}"
+
+
+def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
+    """The (kernel, preview) paths of --out, or InputError naming --out when writing them would fail, replace an
+    input ({flag: path}) or replace a file this command did not write. Nothing is read or written."""
+    if os.path.isdir(out) or not os.path.basename(out):
+        raise InputError(f"--out {out}: names a folder; give the kernel's file name, "
+                         f"e.g. {os.path.join(out, 'kernel.npy')}")
+    npy, png = output_paths(out)
+    blocked = file_in_the_way(Path(npy).parent)
+    if blocked is not None:
+        raise InputError(f"--out {out}: {blocked} is a file, not a folder")
+    for path, what in ((npy, "kernel"), (png, "kernel preview")):
+        if os.path.isdir(path):
+            raise InputError(f"--out {out}: the {what} {path} would replace a folder; choose another --out")
+        for flag, src in inputs.items():
+            if src is not None and _same_file(path, src):
+                raise InputError(f"--out {out}: the {what} {path} would overwrite the {flag} input {src}; "
+                                 f"choose another --out")
+        if os.path.exists(path):
+            other = _not_ours(path, preview=path == png)
+            if other is not None:
+                raise InputError(f"--out {out}: {path} exists and is not a {what} ({other}); refusing to replace "
+                                 f"it, choose another --out")
+    return npy, png
 
 
 def taper(img: np.ndarray, n: int) -> np.ndarray:
@@ -74,7 +140,11 @@ def main(argv=None) -> int:
     ap.add_argument("--blurry", required=True)
     ap.add_argument("--sigma", type=float, required=True, help="noise std of the blurry image, [0,1] units")
     ap.add_argument("--kernel_size", type=int, default=33)
-    ap.add_argument("--out", required=True, help="output .npy (a .png preview is written next to it)")
+    ap.add_argument("--out", required=True,
+                    help="output name: the kernel goes to <stem>.npy and a magnified preview to <stem>.png, where "
+                         "<stem> is --out without a trailing .npy or .png (--out k.npy, k.png or k: k.npy + k.png). "
+                         "Refused if either would replace an input, a folder, or a file that is not an earlier "
+                         "kernel/preview")
     ap.add_argument("--calls", type=int, default=30, help="M-step calls of J HQS iterations from the Dirac")
     ap.add_argument("--J", type=int, default=10)
     ap.add_argument("--lam", type=float, default=1.0)
@@ -83,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--denoiser", default="auto", help="auto | none | path to a kernel denoiser .pth")
     ap.add_argument("--taper", type=int, default=0, help="border taper width in px for non-periodic photos")
     ap.add_argument("--recenter", action="store_true", help="move the kernel's centre of mass to the middle")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:1, mps, ...")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (the M-step's ops are small: 1 is fastest, and much faster on a busy machine)")
     a = ap.parse_args(argv)
@@ -96,22 +166,23 @@ def main(argv=None) -> int:
             raise UsageError(f"--sigma {a.sigma} is in [0,1] units (did you mean {a.sigma / 255:.4g} = {a.sigma:g}/255?)")
         if a.kernel_size < 1 or a.calls < 1:
             raise UsageError("--kernel_size and --calls must be >= 1")
+        device = resolve_device(a.device, 0)
+        den_src = None if a.denoiser in ("auto", "none") else a.denoiser
+        npy, png = check_outputs(a.out, {"--sharp": a.sharp, "--blurry": a.blurry, "--denoiser": den_src})
         sharp = read_image(a.sharp)
         blurry = read_image(a.blurry)
         cfg = MStepConfig(lam=a.lam, beta=a.beta, J=a.J, colour=a.colour)
-        device = torch.device(a.device)
         den, den_name = resolve_denoiser(a.denoiser, a.kernel_size, device)
         k = estimate(taper(sharp, a.taper), taper(blurry, a.taper), a.sigma, cfg, a.kernel_size, a.calls, den, device)
         if a.recenter:
             k = recenter(k)
         k = (k / k.sum()).cpu().numpy().astype(np.float32)
-        save_npy(a.out, k)
-        png = os.path.splitext(a.out)[0] + ".png"
+        save_npy(npy, k)
         save_kernel_png(png, k, scale=max(2, 256 // a.kernel_size))
     except (ValueError, OSError) as e:  # ImageReadError is a ValueError; one line, no traceback
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"{prog}: wrote {a.out} and {png} (kernel {a.kernel_size}x{a.kernel_size}, denoiser {den_name})")
+    print(f"{prog}: wrote {npy} and {png} (kernel {a.kernel_size}x{a.kernel_size}, denoiser {den_name})")
     return 0
 
 

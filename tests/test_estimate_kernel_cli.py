@@ -1,0 +1,106 @@
+"""`python -m diffusion_em.estimate_kernel` given careless flags: one-line errors naming --out/--device and the
+file, refused before any work, and no input or unrelated file replaced (32×32 PNGs, a 5×5 kernel, one M-step call).
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_em.estimate_kernel import main
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """(sharp a.png, blurry b.png): a random 32×32 texture and its circular blur by a 5×5 box."""
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 32, 3))
+    k = np.ones((5, 5)) / 25
+    y = np.stack([np.real(np.fft.ifft2(np.fft.fft2(x[:, :, c]) * np.fft.fft2(k, s=(32, 32)))) for c in range(3)], -1)
+    sharp, blurry = tmp_path / "a.png", tmp_path / "b.png"
+    Image.fromarray((x * 255).round().astype(np.uint8)).save(sharp)
+    Image.fromarray((np.clip(y, 0, 1) * 255).round().astype(np.uint8)).save(blurry)
+    return sharp, blurry
+
+
+def _run(pair, out, *extra) -> int:
+    sharp, blurry = pair
+    return main(["--sharp", str(sharp), "--blurry", str(blurry), "--sigma", "0.01", "--kernel_size", "5",
+                 "--calls", "1", "--J", "2", "--denoiser", "none", "--out", str(out), *extra])
+
+
+def _files(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_out_beside_the_sharp_png_would_replace_it_and_is_refused(pair, capsys):
+    """--out a.npy with --sharp a.png wrote the preview a.png over the user's sharp image."""
+    sharp, blurry = pair
+    before = _files(sharp.parent)
+    assert _run(pair, sharp.with_suffix(".npy")) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"--out {sharp.with_suffix('.npy')}" in err and f"--sharp input {sharp}" in err
+    assert _files(sharp.parent) == before  # nothing written, the input untouched
+    assert _run(pair, blurry.with_suffix("")) == 2  # --out b: b.png is the --blurry input
+    assert "--blurry input" in _one_line(capsys.readouterr().err) and _files(sharp.parent) == before
+
+
+def test_an_unrelated_image_or_array_under_an_output_name_is_not_replaced(pair, tmp_path, capsys):
+    photo = tmp_path / "c.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photo)
+    np.save(tmp_path / "d.npy", np.zeros((4, 8, 3), np.float32))
+    before = _files(tmp_path)
+    assert _run(pair, tmp_path / "c.npy") == 2
+    assert f"{photo} exists and is not a kernel preview (a 30x20 RGB image)" in _one_line(capsys.readouterr().err)
+    assert _run(pair, tmp_path / "d.png") == 2
+    assert "is not a kernel (an array of shape (4, 8, 3))" in _one_line(capsys.readouterr().err)
+    assert _files(tmp_path) == before
+
+
+def test_any_out_suffix_keeps_the_kernel_array_and_a_rerun_replaces_its_own(pair, tmp_path, capsys):
+    """--out k.png wrote k.npy and then its preview over... k.png itself ("wrote k.png and k.png"): the kernel was lost;
+    --out k wrote the array to a file named 'k'. The documented --out k.npy keeps writing k.npy + k.png."""
+    for name in ("k.png", "k", "k.npy"):
+        out = tmp_path / name.replace(".", "_")
+        for _ in range(2):  # the second run replaces the first one's kernel and preview (documented: a rerun)
+            assert _run(pair, out / name) == 0
+            assert f"wrote {out / 'k.npy'} and {out / 'k.png'}" in capsys.readouterr().out
+            assert sorted(p.name for p in out.iterdir()) == ["k.npy", "k.png"]
+            k = np.load(out / "k.npy")
+            assert k.shape == (5, 5) and k.dtype == np.float32 and k.sum() == pytest.approx(1, abs=1e-5)
+            with Image.open(out / "k.png") as im:
+                assert im.mode == "L" and im.size[0] == im.size[1] > 5
+
+
+def _missing_device() -> str:
+    have = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else None
+    return "mps" if have == "cuda" else "cuda"
+
+
+@pytest.mark.parametrize("device", ["bogus", _missing_device()])
+def test_a_device_that_does_not_exist_is_one_line_before_any_work(pair, tmp_path, device, capsys):
+    """--device bogus raised a RuntimeError traceback, --device cuda without CUDA an AssertionError."""
+    before = _files(tmp_path)
+    assert _run(pair, tmp_path / "k.npy", "--device", device) == 2
+    assert _one_line(capsys.readouterr().err).startswith(f"estimate_kernel: error: --device {device}: ")
+    assert _files(tmp_path) == before
+
+
+def test_out_that_is_a_folder_or_under_a_file_names_the_flag_not_a_temp_file(pair, tmp_path, capsys):
+    """--out EXISTING_FOLDER said "Is a directory: '.../.ek.XXXX.tmp' -> '.../ek'"."""
+    folder = tmp_path / "ek"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("x")
+    assert _run(pair, folder) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"--out {folder}: names a folder" in err and ".tmp" not in err
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"]
+    assert _run(pair, pair[0] / "k.npy") == 2  # under the sharp image (a file)
+    assert f"--out {pair[0] / 'k.npy'}: {pair[0]} is a file, not a folder" in _one_line(capsys.readouterr().err)
