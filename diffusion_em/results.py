@@ -21,7 +21,7 @@ import yaml
 
 from util.csvlog import append_csv_row, read_csv_rows
 from util.errors import InputError, ProjectError
-from util.outputs import (file_in_the_way, kernel_to_image, make_montage, save_gif, save_json, save_kernel_png,
+from util.outputs import (file_in_the_way, kernel_to_image, make_montage, save_gif, save_json,
                           save_npy, save_png, save_text)
 
 FIELDS = ("name", "status", "message", "sigma", "sigma_source", "kernel_source", "psnr", "ssim", "psnr_aligned", "ssim_aligned",
@@ -245,8 +245,14 @@ class ResultsFolder:
     def write_image(self, name: str, x_img: np.ndarray, particles: list, kernel: np.ndarray, y: np.ndarray,
                     x_true: Optional[np.ndarray], k_true: Optional[np.ndarray], save_npy_too: bool,
                     frames: list = (), kernel_frames: list = (), diffusion_only: Optional[np.ndarray] = None) -> None:
-        """One image's outputs, each written atomically (`diffusion_only`: the image before a classical blend)."""
+        """One image's outputs, each written atomically (`diffusion_only`: the image before a classical blend).
+        Everything derived (montage, kernel images) is made before the first file is written: a failure there
+        leaves no file of this image behind."""
         out = self.path
+        montage = make_montage(np.clip(y, 0, 1), x_img, x_true, kernel, k_true)
+        kernel_png = kernel_to_image(kernel)
+        every = max(1, len(kernel_frames) // 20)  # every step's kernel is saved; the GIF shows ~20 of them
+        kernel_gif = [kernel_to_image(k, 6) for k in kernel_frames[::every]]
         save_png(out / "images" / f"{name}.png", x_img)
         if diffusion_only is not None:
             save_png(out / "images" / f"{name}_diffusion.png", diffusion_only)
@@ -256,14 +262,13 @@ class ResultsFolder:
         if save_npy_too:
             save_npy(out / "npy" / f"{name}.npy", x_img)
         save_npy(out / "kernels" / f"{name}.npy", kernel.astype(np.float32))
-        save_kernel_png(out / "kernels" / f"{name}.png", kernel)
-        save_png(out / "montage" / f"{name}.png", make_montage(np.clip(y, 0, 1), x_img, x_true, kernel, k_true))
+        save_png(out / "kernels" / f"{name}.png", kernel_png)
+        save_png(out / "montage" / f"{name}.png", montage)
         if frames:
             save_gif(out / "progress" / f"{name}_x0.gif", list(frames))
-        if len(kernel_frames):  # every step's kernel; the GIF shows ~20 of them
-            every = max(1, len(kernel_frames) // 20)
+        if len(kernel_frames):
             save_npy(out / "progress" / f"{name}_kernels.npy", np.stack(kernel_frames).astype(np.float32))
-            save_gif(out / "progress" / f"{name}_kernel.gif", [kernel_to_image(k, 6) for k in kernel_frames[::every]])
+            save_gif(out / "progress" / f"{name}_kernel.gif", kernel_gif)
 
     def write_summary(self, summary: dict) -> None:
         save_json(self.path / "summary.json", summary)

@@ -399,9 +399,9 @@ def finish_one(opts: RunOptions, out: ResultsFolder, one: Loaded, res, attempts:
         x_diffusion = None if x_diffusion is None else grayscale.to_gray(x_diffusion)
     k = res.kernel.detach().cpu().numpy()
     kernel_frames = torch.stack(one.kernels).cpu().numpy() if one.kernels else ()
+    m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)  # before any file is written
     out.write_image(one.sample.name, x_img, particles, k, y_obs, x_true, loaded.k_true, opts.save_npy, one.frames,
                     kernel_frames, diffusion_only=x_diffusion)
-    m = evaluate(x_img, y_obs, k, one.sigma, x_true, loaded.k_true, particles=particles)
     kernel_from = ("true" if one.kernel_from == "true" else "l0") if res.fallback else one.kernel_from
     message = f"classical fallback: {res.fallback}" if res.fallback else ""
     if one.low_memory and not res.fallback:

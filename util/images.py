@@ -234,6 +234,22 @@ def _check_regular_file(p: Path) -> None:
     raise fail(p, "no such file" if not p.exists() else "not a regular file")
 
 
+def array_to_unit_range(a: np.ndarray, path: PathLike, what: str = "") -> np.ndarray:
+    """An image array's values as float32 in [0, 1] units: uint8 /255, uint16 /65535, other types as they are,
+    refused (ImageReadError naming `path`, and `what` in it when given) when outside FLOAT_RANGE (e.g. 0..255).
+    The rule for .npy images and for the images of a pickle."""
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == np.uint16:
+        return a.astype(np.float32) / 65535.0
+    a = a.astype(np.float32)
+    lo, hi = float(a.min()), float(a.max())
+    if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
+        raise fail(path, f"{what}float values span {lo:.4g}..{hi:.4g}, not [0, 1] plus noise (0..255 data? divide "
+                         f"by 255 or save as uint8)")
+    return a
+
+
 def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
     """Read an image as float32 H×W×3 RGB in [0, 1].
 
@@ -250,17 +266,7 @@ def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
         raise fail(p, "empty file (0 bytes)")
     ext = p.suffix.lower()
     if ext == ".npy":
-        a = read_npy_array(p)
-        if a.dtype == np.uint8:
-            a = a.astype(np.float32) / 255.0
-        elif a.dtype == np.uint16:
-            a = a.astype(np.float32) / 65535.0
-        else:
-            a = a.astype(np.float32)
-            lo, hi = float(a.min()), float(a.max())
-            if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
-                raise fail(p, f"float values span {lo:.4g}..{hi:.4g}, not [0, 1] plus noise (0..255 data? divide "
-                              f"by 255 or save as uint8)")
+        a = array_to_unit_range(read_npy_array(p), p)
         if a.ndim == 3 and a.shape[2] not in (1, 3):  # no alpha in .npy: 4 channels is more likely a layout error
             raise fail(p, f"expected an H×W, H×W×1 or H×W×3 array, got shape {a.shape} (channels last)")
         a = _to_rgb3(a, p)
@@ -279,13 +285,20 @@ def read_image(path: PathLike, clip: bool = False) -> np.ndarray:
 def read_kernel(path: PathLike) -> np.ndarray:
     """Read a blur kernel from .npy (any size; 1×1×s×s accepted) as float32 2-D normalised to sum 1.
 
-    Errors (ImageReadError naming the file): unreadable, not 2-D, NaN/inf, sum <= 0.
+    Errors (ImageReadError naming the file): unreadable, NaN/inf, and those of `check_kernel`.
     """
     p = Path(path)
     _check_regular_file(p)
     if p.suffix.lower() != ".npy":
         raise fail(p, f"kernels must be .npy files, got '{p.suffix}'")
-    k = read_npy_array(p).astype(np.float64)
+    return check_kernel(read_npy_array(p), p)
+
+
+def check_kernel(k: np.ndarray, p: PathLike) -> np.ndarray:
+    """A blur kernel's array (leading axes of size 1 dropped) as float32 2-D normalised to sum 1; the rule for
+    kernel files and the kernels of pickles. Errors (ImageReadError naming `p`): not 2-D, under 3×3, sum ≤ 0,
+    negative taps."""
+    k = np.asarray(k, dtype=np.float64)
     while k.ndim > 2 and k.shape[0] == 1:  # drop leading batch/channel axes of size 1
         k = k[0]
     if k.ndim != 2:

@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from util.errors import InputError
-from util.images import IMAGE_EXTS, PathLike, fail, read_image, read_kernel
-from util.noise import estimate_noise_sigma
+from util.images import IMAGE_EXTS, PathLike, check_kernel, fail, read_image, read_kernel
+from util.noise import SIGMA_UNITS, estimate_noise_sigma, sigma_in_range
 from util.safe_pickle import PICKLE_EXT, load_pickle_sample
 
 
@@ -91,8 +91,8 @@ def read_meta_csv(path: PathLike) -> dict:
                     s = float(row["sigma"])
                 except (TypeError, ValueError):
                     raise fail(p, f"line {line}: sigma '{row.get('sigma')}' is not a number") from None
-                if not (math.isfinite(s) and 0 <= s < 1):
-                    raise fail(p, f"line {line}: sigma {s} outside [0, 1) (σ is in [0, 1] units, e.g. 10/255)")
+                if not sigma_in_range(s):
+                    raise fail(p, f"line {line}: sigma {s} outside [0, 1) ({SIGMA_UNITS})")
                 if name in out:  # which σ was meant cannot be guessed
                     raise fail(p, f"line {line}: name '{name}' is listed twice")
                 out[name] = s
@@ -203,14 +203,13 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
 def load_sample(sample: Sample) -> LoadedSample:
     """Read one sample's files. Raises ImageReadError naming the faulty file; touches no other sample."""
     if sample.kind == "pickle":
+        # the checks of a test-set folder's files, each error naming the pickle (util/safe_pickle.py: σ, H, L)
         d = load_pickle_sample(sample.blurry)
         y = d["L"][0].permute(1, 2, 0).numpy().copy()
         x = d["H"][0].permute(1, 2, 0).clamp(0, 1).numpy().copy()
-        k = d["kernel"][0, 0].double()
-        if not k.sum() > 0:
-            raise fail(sample.blurry, "kernel sum is not positive")
-        k = (k / k.sum()).float().numpy()
-        # a σ from meta.csv overrides the pickle's own (lets a user correct it)
+        k = check_kernel(d["kernel"].numpy(), sample.blurry)
+        _check_kernel_fits(k, y, sample.blurry)
+        # a σ from meta.csv overrides the pickle's own (which must still be valid: a pickle is checked whole)
         sigma = sample.sigma if sample.sigma is not None else d["sigma"]
         return LoadedSample(sample.name, y, x, k, sigma)
     y = read_image(sample.blurry, clip=False)
@@ -220,14 +219,19 @@ def load_sample(sample: Sample) -> LoadedSample:
         if x.shape != y.shape:
             raise fail(sample.sharp, f"sharp image is {x.shape[:2]} but the blurry one is {y.shape[:2]}")
     k = read_kernel(sample.kernel) if sample.kernel is not None else None
-    if k is not None and (k.shape[0] > y.shape[0] or k.shape[1] > y.shape[1]):
-        raise fail(sample.kernel, f"kernel {k.shape} is larger than the image {y.shape[:2]}")
+    if k is not None:
+        _check_kernel_fits(k, y, sample.kernel)
     return LoadedSample(sample.name, y, x, k, sample.sigma)
+
+
+def _check_kernel_fits(k: np.ndarray, y: np.ndarray, path: PathLike) -> None:
+    if k.shape[0] > y.shape[0] or k.shape[1] > y.shape[1]:
+        raise fail(path, f"kernel {k.shape} is larger than the image {y.shape[:2]}")
 
 
 def check_sigma_flag(sigma: Optional[float], flag: str = "--sigma") -> None:
     """Refuse a σ override outside [0, 1) (InputError naming the flag; a value ≥ 1 was likely given in /255)."""
-    if sigma is not None and not (math.isfinite(sigma) and 0 <= sigma < 1):
+    if sigma is not None and not sigma_in_range(sigma):
         hint = f", e.g. {sigma / 255:.4f}" if math.isfinite(sigma) and sigma >= 1 else ""
         raise InputError(f"{flag} {sigma} is outside [0, 1): give σ in [0,1] units{hint}")
 

@@ -30,6 +30,13 @@ import torch
 
 MAD_TO_STD = 0.6745           # median(|N(0,1)|)
 FLOOR = 2.0 / 255             # σ_model, rule 3 of the module doc
+SIGMA_UNITS = "σ is in [0, 1] units, e.g. 10/255"
+
+
+def sigma_in_range(s: float) -> bool:
+    """The rule for every given σ (meta.csv, a pickle's `sigma`, --sigma): finite and in [0, 1) (a value ≥ 1
+    was most likely given in /255)."""
+    return math.isfinite(s) and 0 <= s < 1
 
 
 def _as_hwc(y: Union[np.ndarray, torch.Tensor]) -> np.ndarray:

@@ -154,8 +154,8 @@ def make_montage(blurry, restored, sharp=None, k_est=None, k_true=None, gap: int
     kernels = [k for k in (k_est, k_true) if k is not None]
     if not kernels:
         return top.astype(np.float32)
-    ks = max(max(np.shape(np.squeeze(np.asarray(k.detach().cpu() if isinstance(k, torch.Tensor) else k)))) for k in kernels)
-    scale = kernel_scale or max(1, min(8, (h // 2) // max(ks, 1)))
+    ks = max(max(kernel_to_image(k, 1).shape) for k in kernels)  # the side of the larger kernel (1×1 included)
+    scale = kernel_scale or max(1, min(8, (h // 2) // ks))
     kims = [np.repeat(kernel_to_image(k, scale)[:, :, None], 3, axis=2) for k in kernels]
     kh = max(k.shape[0] for k in kims)
     row = []

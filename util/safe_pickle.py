@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from util.images import PathLike, fail
+from util.images import PathLike, array_to_unit_range, fail
+from util.noise import SIGMA_UNITS, sigma_in_range
 
 PICKLE_EXT = ".pickle"
 
@@ -94,8 +95,10 @@ def load_pickle_sample(path: PathLike) -> dict:
     """Load one of the authors' samples with the restricted unpickler: never plain pickle.load.
 
     Returns dict(H=sharp 1×3×H×W float32 tensor, L=blurry (unclipped) tensor of the same shape,
-    kernel=1×1×s×s tensor exactly as stored (NOT normalised; sums are 1.02–1.12 in the authors'
-    files), sigma=float). Refused globals, a wrong structure or missing keys raise ImageReadError.
+    kernel=1×1×s×s float32 tensor exactly as stored (NOT normalised; sums are 1.02–1.12 in the authors'
+    files; util.inputs.load_sample checks it as a kernel file is), sigma=float). H and L follow the rule of
+    .npy images (uint8 /255, uint16 /65535, floats outside [-1, 2] refused: 0..255 data); σ that of meta.csv
+    (one number in [0, 1)). Refused globals, a wrong structure, missing keys or such values raise ImageReadError.
     """
     p = Path(path)
     if not p.is_file():
@@ -116,22 +119,56 @@ def load_pickle_sample(path: PathLike) -> dict:
         raise fail(p, f"missing key(s) {missing}")
     out = {}
     for k in ("H", "L", "kernel"):
-        v = obj[k]
-        if isinstance(v, np.ndarray):
-            v = torch.from_numpy(v)
-        if not isinstance(v, torch.Tensor):
-            raise fail(p, f"'{k}' is a {type(v).__name__}, expected a tensor")
-        v = v.detach().to(torch.float32)
-        if not torch.isfinite(v).all():
-            raise fail(p, f"'{k}' contains NaN or inf")
-        out[k] = v
+        out[k] = _tensor(obj[k], k, p)
     if out["H"].ndim != 4 or out["H"].shape[:2] != (1, 3) or out["L"].shape != out["H"].shape:
         raise fail(p, f"expected H and L of shape 1×3×H×W, got {tuple(out['H'].shape)} and {tuple(out['L'].shape)}")
     if out["kernel"].ndim != 4 or out["kernel"].shape[:2] != (1, 1):
         raise fail(p, f"expected a 1×1×s×s kernel, got {tuple(out['kernel'].shape)}")
-    sigma = obj["sigma"]
-    sigma = float(sigma.item() if isinstance(sigma, (torch.Tensor, np.ndarray)) else sigma)
-    if not (math.isfinite(sigma) and sigma >= 0):
-        raise fail(p, f"invalid sigma {sigma}")
-    out["sigma"] = sigma
+    for k in ("L", "H"):  # the rule of .npy images: uint8 /255, uint16 /65535, floats refused outside [-1, 2]
+        out[k] = torch.from_numpy(array_to_unit_range(out[k].numpy(), p, f"'{k}': "))
+    out["kernel"] = out["kernel"].to(torch.float32)
+    out["sigma"] = _sigma(obj["sigma"], p)
     return out
+
+
+def _tensor(v, key: str, p: Path) -> torch.Tensor:
+    """One of the pickle's arrays as a CPU tensor: floats as float32, integer and bool types kept (uint8 is 8-bit
+    data, as in an .npy image)."""
+    if isinstance(v, np.ndarray):
+        try:
+            v = torch.from_numpy(v)
+        except TypeError:
+            raise fail(p, f"'{key}' has unsupported dtype {v.dtype}") from None
+    if not isinstance(v, torch.Tensor):
+        raise fail(p, f"'{key}' is a {type(v).__name__}, expected a tensor")
+    v = v.detach().cpu()
+    if v.is_complex() or not (v.is_floating_point() or v.dtype in _INTEGER_TYPES):
+        raise fail(p, f"'{key}' has unsupported dtype {v.dtype}")
+    if v.numel() == 0:
+        raise fail(p, f"'{key}' is empty (shape {tuple(v.shape)})")
+    if v.is_floating_point():
+        v = v.to(torch.float32)
+        if not torch.isfinite(v).all():
+            raise fail(p, f"'{key}' contains NaN or inf")
+    return v
+
+
+_INTEGER_TYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + \
+    ((torch.uint16,) if hasattr(torch, "uint16") else ())
+
+
+def _sigma(v, p: Path) -> float:
+    """The pickle's σ: one number (a float, an int, or a one-element tensor) in [0, 1), the rule of meta.csv and
+    --sigma; anything else is an ImageReadError naming the file."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        if (v.size if isinstance(v, np.ndarray) else v.numel()) != 1:
+            raise fail(p, f"'sigma' is an array of {np.prod(v.shape, dtype=np.int64)} values (shape {tuple(v.shape)}), "
+                          f"expected one number")
+        v = v.item()  # a bool or complex tensor gives a bool or complex: refused below
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        shown = "None" if v is None else f"a {type(v).__name__}" + (f" ({v[:20]!r})" if isinstance(v, str) else "")
+        raise fail(p, f"'sigma' is {shown}, expected a number in [0, 1) ({SIGMA_UNITS})")
+    s = float(v)
+    if not sigma_in_range(s):
+        raise fail(p, f"sigma {s:g} outside [0, 1) ({SIGMA_UNITS})")
+    return s
