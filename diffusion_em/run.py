@@ -648,6 +648,9 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     failed, replace = None, False
     try:
         dcfg, kcfg, model_cfg = load_configs(args, method)
+        if dcfg.precision == "fp16" and device.type == "cpu":  # runs, but ~50x slower than fp32 there
+            raise InputError(f"precision fp16 ({'--precision' if args.precision else args.diffusion_config}) is for "
+                             f"GPUs; on a CPU use bf16, auto or fp32")
         budget = (default_budget_bytes(device) if args.memory_budget_gb is None else
                   None if args.memory_budget_gb == 0 else int(args.memory_budget_gb * 2**30))
         opts = RunOptions(model_cfg=model_cfg, memory_budget=budget, seed=args.seed, sigma=args.sigma,

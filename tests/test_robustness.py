@@ -757,3 +757,36 @@ def test_absurd_thread_counts_are_refused_before_loading(tiny_run, capsys):
                 method="fast_em") == 2
     err = capsys.readouterr().err
     assert f"--threads {n}: more than {n - 1}" in err and not (tmp / "out").exists()
+
+
+def test_a_16bit_colour_png_bomb_is_refused_before_decoding(tmp_path):
+    """A tiny 16-bit colour PNG claiming 20000×20000 pixels went past Pillow's decompression-bomb check (our own
+    16-bit reader) and ran out of memory, with a hint about --memory_budget_gb."""
+    import struct
+    import zlib
+    from util.images import ImageReadError, read_image
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 16, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    (tmp_path / "bomb.png").write_bytes(png)
+    with pytest.raises(ImageReadError, match="decompression-bomb limit"):
+        read_image(tmp_path / "bomb.png")
+
+
+def test_an_integer_npy_image_out_of_range_names_its_type(tmp_path):
+    from util.images import ImageReadError, read_image
+    np.save(tmp_path / "a.npy", np.full((8, 8, 3), 200, np.int64))
+    with pytest.raises(ImageReadError, match="int64 values span 200..200"):
+        read_image(tmp_path / "a.npy")
+
+
+def test_fp16_on_a_cpu_is_refused_before_loading(tiny_run, capsys):
+    """--precision fp16 on a CPU ran about 50 times slower than fp32."""
+    tmp, cfgs, data = tiny_run
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, tmp / "out", "--precision", "fp16", "--device", "cpu")
+                + _no_model(tmp), method="fast_em") == 2
+    err = capsys.readouterr().err
+    assert "precision fp16 (--precision) is for GPUs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp / "out").exists()

@@ -91,6 +91,14 @@ def read_npy_array(path: Path) -> np.ndarray:
     return a
 
 
+def _check_pixels(path: Path, w: int, h: int) -> None:
+    """Our own 16-bit readers refuse what Pillow refuses as a decompression bomb (its 8-bit path does)."""
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    if limit and w * h > limit:
+        raise fail(path, f"unreadable or corrupt image ({w}×{h} = {w * h} pixels, more than the "
+                         f"decompression-bomb limit of {limit})")
+
+
 def _png_16bit_colour(path: Path) -> Optional[np.ndarray]:
     """Decode a 16-bit colour PNG (Pillow would truncate it to 8 bits); None if the file is not one.
 
@@ -120,6 +128,7 @@ def _png_16bit_colour(path: Path) -> Optional[np.ndarray]:
         return None
     if interlace:
         raise fail(path, "interlaced 16-bit colour PNG is not supported; save it non-interlaced or as .npy")
+    _check_pixels(path, w, h)
     bpp = 6 if colour == 2 else 8
     try:
         raw = np.frombuffer(zlib.decompress(b"".join(idat)), dtype=np.uint8)
@@ -242,11 +251,11 @@ def array_to_unit_range(a: np.ndarray, path: PathLike, what: str = "") -> np.nda
         return a.astype(np.float32) / 255.0
     if a.dtype == np.uint16:
         return a.astype(np.float32) / 65535.0
-    a = a.astype(np.float32)
+    a_dtype, a = a.dtype, a.astype(np.float32)
     lo, hi = float(a.min()), float(a.max())
     if lo < FLOAT_RANGE[0] or hi > FLOAT_RANGE[1]:
-        raise fail(path, f"{what}float values span {lo:.4g}..{hi:.4g}, not [0, 1] plus noise (0..255 data? divide "
-                         f"by 255 or save as uint8)")
+        raise fail(path, f"{what}{'float' if a_dtype.kind == 'f' else a_dtype.name} values span {lo:.4g}..{hi:.4g}, "
+                         f"not [0, 1] plus noise (0..255 data? divide by 255 or save as uint8)")
     return a
 
 
