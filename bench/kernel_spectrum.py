@@ -32,14 +32,18 @@ _R = np.hypot(np.fft.fftfreq(N)[:, None], np.fft.fftfreq(N)[None, :])
 
 
 def load_cases(set_dir: str, run: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(name, estimated kernel, true kernel), float64, each summing to 1; cases without a kernel file skipped."""
+    """(name, estimated kernel, true kernel), float64, each summing to 1; cases without the run's kernel file or a
+    true kernel skipped."""
     out = []
     for smp in list_inputs(set_dir):
         f = Path(run) / "kernels" / f"{smp.name}.npy"
         if not f.exists():
             continue
+        k_true = load_sample(smp).k_true
+        if k_true is None:  # a photo or a case without kernel/<name>.npy: nothing to compare with
+            continue
         ke = np.load(f).astype(np.float64)
-        kt = np.asarray(load_sample(smp).k_true, np.float64)
+        kt = np.asarray(k_true, np.float64)
         out.append((smp.name, ke / ke.sum(), kt / kt.sum()))
     return out
 

@@ -7,7 +7,8 @@ Runs the M-step (docs/algorithm.md §1) with the sharp image as the known x, `--
 a trailing .npy or .png is taken off `--out` and both are put back, so `--out k.npy`, `--out k.png` and
 `--out k` all write the kernel to `k.npy` and the preview to `k.png`. Both are refused before any work when
 either would replace an input (`--sharp`, `--blurry`, `--denoiser`), when `--out` is a folder, and when an
-existing file of those names is not a kernel resp. a grey square preview (a rerun replaces its own outputs).
+existing file of those names is not a kernel this command writes (float32, square, at most 256 taps a side,
+non-negative, sum 1) resp. the grey preview of the kernel beside it (a rerun replaces its own outputs).
 Inputs: png/jpg/tif/.npy (docs/algorithm.md §4; .npy = float32 H×W×3 in [0,1]). The blur model is circular;
 for real photographs use `--taper N` to fade both images to their mean over N pixels at the borders, which
 removes most of the wrap-around mismatch. The kernel keeps the sharp→blurry registration (no re-centring)
@@ -27,7 +28,7 @@ import torch
 from PIL import Image
 
 from diffusion_em.mstep import MStepConfig, m_step
-from diffusion_em.run import resolve_device
+from diffusion_em.run import max_threads, resolve_device
 from util.geometry import dirac
 from kernel_denoiser.network import load_kernel_denoiser
 from util.geometry import edge_taper, recenter
@@ -57,21 +58,36 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
         return False
 
 
-def _not_ours(path: str, preview: bool) -> Optional[str]:
-    """What an existing output file is when it is not what this command writes (a kernel array, a grey square
-    preview), None when it is (a rerun may replace it)."""
-    if preview:
-        try:
-            with Image.open(path) as im:
-                mode, (w, h) = im.mode, im.size
-        except Exception:  # noqa: BLE001 - any unreadable file: not a preview of ours
-            return "not a PNG image"
-        return None if mode == "L" and w == h else f"a {w}x{h} {mode} image"
+MAX_KERNEL = 256  # the largest kernel this command is asked for in practice; a larger array is not one of ours
+
+
+def _kernel_file(path: str) -> Optional[str]:
+    """What an existing .npy is when it is not a kernel this command wrote (float32, square, ≤ MAX_KERNEL, no
+    negative taps, sum 1), None when it is one (a rerun may replace it)."""
     try:
-        shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        k = np.load(path, allow_pickle=False)
     except Exception:  # noqa: BLE001
         return "not a .npy array"
-    return None if len(shape) == 2 and shape[0] == shape[1] else f"an array of shape {tuple(shape)}"
+    if k.dtype != np.float32 or k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] > MAX_KERNEL:
+        return f"an array of shape {tuple(k.shape)} and type {k.dtype}"
+    if not (np.isfinite(k).all() and k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-3):
+        return "an array that is not a kernel (negative, non-finite or not summing to 1)"
+    return None
+
+
+def _preview_file(path: str, npy: str) -> Optional[str]:
+    """What an existing .png is when it is not the preview of the kernel beside it (`npy`, one of ours): a grey
+    square of side s·max(2, 256 // s); None when it is."""
+    if not os.path.isfile(npy) or _kernel_file(npy) is not None:
+        return f"not beside a kernel {npy} that this command wrote"
+    s = np.load(npy, mmap_mode="r").shape[0]
+    try:
+        with Image.open(path) as im:
+            mode, (w, h) = im.mode, im.size
+    except Exception:  # noqa: BLE001 - any unreadable file: not a preview of ours
+        return "not a PNG image"
+    side = s * max(2, 256 // s)
+    return None if mode == "L" and w == h == side else f"a {w}x{h} {mode} image"
 
 
 def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
@@ -91,8 +107,10 @@ def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
             if src is not None and _same_file(path, src):
                 raise InputError(f"--out {out}: the {what} {path} would overwrite the {flag} input {src}; "
                                  f"choose another --out")
+        if (os.path.exists(path) or os.path.islink(path)) and not os.path.isfile(path):  # a FIFO would block a read
+            raise InputError(f"--out {out}: {path} exists and is not a regular file; choose another --out")
         if os.path.exists(path):
-            other = _not_ours(path, preview=path == png)
+            other = _preview_file(path, npy) if path == png else _kernel_file(path)
             if other is not None:
                 raise InputError(f"--out {out}: {path} exists and is not a {what} ({other}); refusing to replace "
                                  f"it, choose another --out")
@@ -157,9 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (the M-step's ops are small: 1 is fastest, and much faster on a busy machine)")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, a.threads))
     prog = "estimate_kernel"
     try:
+        if not 1 <= a.threads <= max_threads():  # 10⁵ threads crashed torch with no message
+            raise UsageError(f"--threads {a.threads}: must be in [1, {max_threads()}] (4 per CPU)")
+        torch.set_num_threads(a.threads)
         if not a.sigma >= 0:
             raise UsageError(f"--sigma must be >= 0, got {a.sigma}")
         if a.sigma > 1:

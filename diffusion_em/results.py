@@ -139,7 +139,7 @@ class ResultsFolder:
         for name in OUTPUT_DIRS:
             q = p / name
             if (q.exists() or q.is_symlink()) and not q.is_dir():
-                raise OutputError(f"{q}: is a file, not a folder; move it away or choose another --save_dir")
+                raise OutputError(f"{q}: is not a folder; move it away or choose another --save_dir")
         for log in [self.metrics, *self.rank_logs()]:  # a resume reads them: a log it cannot read is refused now
             try:
                 read_csv_rows(log)
@@ -182,10 +182,11 @@ class ResultsFolder:
         has_results = bool(self.previous_rows())  # metrics.csv, or the rank logs an interrupted sharded run left
         diff = [] if old is None else [d for d in _differences(old, settings, defaults=defaults)
                                        if not d.startswith(NOT_SETTINGS)]
+        foreign = isinstance(old, dict) and set(old) & {"unreadable", "unrecorded"}  # a config.yaml not of ours
+        if foreign and not overwrite:  # with or without results: write_config would replace the user's own file
+            raise OutputError(f"{self.path / 'config.yaml'}: is not this program's record (unreadable, or no "
+                              f"'settings'); move it away, --overwrite to set it aside, or choose another --save_dir")
         if diff and (has_results or (self.path / "summary.json").exists()) and not overwrite:
-            if isinstance(old, dict) and set(old) == {"unreadable"}:  # say so, rather than list every setting as changed
-                raise OutputError(f"{old['unreadable']}: cannot be read (not this program's YAML record), so these "
-                                  f"results cannot be resumed; --overwrite to replace them, or choose another --save_dir")
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "
                               f"those settings to resume, --overwrite to replace them, or choose another --save_dir")

@@ -297,7 +297,7 @@ class Loaded:
     kernels: list = field(default_factory=list)
 
 
-NAME_MAX = 255  # bytes in one file name on common file systems (ext4, APFS, NTFS in UTF-16 units)
+NAME_MAX = 255  # bytes in one file name on Linux file systems (ext4, xfs, btrfs); counted in UTF-8 bytes everywhere
 
 
 def check_name_length(sample: Sample) -> None:
@@ -313,7 +313,7 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     naming the file when it cannot be used."""
     t0 = time.time()
     check_name_length(sample)
-    loaded = load_sample(sample)
+    loaded = load_sample(sample, sigma_given=opts.sigma is not None)
     try:
         sigma, source = resolve_sigma(loaded, opts.sigma)
     except ValueError as e:  # the blind estimate's own refusals (non-finite data, too few pixels)
@@ -693,9 +693,13 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
         rows = run_all(r, opts, ResultsFolder(args.save_dir, rank=ranks.rank) if ranks.sharded else out,
                        [samples[i] for i in mine], args.batch_size, mine)
     except KeyboardInterrupt:
-        done = out.previous_rows() if not ranks.sharded else {}  # a sharded run's rank 0 merges its logs on resume
-        if done:  # the summary of the rows written so far, this run's and earlier ones'
-            _write_summary(out, done, record, lp_ok, lp_reason, interrupted=True)
+        if ranks.main:  # the summary of the rows written so far, this run's and earlier ones' (rank logs read, kept)
+            try:
+                done = out.previous_rows()
+                if done:
+                    _write_summary(out, done, record, lp_ok, lp_reason, interrupted=True)
+            except Exception as e:  # noqa: BLE001 - a row cut by the interrupt, a full disk: the Ctrl-C message still comes
+                print(f"note: summary.json not updated ({' '.join(str(e).split())[:160]})", file=sys.stderr)
         raise
     code = 0 if all(row["status"] == "ok" for row in rows) else 1
     shard.barrier(ranks)  # every rank's rows are written

@@ -1,6 +1,7 @@
 """`python -m diffusion_em.estimate_kernel` given careless flags: one-line errors naming --out/--device and the
 file, refused before any work, and no input or unrelated file replaced (32×32 PNGs, a 5×5 kernel, one M-step call).
 """
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,9 @@ def test_an_unrelated_image_or_array_under_an_output_name_is_not_replaced(pair, 
     np.save(tmp_path / "d.npy", np.zeros((4, 8, 3), np.float32))
     before = _files(tmp_path)
     assert _run(pair, tmp_path / "c.npy") == 2
-    assert f"{photo} exists and is not a kernel preview (a 30x20 RGB image)" in _one_line(capsys.readouterr().err)
+    assert f"{photo} exists and is not a kernel preview" in _one_line(capsys.readouterr().err)
     assert _run(pair, tmp_path / "d.png") == 2
-    assert "is not a kernel (an array of shape (4, 8, 3))" in _one_line(capsys.readouterr().err)
+    assert "is not a kernel (an array of shape (4, 8, 3) and type float32)" in _one_line(capsys.readouterr().err)
     assert _files(tmp_path) == before
 
 
@@ -104,3 +105,31 @@ def test_out_that_is_a_folder_or_under_a_file_names_the_flag_not_a_temp_file(pai
     assert [p.name for p in folder.iterdir()] == ["keep.txt"]
     assert _run(pair, pair[0] / "k.npy") == 2  # under the sharp image (a file)
     assert f"--out {pair[0] / 'k.npy'}: {pair[0]} is a file, not a folder" in _one_line(capsys.readouterr().err)
+
+
+def test_a_grey_square_photo_or_a_float_array_under_an_output_name_is_not_replaced(pair, tmp_path, capsys):
+    """Any mode-L square PNG and any square 2-D .npy passed for an earlier output: a 512×512 grey scan was replaced."""
+    Image.fromarray(np.full((512, 512), 90, np.uint8)).save(tmp_path / "scan.png")
+    np.save(tmp_path / "scan.npy", np.full((64, 64), 0.5, np.float32))  # square, float32, but no kernel (sum 2048)
+    before = _files(tmp_path)
+    assert _run(pair, tmp_path / "scan") == 2
+    assert "scan.npy exists and is not a kernel" in _one_line(capsys.readouterr().err)
+    np.save(tmp_path / "scan.npy", np.full((5, 5), 0.04, np.float32))  # a kernel of ours: its preview must match it
+    before = _files(tmp_path)
+    assert _run(pair, tmp_path / "scan") == 2
+    assert "scan.png exists and is not a kernel preview (a 512x512 L image)" in _one_line(capsys.readouterr().err)
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_under_an_output_name_is_refused_not_opened(pair, tmp_path, capsys):
+    """Opening a FIFO to see whether it was an earlier output blocked forever."""
+    os.mkfifo(tmp_path / "k.npy")
+    assert _run(pair, tmp_path / "k") == 2
+    assert "k.npy exists and is not a regular file" in _one_line(capsys.readouterr().err)
+
+
+def test_absurd_thread_counts_are_one_line_errors(pair, tmp_path, capsys):
+    assert _run(pair, tmp_path / "k", "--threads", "100000") == 2
+    assert "--threads 100000: must be in [1, " in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "k.npy").exists()

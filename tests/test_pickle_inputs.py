@@ -61,6 +61,16 @@ def test_sigma_is_one_number_in_0_1_as_meta_csv_requires(tmp_path):
         assert load_sample(Sample("ok", p, kind="pickle")).sigma == pytest.approx(float(value))
 
 
+def test_a_bad_pickle_sigma_corrected_by_meta_csv_or_the_flag_is_not_needed(tmp_path):
+    """meta.csv's σ (or --sigma) overrides the pickle's own, so a pickle storing σ in /255 units can be corrected
+    without rewriting it; the pickle's σ is checked only when it is the one used."""
+    p = _write(tmp_path, "s255", sigma=10)
+    assert load_sample(Sample("s255", p, sigma=10 / 255, kind="pickle")).sigma == pytest.approx(10 / 255)
+    assert load_sample(Sample("s255", p, kind="pickle"), sigma_given=True).sigma is None
+    with pytest.raises(ImageReadError, match="sigma 10 outside"):
+        load_sample(Sample("s255", p, kind="pickle"))
+
+
 def test_bad_sigmas_are_failed_rows_and_the_run_goes_on(tiny_run):
     """σ None / 'abc' / a list / two values stopped the whole run with a traceback; σ 10 and True ran."""
     tmp, _, _ = tiny_run

@@ -649,8 +649,8 @@ def test_ctrl_c_writes_the_summary_of_the_rows_so_far(tiny_run, capsys, monkeypa
 
 
 @pytest.mark.parametrize("taken,kind,message", [
-    ("images", "file", "images: is a file, not a folder"),
-    ("kernels", "file", "kernels: is a file, not a folder"),
+    ("images", "file", "images: is not a folder"),
+    ("kernels", "file", "kernels: is not a folder"),
     ("metrics.csv", "dir", "metrics.csv: is not a regular file"),
     ("summary.json", "dir", "summary.json: is not a regular file"),
     ("config.yaml", "dir", "config.yaml: is not a regular file"),
@@ -690,7 +690,20 @@ def test_an_unreadable_config_record_is_named_not_listed_as_other_settings(tiny_
     capsys.readouterr()
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, out) + _no_model(tmp), method="fast_em") == 2
     err = capsys.readouterr().err
-    assert "config.yaml: cannot be read" in err and len(err) < 400
+    assert "config.yaml: is not this program's record" in err and len(err) < 400
+
+
+def test_a_foreign_config_yaml_without_results_is_kept(tiny_run, capsys):
+    """A --save_dir holding the user's own config.yaml (no metrics.csv, no summary.json) had it overwritten."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("learning_rate: 0.1\n")
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out) + _no_model(tmp), method="fast_em") == 2
+    assert "config.yaml: is not this program's record" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == "learning_rate: 0.1\n"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--overwrite", "--max_images", "1"), method="fast_em") == 0
+    assert [p.read_text() for p in out.glob("config.yaml.replaced-*")] == ["learning_rate: 0.1\n"]
 
 
 def test_a_name_too_long_for_its_result_files_fails_alone(tiny_run, capsys):
@@ -733,10 +746,12 @@ def test_files_no_input_uses_are_named_in_the_note(tmp_path):
     (photos / "sub").mkdir(parents=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "a.png")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(photos / "sub" / "inner.png")
-    os.mkfifo(photos / "pipe.png")
+    fifo = hasattr(os, "mkfifo")  # no FIFOs on Windows: the rest still runs
+    if fifo:
+        os.mkfifo(photos / "pipe.png")
     notes = []
     assert [s.name for s in list_inputs(photos, notice=notes.append)] == ["a"]
-    assert len(notes) == 1 and "sub/" in notes[0] and "pipe.png" in notes[0]
+    assert len(notes) == 1 and "sub/" in notes[0] and ("pipe.png" in notes[0]) == fifo
     ts = tmp_path / "set"
     for sub in ("blurry", "sharp", "kernel"):
         (ts / sub).mkdir(parents=True)
@@ -790,3 +805,36 @@ def test_fp16_on_a_cpu_is_refused_before_loading(tiny_run, capsys):
     err = capsys.readouterr().err
     assert "precision fp16 (--precision) is for GPUs" in err and len(err.strip().splitlines()) == 1
     assert not (tmp / "out").exists()
+
+
+def test_a_failing_summary_does_not_hide_the_ctrl_c(tiny_run, capsys, monkeypatch):
+    """A summary that could not be written on Ctrl-C (a full disk, a row cut by the interrupt) replaced the
+    interrupt's one-line message by a traceback."""
+    from diffusion_em import run as run_module
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1"), method="fast_em") == 0
+    capsys.readouterr()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(run_module, "process_one", interrupted)
+    monkeypatch.setattr(run_module, "_write_summary", disk_full)
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 130
+    err = capsys.readouterr().err
+    assert "summary.json not updated (" in err and "No space left" in err and "rerun the same command" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="names of undecodable bytes: a Linux file-system feature")
+def test_a_name_that_is_not_utf8_is_skipped_with_a_note(tmp_path):
+    """caf\\xe9.png (latin-1 bytes) crashed the run: its name cannot be written to metrics.csv."""
+    from util.inputs import list_inputs
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.fsdecode(bytes(tmp_path) + b"/caf\xe9.png"))
+    notes = []
+    assert [s.name for s in list_inputs(tmp_path, notice=notes.append)] == ["a"]
+    assert len(notes) == 1 and "not UTF-8" in notes[0]

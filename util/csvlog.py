@@ -1,4 +1,5 @@
-"""Append-only CSV logs that survive a crash and a rerun (metrics.csv of a run, the trainers' loss logs)."""
+"""Append-only CSV logs that survive a crash and a rerun (metrics.csv of a run, the trainers' loss logs); UTF-8
+whatever the locale."""
 from __future__ import annotations
 
 import csv
@@ -27,14 +28,14 @@ def append_csv_row(path: PathLike, fieldnames: Sequence[str], row: dict) -> None
         raise ValueError(f"{p}: row has keys not in the header: {unknown}")
     new = not p.exists() or p.stat().st_size == 0
     if not new:
-        with open(p, newline="") as f:
+        with open(p, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), None)
         if header != fieldnames:
             raise ValueError(f"{p}: existing header {header} differs from {fieldnames}; use another file")
         with open(p, "rb") as f:
             f.seek(-1, os.SEEK_END)
             needs_newline = f.read(1) != b"\n"
-    with open(p, "a", newline="") as f:
+    with open(p, "a", newline="", encoding="utf-8") as f:
         if not new and needs_newline:
             f.write("\n")
         w = csv.DictWriter(f, fieldnames=fieldnames, restval="", lineterminator="\n")
@@ -66,7 +67,7 @@ def read_done_names(metrics_csv: PathLike, status_field: str = "status") -> set:
     if not p.is_file():
         return set()
     last: dict = {}
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is None or "name" not in reader.fieldnames:
             return set()
@@ -83,7 +84,7 @@ def read_csv_rows(path: PathLike) -> list:
     p = Path(path)
     if not p.is_file():
         return []
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -93,7 +94,7 @@ def truncate_csv(path: PathLike, keep) -> None:
     p = Path(path)
     if not p.is_file():
         return
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames, list(reader)
     kept = [r for r in rows if keep(r)]

@@ -187,9 +187,10 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
     if unmatched:
         notice(f"{meta_path}: {len(unmatched)} name(s) match no input: {', '.join(unmatched[:5])}"
                f"{' ...' if len(unmatched) > 5 else ''}")
-    unnameable = [s.name for s in samples if any(unicodedata.category(c) == "Cc" for c in s.name)]
-    if unnameable:  # a newline or tab in a name cannot round-trip through metrics.csv rows and file listings
-        notice(f"{root}: skipped {len(unnameable)} input(s) whose names hold control characters (rename them): "
+    unnameable = [s.name for s in samples if any(unicodedata.category(c) in ("Cc", "Cs") for c in s.name)]
+    if unnameable:  # a newline, a tab or bytes that are not UTF-8 (surrogates) cannot round-trip through metrics.csv
+        notice(f"{root}: skipped {len(unnameable)} input(s) whose names hold control characters or bytes that are not "
+               f"UTF-8 (rename them): "
                f"{', '.join(repr(n) for n in unnameable[:5])}")
         samples = [s for s in samples if s.name not in unnameable]
     if not samples:
@@ -200,8 +201,9 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
 
 
 
-def load_sample(sample: Sample) -> LoadedSample:
-    """Read one sample's files. Raises ImageReadError naming the faulty file; touches no other sample."""
+def load_sample(sample: Sample, sigma_given: bool = False) -> LoadedSample:
+    """Read one sample's files. Raises ImageReadError naming the faulty file; touches no other sample.
+    `sigma_given`: σ comes from elsewhere (--sigma), so a pickle's own σ is not needed (nor checked)."""
     if sample.kind == "pickle":
         # the checks of a test-set folder's files, each error naming the pickle (util/safe_pickle.py: σ, H, L)
         d = load_pickle_sample(sample.blurry)
@@ -209,7 +211,9 @@ def load_sample(sample: Sample) -> LoadedSample:
         x = d["H"][0].permute(1, 2, 0).clamp(0, 1).numpy().copy()
         k = check_kernel(d["kernel"].numpy(), sample.blurry)
         _check_kernel_fits(k, y, sample.blurry)
-        # a σ from meta.csv overrides the pickle's own (which must still be valid: a pickle is checked whole)
+        # a σ from meta.csv or --sigma overrides the pickle's own (lets a user correct it): checked only when used
+        if sample.sigma is None and not sigma_given and "sigma_error" in d:
+            raise d["sigma_error"]
         sigma = sample.sigma if sample.sigma is not None else d["sigma"]
         return LoadedSample(sample.name, y, x, k, sigma)
     y = read_image(sample.blurry, clip=False)

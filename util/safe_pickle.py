@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from util.images import PathLike, array_to_unit_range, fail
+from util.images import ImageReadError, PathLike, array_to_unit_range, fail
 from util.noise import SIGMA_UNITS, sigma_in_range
 
 PICKLE_EXT = ".pickle"
@@ -127,7 +127,10 @@ def load_pickle_sample(path: PathLike) -> dict:
     for k in ("L", "H"):  # the rule of .npy images: uint8 /255, uint16 /65535, floats refused outside [-1, 2]
         out[k] = torch.from_numpy(array_to_unit_range(out[k].numpy(), p, f"'{k}': "))
     out["kernel"] = out["kernel"].to(torch.float32)
-    out["sigma"] = _sigma(obj["sigma"], p)
+    try:
+        out["sigma"] = _sigma(obj["sigma"], p)
+    except ImageReadError as e:  # raised by load_sample only when nothing overrides it (meta.csv, --sigma)
+        out["sigma"], out["sigma_error"] = None, e
     return out
 
 
