@@ -838,3 +838,12 @@ def test_a_name_that_is_not_utf8_is_skipped_with_a_note(tmp_path):
     notes = []
     assert [s.name for s in list_inputs(tmp_path, notice=notes.append)] == ["a"]
     assert len(notes) == 1 and "not UTF-8" in notes[0]
+
+
+def test_a_meta_csv_name_with_a_newline_keeps_the_note_on_one_line(tmp_path):
+    from util.inputs import list_inputs
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "meta.csv").write_text('name,sigma\na,0.01\n"b\nc",0.01\n')
+    notes = []
+    list_inputs(tmp_path, notice=notes.append)
+    assert len(notes) == 1 and "\n" not in notes[0] and "'b\\nc'" in notes[0]

@@ -185,7 +185,8 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
                f"ground-truth kernels: kernel/<name>.npy)")
     unmatched = sorted(set(meta) - {s.name for s in samples})
     if unmatched:
-        notice(f"{meta_path}: {len(unmatched)} name(s) match no input: {', '.join(unmatched[:5])}"
+        shown = [repr(n) if any(unicodedata.category(c) == "Cc" for c in n) else n for n in unmatched[:5]]  # one line
+        notice(f"{meta_path}: {len(unmatched)} name(s) match no input: {', '.join(shown)}"
                f"{' ...' if len(unmatched) > 5 else ''}")
     unnameable = [s.name for s in samples if any(unicodedata.category(c) in ("Cc", "Cs") for c in s.name)]
     if unnameable:  # a newline, a tab or bytes that are not UTF-8 (surrogates) cannot round-trip through metrics.csv
