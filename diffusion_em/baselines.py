@@ -99,7 +99,7 @@ def deblur(method: str, y: torch.Tensor, sigma: float, k_true: Optional[torch.Te
 def process_one(args, sample: Sample) -> dict:
     """Deblur one case with args.method, write its outputs, return its metrics row."""
     t0 = time.time()
-    s = load_sample(sample)
+    s = load_sample(sample, sigma_given=args.sigma is not None)
     sigma, _ = resolve_sigma(s, args.sigma)
     y = torch.from_numpy(s.y.transpose(2, 0, 1).astype(np.float64))[None]
     mode = _mode(args.boundary, sample)

@@ -7,8 +7,7 @@ Runs the M-step (docs/algorithm.md §1) with the sharp image as the known x, `--
 a trailing .npy or .png is taken off `--out` and both are put back, so `--out k.npy`, `--out k.png` and
 `--out k` all write the kernel to `k.npy` and the preview to `k.png`. Both are refused before any work when
 either would replace an input (`--sharp`, `--blurry`, `--denoiser`), when `--out` is a folder, and when an
-existing file of those names is not a kernel this command writes (float32, square, at most 256 taps a side,
-non-negative, sum 1) resp. the grey preview of the kernel beside it (a rerun replaces its own outputs).
+existing file of those names is not a kernel this command writes (float32, square, non-negative, sum 1) resp. the grey preview of the kernel beside it (a rerun replaces its own outputs).
 Inputs: png/jpg/tif/.npy (docs/algorithm.md §4; .npy = float32 H×W×3 in [0,1]). The blur model is circular;
 for real photographs use `--taper N` to fade both images to their mean over N pixels at the borders, which
 removes most of the wrap-around mismatch. The kernel keeps the sharp→blurry registration (no re-centring)
@@ -58,20 +57,19 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
         return False
 
 
-MAX_KERNEL = 256  # the largest kernel this command is asked for in practice; a larger array is not one of ours
-
-
 def _kernel_file(path: str) -> Optional[str]:
-    """What an existing .npy is when it is not a kernel this command wrote (float32, square, ≤ MAX_KERNEL, no
-    negative taps, sum 1), None when it is one (a rerun may replace it)."""
+    """What an existing .npy is when it is not a kernel this command wrote (a float32 square array, no negative
+    taps, sum 1), None when it is one (a rerun may replace it). Memory-mapped: shape and type are checked first."""
     try:
-        k = np.load(path, allow_pickle=False)
-    except Exception:  # noqa: BLE001
+        k = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(k, np.ndarray):  # e.g. an .npz archive under a .npy name
+            return "not a .npy array"
+        if k.dtype != np.float32 or k.ndim != 2 or k.shape[0] != k.shape[1] or k.size == 0:
+            return f"an array of shape {tuple(k.shape)} and type {k.dtype}"
+        if not (np.isfinite(k).all() and k.min() >= 0 and abs(float(k.sum(dtype=np.float64)) - 1) < 1e-3):
+            return "an array that is not a kernel (negative, non-finite or not summing to 1)"
+    except Exception:  # noqa: BLE001 - any unreadable file: not one of ours
         return "not a .npy array"
-    if k.dtype != np.float32 or k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] > MAX_KERNEL:
-        return f"an array of shape {tuple(k.shape)} and type {k.dtype}"
-    if not (np.isfinite(k).all() and k.min() >= 0 and abs(float(k.sum()) - 1) < 1e-3):
-        return "an array that is not a kernel (negative, non-finite or not summing to 1)"
     return None
 
 

@@ -117,7 +117,7 @@ def _rows_by_name(p: Path) -> dict:
     """{name: last row} of a CSV with a `name` column; {} when the file is absent."""
     if not p.is_file():
         return {}
-    with open(p, newline="") as f:
+    with open(p, newline="", encoding="utf-8") as f:  # util/csvlog.py writes UTF-8
         return {r["name"]: r for r in csv.DictReader(f)}
 
 
@@ -150,10 +150,11 @@ def evaluate_folder(testset, results, oracle=None) -> list:
             rows.append({**row, "status": "failed" if run.get("status") == "failed" else "missing", "message": msg})
             continue
         try:
-            loaded = load_sample(s)
+            run_sigma = run.get("sigma") or None  # the σ the run used (--sigma may have replaced a pickle's)
+            loaded = load_sample(s, sigma_given=run_sigma is not None)
             if row["kernel_size"] is None and loaded.k_true is not None:
                 row["kernel_size"] = max(loaded.k_true.shape)
-            sigma, _ = resolve_sigma(loaded)
+            sigma = float(run_sigma) if run_sigma is not None else resolve_sigma(loaded)[0]
             x = read_image(path, clip=True)
             if x.shape != loaded.y.shape:
                 raise ImageReadError(f"{path}: result is {x.shape[:2]} but the observation is {loaded.y.shape[:2]}")

@@ -158,7 +158,7 @@ class ResultsFolder:
     def recorded(self) -> Optional[dict]:
         """The whole config.yaml record, or None when there is none or it cannot be read."""
         try:
-            data = yaml.safe_load((self.path / "config.yaml").read_text())
+            data = yaml.safe_load((self.path / "config.yaml").read_text(encoding="utf-8"))  # save_text writes UTF-8
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             return None
         return data if isinstance(data, dict) else None
@@ -168,7 +168,13 @@ class ResultsFolder:
         if not cfg.is_file():
             return None
         data = self.recorded()
-        return {"unreadable": str(cfg)} if data is None else data.get("settings", {"unrecorded": True})
+        if data is None:
+            return {"unreadable": str(cfg)}
+        settings = data.get("settings")
+        if isinstance(settings, dict):
+            return settings
+        # before 00e4b4e the record was {diffusion, kernel, model, args}, without `settings`
+        return {"unrecorded": "older" if {"diffusion", "args"} <= set(data) else True}
 
     def claim(self, settings: dict, overwrite: bool, defaults: Optional[dict] = None, defer: bool = False) -> bool:
         """Make the folder's record describe `settings`: resume when they match; refuse when they do not,
@@ -184,8 +190,10 @@ class ResultsFolder:
                                        if not d.startswith(NOT_SETTINGS)]
         foreign = isinstance(old, dict) and set(old) & {"unreadable", "unrecorded"}  # a config.yaml not of ours
         if foreign and not overwrite:  # with or without results: write_config would replace the user's own file
-            raise OutputError(f"{self.path / 'config.yaml'}: is not this program's record (unreadable, or no "
-                              f"'settings'); move it away, --overwrite to set it aside, or choose another --save_dir")
+            what = ("was written by an older version, without a settings record, so it cannot be resumed"
+                    if old.get("unrecorded") == "older" else "is not this program's record (unreadable, or no 'settings')")
+            raise OutputError(f"{self.path / 'config.yaml'}: {what}; move it away, --overwrite to set it aside, or "
+                              f"choose another --save_dir")
         if diff and (has_results or (self.path / "summary.json").exists()) and not overwrite:
             shown = "; ".join(diff[:4]) + (f"; and {len(diff) - 4} more" if len(diff) > 4 else "")
             raise OutputError(f"{self.path}: holds results made with other settings ({shown}); rerun with "

@@ -133,3 +133,18 @@ def test_absurd_thread_counts_are_one_line_errors(pair, tmp_path, capsys):
     assert _run(pair, tmp_path / "k", "--threads", "100000") == 2
     assert "--threads 100000: must be in [1, " in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "k.npy").exists()
+
+
+def test_an_npz_archive_under_the_kernel_name_is_refused_in_one_line(pair, tmp_path, capsys):
+    """np.load of a .npz under k.npy returned an archive, and reading its dtype was a traceback."""
+    with open(tmp_path / "k.npy", "wb") as f:
+        np.savez(f, a=np.zeros(3))
+    assert _run(pair, tmp_path / "k") == 2
+    assert "k.npy exists and is not a kernel (not a .npy array)" in _one_line(capsys.readouterr().err)
+
+
+def test_a_large_kernel_of_ours_is_replaced_on_a_rerun(pair, tmp_path, capsys):
+    """The first fix refused its own kernels above 256 taps; any float32 square kernel summing to 1 is one of ours."""
+    np.save(tmp_path / "k.npy", np.full((301, 301), 1 / 301 ** 2, np.float32))
+    assert _run(pair, tmp_path / "k") == 0
+    assert np.load(tmp_path / "k.npy").shape == (5, 5)

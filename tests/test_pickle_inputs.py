@@ -164,3 +164,15 @@ def test_no_files_are_written_when_the_outputs_cannot_be_made(tiny_run, monkeypa
     with pytest.raises(RuntimeError, match="a bug"):
         _run(tiny_run, folder, out)
     assert _files_of(out, "a") == []
+
+
+def test_the_baselines_take_sigma_from_the_flag_over_a_bad_pickle_sigma(tmp_path):
+    """baselines --sigma still read the pickle's own σ first, so a pickle storing σ in /255 units failed there."""
+    import csv
+    from diffusion_em.baselines import main as baselines_main
+    _write(tmp_path / "pk", "s255", sigma=10)
+    out = tmp_path / "out"
+    assert baselines_main(["--method", "tikhonov", "--input_dir", str(tmp_path / "pk"), "--save_dir", str(out),
+                           "--kernel_size", "5", "--sigma", "0.04"]) == 0
+    row = next(csv.DictReader(open(out / "metrics.csv", encoding="utf-8")))
+    assert row["status"] == "ok" and float(row["sigma"]) == pytest.approx(0.04)

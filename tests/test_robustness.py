@@ -829,7 +829,8 @@ def test_a_failing_summary_does_not_hide_the_ctrl_c(tiny_run, capsys, monkeypatc
     assert "Traceback" not in err
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="names of undecodable bytes: a Linux file-system feature")
+@pytest.mark.skipif(sys.platform != "linux" or sys.getfilesystemencoding().lower() not in ("utf-8", "utf8"),
+                    reason="names of undecodable bytes: a Linux file system under a UTF-8 locale")
 def test_a_name_that_is_not_utf8_is_skipped_with_a_note(tmp_path):
     """caf\\xe9.png (latin-1 bytes) crashed the run: its name cannot be written to metrics.csv."""
     from util.inputs import list_inputs
@@ -847,3 +848,20 @@ def test_a_meta_csv_name_with_a_newline_keeps_the_note_on_one_line(tmp_path):
     notes = []
     list_inputs(tmp_path, notice=notes.append)
     assert len(notes) == 1 and "\n" not in notes[0] and "'b\\nc'" in notes[0]
+
+
+@pytest.mark.parametrize("record,message", [
+    ("settings: null\n", "is not this program's record"),
+    ("settings: [a, b]\n", "is not this program's record"),
+    ("diffusion: {steps: 4}\nkernel: {}\nmodel: {}\nargs: {}\n", "was written by an older version"),
+])
+def test_a_config_yaml_without_a_settings_record_is_named_and_kept(tiny_run, capsys, record, message):
+    """`settings: null` or a list was taken for a record and the user's file overwritten; a record of a version
+    before the settings record was called foreign without saying so."""
+    tmp, cfgs, data = tiny_run
+    out = tmp / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text(record)
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out) + _no_model(tmp), method="fast_em") == 2
+    assert f"config.yaml: {message}" in capsys.readouterr().err
+    assert (out / "config.yaml").read_text() == record
