@@ -73,12 +73,11 @@ def _kernel_file(path: str) -> Optional[str]:
     return None
 
 
-def _preview_file(path: str, npy: str) -> Optional[str]:
-    """What an existing .png is when it is not the preview of the kernel beside it (`npy`, one of ours): a grey
-    square of side s·max(2, 256 // s); None when it is."""
-    if not os.path.isfile(npy) or _kernel_file(npy) is not None:
+def _preview_file(path: str, npy: str, s: Optional[int]) -> Optional[str]:
+    """What an existing .png is when it is not the preview of the kernel beside it (`npy`, s×s, one of ours; s None
+    when it is not): a grey square of side s·max(2, 256 // s); None when it is."""
+    if s is None:
         return f"not beside a kernel {npy} that this command wrote"
-    s = np.load(npy, mmap_mode="r").shape[0]
     try:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
@@ -98,6 +97,8 @@ def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
     blocked = file_in_the_way(Path(npy).parent)
     if blocked is not None:
         raise InputError(f"--out {out}: {blocked} is a file, not a folder")
+    ours = os.path.isfile(npy) and _kernel_file(npy) is None  # the .npy is read once, memory-mapped
+    size = np.load(npy, mmap_mode="r").shape[0] if ours else None
     for path, what in ((npy, "kernel"), (png, "kernel preview")):
         if os.path.isdir(path):
             raise InputError(f"--out {out}: the {what} {path} would replace a folder; choose another --out")
@@ -108,7 +109,7 @@ def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
         if (os.path.exists(path) or os.path.islink(path)) and not os.path.isfile(path):  # a FIFO would block a read
             raise InputError(f"--out {out}: {path} exists and is not a regular file; choose another --out")
         if os.path.exists(path):
-            other = _preview_file(path, npy) if path == png else _kernel_file(path)
+            other = _preview_file(path, npy, size) if path == png else _kernel_file(path)
             if other is not None:
                 raise InputError(f"--out {out}: {path} exists and is not a {what} ({other}); refusing to replace "
                                  f"it, choose another --out")

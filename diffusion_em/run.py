@@ -648,7 +648,7 @@ def _run(args, method: str, ranks: shard.Ranks, device: torch.device) -> int:
     failed, replace = None, False
     try:
         dcfg, kcfg, model_cfg = load_configs(args, method)
-        if dcfg.precision == "fp16" and device.type == "cpu":  # runs, but ~50x slower than fp32 there
+        if dcfg.precision == "fp16" and device.type == "cpu":  # runs, but far slower than fp32: CPUs emulate fp16
             raise InputError(f"precision fp16 ({'--precision' if args.precision else args.diffusion_config}) is for "
                              f"GPUs; on a CPU use bf16, auto or fp32")
         budget = (default_budget_bytes(device) if args.memory_budget_gb is None else

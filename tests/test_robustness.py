@@ -524,8 +524,8 @@ def test_quality_flags_use_the_sigma_run_and_plain_psnr_when_alignment_is_undefi
     assert quality_flags({"reblur_rms_frame": 0.004}, 1e-3) == ["poor_fit"]
 
 
-def test_ctrl_c_says_how_to_resume_and_keeps_the_finished_rows(tiny_run, capsys, monkeypatch):
-    """Ctrl-C printed a KeyboardInterrupt traceback; now one line and exit status 130."""
+def _one_done_then_ctrl_c(tiny_run, capsys, monkeypatch):
+    """A folder with one finished image, and the runner's next image interrupted by Ctrl-C: (tmp, cfgs, data, out)."""
     from diffusion_em import run as run_module
     tmp, cfgs, data = tiny_run
     out = tmp / "out"
@@ -535,6 +535,12 @@ def test_ctrl_c_says_how_to_resume_and_keeps_the_finished_rows(tiny_run, capsys,
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     monkeypatch.setattr(run_module, "process_one", interrupted)
+    return tmp, cfgs, data, out
+
+
+def test_ctrl_c_says_how_to_resume_and_keeps_the_finished_rows(tiny_run, capsys, monkeypatch):
+    """Ctrl-C printed a KeyboardInterrupt traceback; now one line and exit status 130."""
+    tmp, cfgs, data, out = _one_done_then_ctrl_c(tiny_run, capsys, monkeypatch)
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 130
     err = capsys.readouterr().err
     assert "rerun the same command to resume" in err and "Traceback" not in err
@@ -811,17 +817,10 @@ def test_a_failing_summary_does_not_hide_the_ctrl_c(tiny_run, capsys, monkeypatc
     """A summary that could not be written on Ctrl-C (a full disk, a row cut by the interrupt) replaced the
     interrupt's one-line message by a traceback."""
     from diffusion_em import run as run_module
-    tmp, cfgs, data = tiny_run
-    out = tmp / "out"
-    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--max_images", "1"), method="fast_em") == 0
-    capsys.readouterr()
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
+    tmp, cfgs, data, out = _one_done_then_ctrl_c(tiny_run, capsys, monkeypatch)
 
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(run_module, "process_one", interrupted)
     monkeypatch.setattr(run_module, "_write_summary", disk_full)
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 130
     err = capsys.readouterr().err

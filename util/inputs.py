@@ -207,14 +207,12 @@ def load_sample(sample: Sample, sigma_given: bool = False) -> LoadedSample:
     `sigma_given`: σ comes from elsewhere (--sigma), so a pickle's own σ is not needed (nor checked)."""
     if sample.kind == "pickle":
         # the checks of a test-set folder's files, each error naming the pickle (util/safe_pickle.py: σ, H, L)
-        d = load_pickle_sample(sample.blurry)
+        d = load_pickle_sample(sample.blurry, need_sigma=sample.sigma is None and not sigma_given)
         y = d["L"][0].permute(1, 2, 0).numpy().copy()
         x = d["H"][0].permute(1, 2, 0).clamp(0, 1).numpy().copy()
         k = check_kernel(d["kernel"].numpy(), sample.blurry)
         _check_kernel_fits(k, y, sample.blurry)
         # a σ from meta.csv or --sigma overrides the pickle's own (lets a user correct it): checked only when used
-        if sample.sigma is None and not sigma_given and "sigma_error" in d:
-            raise d["sigma_error"]
         sigma = sample.sigma if sample.sigma is not None else d["sigma"]
         return LoadedSample(sample.name, y, x, k, sigma)
     y = read_image(sample.blurry, clip=False)

@@ -154,9 +154,10 @@ def make_montage(blurry, restored, sharp=None, k_est=None, k_true=None, gap: int
     kernels = [k for k in (k_est, k_true) if k is not None]
     if not kernels:
         return top.astype(np.float32)
-    ks = max(max(kernel_to_image(k, 1).shape) for k in kernels)  # the side of the larger kernel (1×1 included)
+    flat = [kernel_to_image(k, 1) for k in kernels]  # 2-D, normalised, unmagnified (1×1 included)
+    ks = max(max(f.shape) for f in flat)
     scale = kernel_scale or max(1, min(8, (h // 2) // ks))
-    kims = [np.repeat(kernel_to_image(k, scale)[:, :, None], 3, axis=2) for k in kernels]
+    kims = [np.repeat(np.repeat(np.repeat(f, scale, 0), scale, 1)[:, :, None], 3, axis=2) for f in flat]
     kh = max(k.shape[0] for k in kims)
     row = []
     for k in kims:

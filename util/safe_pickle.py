@@ -91,14 +91,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError("refused persistent id (not a plain pickle of tensors)")
 
 
-def load_pickle_sample(path: PathLike) -> dict:
+def load_pickle_sample(path: PathLike, need_sigma: bool = True) -> dict:
     """Load one of the authors' samples with the restricted unpickler: never plain pickle.load.
 
     Returns dict(H=sharp 1×3×H×W float32 tensor, L=blurry (unclipped) tensor of the same shape,
     kernel=1×1×s×s float32 tensor exactly as stored (NOT normalised; sums are 1.02–1.12 in the authors'
     files; util.inputs.load_sample checks it as a kernel file is), sigma=float). H and L follow the rule of
     .npy images (uint8 /255, uint16 /65535, floats outside [-1, 2] refused: 0..255 data); σ that of meta.csv
-    (one number in [0, 1)). Refused globals, a wrong structure, missing keys or such values raise ImageReadError.
+    (one number in [0, 1); with `need_sigma=False` an invalid one is None). Refused globals, a wrong structure, missing keys or such values raise ImageReadError.
     """
     p = Path(path)
     if not p.is_file():
@@ -129,8 +129,10 @@ def load_pickle_sample(path: PathLike) -> dict:
     out["kernel"] = out["kernel"].to(torch.float32)
     try:
         out["sigma"] = _sigma(obj["sigma"], p)
-    except ImageReadError as e:  # raised by load_sample only when nothing overrides it (meta.csv, --sigma)
-        out["sigma"], out["sigma_error"] = None, e
+    except ImageReadError:
+        if need_sigma:
+            raise
+        out["sigma"] = None  # not needed: meta.csv or --sigma gives it (and may correct a σ stored in /255)
     return out
 
 
