@@ -40,6 +40,7 @@ from classical.blind_l0 import L0Config, estimate_kernel
 from diffusion_em.evaluate import score_case
 from diffusion_em.results import OutputError, ResultsFolder
 from util.csvlog import append_csv_row, read_done_names
+from util.device import check_threads
 from util.errors import InputError
 from util.geometry import crop, pad_for_boundary
 from util.images import ImageReadError, tensor_to_image
@@ -142,7 +143,8 @@ def l0_config(overrides: str) -> L0Config:
 
 def check_flags(args) -> None:
     """Flag values that cannot work, refused before anything runs (InputError naming the flag; as the runner)."""
-    for flag in ("threads", "max_images", "kernel_size"):
+    check_threads(args.threads)
+    for flag in ("max_images", "kernel_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise InputError(f"--{flag} {v}: must be >= 1")

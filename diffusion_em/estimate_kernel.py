@@ -27,10 +27,10 @@ import torch
 from PIL import Image
 
 from diffusion_em.mstep import MStepConfig, m_step
-from diffusion_em.run import max_threads, resolve_device
 from util.geometry import dirac
 from kernel_denoiser.network import load_kernel_denoiser
 from util.geometry import edge_taper, recenter
+from util.device import check_threads, resolve_device
 from util.errors import InputError
 from util.images import PathLike, read_image
 from util.outputs import file_in_the_way, save_kernel_png, save_npy
@@ -176,8 +176,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     prog = "estimate_kernel"
     try:
-        if not 1 <= a.threads <= max_threads():  # 10⁵ threads crashed torch with no message
-            raise UsageError(f"--threads {a.threads}: must be in [1, {max_threads()}] (4 per CPU)")
+        check_threads(a.threads)
         torch.set_num_threads(a.threads)
         if not a.sigma >= 0:
             raise UsageError(f"--sigma must be >= 0, got {a.sigma}")

@@ -8,7 +8,6 @@ rows: anything else is a bug and stops the run.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from guided_diffusion.model_config import ModelConfig, load_model_config
 from guided_diffusion.sampler import needs_grad
 from util.config import as_dict
 from util.cpu_memory import keep_freed_memory, release_freed_memory
+from util.device import check_threads, resolve_device
 from util.errors import InputError, ProjectError, ResourceError
 from util.geometry import pad_centred
 from util.images import image_to_tensor, tensor_to_image
@@ -115,34 +115,7 @@ def build_parser(method: str) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_device(name: str, gpu: int) -> torch.device:
-    """The device to run on; InputError naming the flag when it does not exist on this machine."""
-    if name == "auto":
-        if torch.accelerator.is_available():
-            name = f"{torch.accelerator.current_accelerator().type}:{gpu}"
-        else:
-            return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name}: not a device name (use auto, cpu, cuda, cuda:1, mps, ...)") from None
-    if dev.type == "cpu":
-        return dev
-    if not torch.accelerator.is_available() or torch.accelerator.current_accelerator().type != dev.type:
-        have = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "none"
-        raise InputError(f"--device {name}: no {dev.type} device on this machine (accelerator: {have}); "
-                         f"use --device cpu or auto")
-    if dev.index is not None and dev.index >= torch.accelerator.device_count():
-        raise InputError(f"--device {name}: only {torch.accelerator.device_count()} {dev.type} device(s) here")
-    return dev
-
-
 MAX_SEED = 2 ** 32
-
-
-def max_threads() -> int:
-    """The most --threads accepted: 4 per CPU (oversubscribing more only slows; 10⁵ threads crashed torch)."""
-    return 4 * (os.cpu_count() or 1)
 
 
 def check_flags(args: argparse.Namespace, method: str) -> None:
@@ -152,13 +125,11 @@ def check_flags(args: argparse.Namespace, method: str) -> None:
         raise InputError(f"--memory_budget_gb {args.memory_budget_gb}: must be >= 0 (0: no check)")
     if args.batch_size > 1 and method != "fast_em":
         raise InputError("--batch_size > 1 is a test_FastDiffEM.py option (Diffusion EM runs one image at a time)")
-    for flag in ("threads", "max_images", "steps", "n_particles", "batch_size"):
+    check_threads(args.threads)
+    for flag in ("max_images", "steps", "n_particles", "batch_size"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise InputError(f"--{flag} {v}: must be >= 1")
-    if args.threads is not None and args.threads > max_threads():
-        raise InputError(f"--threads {args.threads}: more than {max_threads()} (4× this machine's "
-                         f"{os.cpu_count() or 1} CPUs)")
     if args.gpu < 0:
         raise InputError(f"--gpu {args.gpu}: must be >= 0")
     if not 0 <= args.seed < MAX_SEED:  # each image's generator seed is derived from it and must fit 64 bits

@@ -233,7 +233,7 @@ def test_rerun_with_other_settings_is_refused_unless_overwrite(tiny_sets, tmp_pa
 
 
 @pytest.mark.parametrize("flag", [["--max_images", "0"], ["--max_images", "-1"], ["--threads", "0"],
-                                  ["--l0", "{bad"]])
+                                  ["--threads", "100000"], ["--l0", "{bad"]])  # 10⁵ threads crashed torch
 def test_bad_flags_are_one_line_errors(tiny_sets, tmp_path, capsys, flag):
     _, sets = tiny_sets
     out = tmp_path / "out"
