@@ -407,8 +407,12 @@ def test_list_inputs_errors(tmp_path):
     (d / "blurry").mkdir(parents=True)
     np.save(d / "blurry" / "a.npy", _rgb())
     Image.fromarray((_rgb() * 255).astype(np.uint8)).save(d / "blurry" / "a.png")
-    with pytest.raises(ValueError, match="share the name 'a'"):
-        list_inputs(d)
+    Image.fromarray((_rgb() * 255).astype(np.uint8)).save(d / "blurry" / "b.png")
+    dup = {x.name: x for x in list_inputs(d)}  # the duplicate name fails alone, when it is read; b is listed as usual
+    assert sorted(dup) == ["a", "b"] and dup["b"].problem is None
+    with pytest.raises(InputError, match=r"blurry: two inputs share the name 'a' \(a.npy, a.png\)"):
+        load_sample(dup["a"])
+    assert load_sample(dup["b"]).y.shape == _rgb().shape
     m = tmp_path / "meta"
     (m / "blurry").mkdir(parents=True)
     np.save(m / "blurry" / "a.npy", _rgb())

@@ -864,3 +864,25 @@ def test_a_config_yaml_without_a_settings_record_is_named_and_kept(tiny_run, cap
     assert main(_args(tmp, cfgs["fastem_pigdm"], data, out) + _no_model(tmp), method="fast_em") == 2
     assert f"config.yaml: {message}" in capsys.readouterr().err
     assert (out / "config.yaml").read_text() == record
+
+
+def test_a_name_with_two_files_fails_alone(tiny_run, capsys):
+    """blurry/a.png beside blurry/a.npy (or two sharp/ files for one name, or a pickle and an image of one name)
+    refused the whole run before any image ran; now that name gets one failed row naming both files."""
+    tmp, cfgs, data = tiny_run
+    shutil.copy(data / "sharp" / "im0.png", data / "sharp" / "im0.tif")  # im0: two ground truths
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out), method="fast_em") == 1  # 1: an image failed
+    rows = _rows(out)
+    assert rows["im1"]["status"] == "ok" and rows["im0"]["status"] == "failed"
+    assert "sharp: two inputs share the name 'im0' (im0.png, im0.tif)" in rows["im0"]["message"]
+    photos = tmp / "photos"
+    photos.mkdir()
+    shutil.copy(data / "sharp" / "im1.png", photos / "p.png")
+    shutil.copy(data / "sharp" / "im1.png", photos / "q.png")
+    (photos / "p.pickle").write_bytes(b"not read")
+    out2 = tmp / "out2"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], photos, out2, "--sigma", "0.02"), method="fast_em") == 1
+    rows = _rows(out2)
+    assert rows["q"]["status"] == "ok" and rows["p"]["status"] == "failed"
+    assert "used by both a pickle and an image (p.pickle, p.png)" in rows["p"]["message"]

@@ -30,6 +30,7 @@ class Sample:
     sigma: Optional[float] = None
     kind: str = "folder"  # 'folder' | 'photo' | 'pickle'
     boundary: Optional[str] = None  # how the blur was made, from meta.csv: 'circular' | 'valid' | None (undeclared)
+    problem: Optional[str] = None  # found while listing (two files for one name): load_sample raises it, for this name only
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,17 @@ def _unused(files: Iterable[Path], exts: Sequence[str]) -> list:
     return [f.name for f in files if f.suffix.lower() not in exts and f.name != "meta.csv"]
 
 
-def _by_stem(files: Iterable[Path], exts: Sequence[str], where: Path) -> dict:
+def _by_stem(files: Iterable[Path], exts: Sequence[str], where: Path, clashes: dict) -> dict:
+    """{stem: file}; a stem with several files (a.png and a.npy) is recorded in `clashes` as {stem: message}:
+    that name fails alone, the others run."""
     out: dict = {}
     for f in files:
         if f.suffix.lower() in exts:
             if f.stem in out:
-                raise InputError(f"{where}: two inputs share the name '{f.stem}' ({out[f.stem].name}, {f.name})")
-            out[f.stem] = f
+                clashes.setdefault(f.stem, f"{where}: two inputs share the name '{f.stem}' ({out[f.stem].name}, "
+                                           f"{f.name}); rename or remove one")
+            else:
+                out[f.stem] = f
     return out
 
 
@@ -156,11 +161,15 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
     meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
     bnd = read_meta_boundaries(meta_path) if meta_path.is_file() else {}
 
+    clashes: dict = {}
     if (root / "blurry").is_dir():
-        blurry = _by_stem(_visible_files(root / "blurry"), IMAGE_EXTS, root / "blurry")
-        sharp = _by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp") if (root / "sharp").is_dir() else {}
-        kern = _by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel") if (root / "kernel").is_dir() else {}
-        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n)) for n, f in blurry.items()]
+        blurry = _by_stem(_visible_files(root / "blurry"), IMAGE_EXTS, root / "blurry", clashes)
+        sharp = (_by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp", clashes)
+                 if (root / "sharp").is_dir() else {})
+        kern = (_by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel", clashes)
+                if (root / "kernel").is_dir() else {})
+        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n), clashes.get(n))
+                   for n, f in blurry.items()]
         ignored = (_unused(_visible_files(root / "blurry"), IMAGE_EXTS) + _folders(root / "blurry")
                    + _specials(root / "blurry"))
         for sub, exts in (("sharp", IMAGE_EXTS), ("kernel", (".npy",))):  # e.g. kernel/a.png: a runs with no true kernel
@@ -172,13 +181,14 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
     else:
         files = _visible_files(root)
         ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,)) + _folders(root) + _specials(root)  # never recursed into
-        pickles = _by_stem(files, (PICKLE_EXT,), root)
-        photos = _by_stem(files, IMAGE_EXTS, root)
-        clash = sorted(set(pickles) & set(photos))
-        if clash:
-            raise InputError(f"{root}: names used by both a pickle and an image: {clash}")
-        samples = [Sample(n, f, sigma=meta.get(n), kind="pickle") for n, f in pickles.items()]
-        samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n)) for n, f in photos.items()]
+        pickles = _by_stem(files, (PICKLE_EXT,), root, clashes)
+        photos = _by_stem(files, IMAGE_EXTS, root, clashes)
+        for n in set(pickles) & set(photos):  # one name, one sample: it fails alone, as the pickle
+            clashes.setdefault(n, f"{root}: the name '{n}' is used by both a pickle and an image ({pickles[n].name}, "
+                                  f"{photos[n].name}); rename or remove one")
+        samples = [Sample(n, f, sigma=meta.get(n), kind="pickle", problem=clashes.get(n)) for n, f in pickles.items()]
+        samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n), problem=clashes.get(n))
+                    for n, f in photos.items() if n not in pickles]
     if ignored:
         notice(f"{root}: ignored {len(ignored)} file(s) or folder(s) it does not read: {', '.join(ignored[:5])}"
                f"{' ...' if len(ignored) > 5 else ''} (read: {', '.join(IMAGE_EXTS + (PICKLE_EXT,))}; "
@@ -205,6 +215,8 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
 def load_sample(sample: Sample, sigma_given: bool = False) -> LoadedSample:
     """Read one sample's files. Raises ImageReadError naming the faulty file; touches no other sample.
     `sigma_given`: σ comes from elsewhere (--sigma), so a pickle's own σ is not needed (nor checked)."""
+    if sample.problem is not None:
+        raise InputError(sample.problem)
     if sample.kind == "pickle":
         # the checks of a test-set folder's files, each error naming the pickle (util/safe_pickle.py: σ, H, L)
         d = load_pickle_sample(sample.blurry, need_sigma=sample.sigma is None and not sigma_given)
