@@ -413,9 +413,13 @@ def give_back_memory(device: torch.device) -> None:
         release_freed_memory()
 
 
-def _out_of_memory_error(sample: Sample, e: BaseException) -> ResourceError:
-    return ResourceError(f"{sample.blurry}: out of memory ({' '.join(str(e).split())[:160]}); lower "
-                         f"--memory_budget_gb so such inputs are refused before they start")
+def _out_of_memory_error(sample: Sample, e: BaseException, reading: bool = False) -> ResourceError:
+    """`reading`: it happened while the files were read, before the budget applies: the hint would not help."""
+    why = ' '.join(str(e).split())[:160]
+    if reading:
+        return ResourceError(f"{sample.blurry}: out of memory while reading it ({why}): too large for this machine")
+    return ResourceError(f"{sample.blurry}: out of memory ({why}); lower --memory_budget_gb so such inputs are "
+                         f"refused before they start")
 
 
 def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sample, index: int,
@@ -423,6 +427,7 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     """Deblur one sample and write its outputs; returns its metrics row (status ok). `known` receives what is
     learnt before a failure (σ and its source) so a failed row can still report it."""
     known = {} if known is None else known
+    one = None
     try:
         one = load_one(r, opts, sample, index, known)
         res, attempts = _retry_in_memory(r, opts, one)
@@ -430,7 +435,7 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     except Exception as e:
         if not out_of_memory(e):
             raise
-        err = _out_of_memory_error(sample, e)
+        err = _out_of_memory_error(sample, e, reading=one is None)
     give_back_memory(r.device)
     raise err
 
@@ -465,6 +470,11 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
             ready.append(load_one(r, opts, sample, index, known[sample.name]))
         except ProjectError as e:
             rows[sample.name] = _failed_row(sample, e, known[sample.name])
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            rows[sample.name] = _failed_row(sample, _out_of_memory_error(sample, e, reading=True), known[sample.name])
+            give_back_memory(r.device)
     t0 = time.time()
     starts = [None] * len(ready)
     batch_oom = False

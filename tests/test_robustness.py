@@ -886,3 +886,24 @@ def test_a_name_with_two_files_fails_alone(tiny_run, capsys):
     rows = _rows(out2)
     assert rows["q"]["status"] == "ok" and rows["p"]["status"] == "failed"
     assert "used by both a pickle and an image (p.pickle, p.png)" in rows["p"]["message"]
+
+
+@pytest.mark.parametrize("batch", ["1", "2"])
+def test_out_of_memory_while_reading_an_image_fails_it_alone_without_the_budget_hint(tiny_run, monkeypatch, batch):
+    """Running out of memory while decoding a huge image said "lower --memory_budget_gb", which cannot help (the
+    budget applies after reading); in a batch (--batch_size 2) it was a traceback that stopped the run."""
+    import diffusion_em.run as run_module
+    tmp, cfgs, data = tiny_run
+    real = run_module.load_sample
+
+    def huge(sample, **kw):
+        if sample.name == "im0":
+            raise MemoryError("cannot allocate 80 GB (simulated)")
+        return real(sample, **kw)
+    monkeypatch.setattr(run_module, "load_sample", huge)
+    out = tmp / "out"
+    assert main(_args(tmp, cfgs["fastem_pigdm"], data, out, "--batch_size", batch), method="fast_em") == 1
+    rows = _rows(out)
+    assert rows["im1"]["status"] == "ok" and rows["im0"]["status"] == "failed"
+    assert "out of memory while reading it" in rows["im0"]["message"]
+    assert "memory_budget_gb" not in rows["im0"]["message"]
