@@ -73,23 +73,26 @@ def _kernel_file(path: str) -> Optional[str]:
     return None
 
 
-def _preview_file(path: str, npy: str, s: Optional[int]) -> Optional[str]:
-    """What an existing .png is when it is not the preview of the kernel beside it (`npy`, s×s, one of ours; s None
-    when it is not): a grey square of side s·max(2, 256 // s); None when it is."""
-    if s is None:
+def _preview_file(path: str, npy: str, sizes: Tuple[int, ...]) -> Optional[str]:
+    """What an existing .png is when it is not a preview of ours: a grey square of side s·max(2, 256 // s) for s
+    in `sizes` (the kernel beside it and this run's), beside a kernel `npy` of ours (`sizes` empty when there is
+    none); None when it is. This run's size too, because the preview is written before its kernel: a run stopped
+    between the two left the new preview beside the old kernel."""
+    if not sizes:
         return f"not beside a kernel {npy} that this command wrote"
     try:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
     except Exception:  # noqa: BLE001 - any unreadable file: not a preview of ours
         return "not a PNG image"
-    side = s * max(2, 256 // s)
-    return None if mode == "L" and w == h == side else f"a {w}x{h} {mode} image"
+    sides = {s * max(2, 256 // s) for s in sizes}
+    return None if mode == "L" and w == h and w in sides else f"a {w}x{h} {mode} image"
 
 
-def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
+def check_outputs(out: str, inputs: dict, kernel_size: int) -> Tuple[str, str]:
     """The (kernel, preview) paths of --out, or InputError naming --out when writing them would fail, replace an
-    input ({flag: path}) or replace a file this command did not write. Nothing is read or written."""
+    input ({flag: path}) or replace a file this command did not write (`kernel_size`: this run's). Nothing is
+    written."""
     if os.path.isdir(out) or not os.path.basename(out):
         raise InputError(f"--out {out}: names a folder; give the kernel's file name, "
                          f"e.g. {os.path.join(out, 'kernel.npy')}")
@@ -98,7 +101,7 @@ def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
     if blocked is not None:
         raise InputError(f"--out {out}: {blocked} is a file, not a folder")
     ours = os.path.isfile(npy) and _kernel_file(npy) is None  # the .npy is read once, memory-mapped
-    size = np.load(npy, mmap_mode="r").shape[0] if ours else None
+    sizes = (np.load(npy, mmap_mode="r").shape[0], kernel_size) if ours else ()
     for path, what in ((npy, "kernel"), (png, "kernel preview")):
         if os.path.isdir(path):
             raise InputError(f"--out {out}: the {what} {path} would replace a folder; choose another --out")
@@ -109,7 +112,7 @@ def check_outputs(out: str, inputs: dict) -> Tuple[str, str]:
         if (os.path.exists(path) or os.path.islink(path)) and not os.path.isfile(path):  # a FIFO would block a read
             raise InputError(f"--out {out}: {path} exists and is not a regular file; choose another --out")
         if os.path.exists(path):
-            other = _preview_file(path, npy, size) if path == png else _kernel_file(path)
+            other = _preview_file(path, npy, sizes) if path == png else _kernel_file(path)
             if other is not None:
                 raise InputError(f"--out {out}: {path} exists and is not a {what} ({other}); refusing to replace "
                                  f"it, choose another --out")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
             raise UsageError("--kernel_size and --calls must be >= 1")
         device = resolve_device(a.device, 0)
         den_src = None if a.denoiser in ("auto", "none") else a.denoiser
-        npy, png = check_outputs(a.out, {"--sharp": a.sharp, "--blurry": a.blurry, "--denoiser": den_src})
+        npy, png = check_outputs(a.out, {"--sharp": a.sharp, "--blurry": a.blurry, "--denoiser": den_src}, a.kernel_size)
         sharp = read_image(a.sharp)
         blurry = read_image(a.blurry)
         cfg = MStepConfig(lam=a.lam, beta=a.beta, J=a.J, colour=a.colour)
@@ -195,8 +198,8 @@ def main(argv=None) -> int:
         if a.recenter:
             k = recenter(k)
         k = (k / k.sum()).cpu().numpy().astype(np.float32)
+        save_kernel_png(png, k, scale=max(2, 256 // a.kernel_size))  # first: a stop in between leaves the old kernel
         save_npy(npy, k)
-        save_kernel_png(png, k, scale=max(2, 256 // a.kernel_size))
     except (ValueError, OSError) as e:  # ImageReadError is a ValueError; one line, no traceback
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

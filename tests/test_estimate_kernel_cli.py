@@ -148,3 +148,29 @@ def test_a_large_kernel_of_ours_is_replaced_on_a_rerun(pair, tmp_path, capsys):
     np.save(tmp_path / "k.npy", np.full((301, 301), 1 / 301 ** 2, np.float32))
     assert _run(pair, tmp_path / "k") == 0
     assert np.load(tmp_path / "k.npy").shape == (5, 5)
+
+
+def test_a_run_stopped_between_its_two_files_does_not_block_the_rerun(pair, tmp_path, monkeypatch, capsys):
+    """A run stopped after its first file (a full disk, a kill) left one new file beside one old one of another size;
+    the rerun then refused the preview as "not a kernel preview" and could not replace its own files."""
+    import diffusion_em.estimate_kernel as ek
+    out = tmp_path / "k.npy"
+    assert _run(pair, out) == 0  # 5×5 kernel and its preview
+    calls = []
+
+    def second_write_fails(real):
+        def write(*a, **kw):
+            calls.append(1)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real(*a, **kw)
+        return write
+    monkeypatch.setattr(ek, "save_npy", second_write_fails(ek.save_npy))
+    monkeypatch.setattr(ek, "save_kernel_png", second_write_fails(ek.save_kernel_png))
+    assert _run(pair, out, "--kernel_size", "7") == 2 and len(calls) == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert _run(pair, out, "--kernel_size", "7") == 0, capsys.readouterr().err
+    assert np.load(tmp_path / "k.npy").shape == (7, 7)
+    with Image.open(tmp_path / "k.png") as im:
+        assert im.size == (7 * (256 // 7),) * 2
