@@ -75,11 +75,11 @@ def _kernel_file(path: str) -> Optional[str]:
 
 def _preview_file(path: str, npy: str, sizes: Tuple[int, ...]) -> Optional[str]:
     """What an existing .png is when it is not a preview of ours: a grey square of side s·max(2, 256 // s) for s
-    in `sizes` (the kernel beside it and this run's), beside a kernel `npy` of ours (`sizes` empty when there is
-    none); None when it is. This run's size too, because the preview is written before its kernel: a run stopped
-    between the two left the new preview beside the old kernel."""
+    in `sizes` (the kernel beside it and this run's; this run's alone where there is no `npy`; empty when `npy` is
+    a file not of ours); None when it is. This run's size too, because the preview is written before its kernel:
+    a run stopped between the two left the new preview beside the old kernel, or alone."""
     if not sizes:
-        return f"not beside a kernel {npy} that this command wrote"
+        return f"beside {npy}, which is not a kernel that this command wrote"
     try:
         with Image.open(path) as im:
             mode, (w, h) = im.mode, im.size
@@ -101,7 +101,8 @@ def check_outputs(out: str, inputs: dict, kernel_size: int) -> Tuple[str, str]:
     if blocked is not None:
         raise InputError(f"--out {out}: {blocked} is a file, not a folder")
     ours = os.path.isfile(npy) and _kernel_file(npy) is None  # the .npy is read once, memory-mapped
-    sizes = (np.load(npy, mmap_mode="r").shape[0], kernel_size) if ours else ()
+    # a preview of this run's size is also accepted where no .npy exists yet (a first run stopped between its writes)
+    sizes = (np.load(npy, mmap_mode="r").shape[0], kernel_size) if ours else () if os.path.lexists(npy) else (kernel_size,)
     for path, what in ((npy, "kernel"), (png, "kernel preview")):
         if os.path.isdir(path):
             raise InputError(f"--out {out}: the {what} {path} would replace a folder; choose another --out")

@@ -284,7 +284,12 @@ def load_one(r: Restorer, opts: RunOptions, sample: Sample, index: int, known: d
     naming the file when it cannot be used."""
     t0 = time.time()
     check_name_length(sample)
-    loaded = load_sample(sample, sigma_given=opts.sigma is not None)
+    try:
+        loaded = load_sample(sample, sigma_given=opts.sigma is not None)
+    except Exception as e:
+        if out_of_memory(e):  # before the memory budget applies: _out_of_memory_error says so
+            e.while_reading = True
+        raise
     try:
         sigma, source = resolve_sigma(loaded, opts.sigma)
     except ValueError as e:  # the blind estimate's own refusals (non-finite data, too few pixels)
@@ -413,10 +418,11 @@ def give_back_memory(device: torch.device) -> None:
         release_freed_memory()
 
 
-def _out_of_memory_error(sample: Sample, e: BaseException, reading: bool = False) -> ResourceError:
-    """`reading`: it happened while the files were read, before the budget applies: the hint would not help."""
+def _out_of_memory_error(sample: Sample, e: BaseException) -> ResourceError:
+    """One line; without the budget hint when it happened while the files were read (load_one marks it), before
+    the budget applies."""
     why = ' '.join(str(e).split())[:160]
-    if reading:
+    if getattr(e, "while_reading", False):
         return ResourceError(f"{sample.blurry}: out of memory while reading it ({why}): too large for this machine")
     return ResourceError(f"{sample.blurry}: out of memory ({why}); lower --memory_budget_gb so such inputs are "
                          f"refused before they start")
@@ -427,7 +433,6 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     """Deblur one sample and write its outputs; returns its metrics row (status ok). `known` receives what is
     learnt before a failure (σ and its source) so a failed row can still report it."""
     known = {} if known is None else known
-    one = None
     try:
         one = load_one(r, opts, sample, index, known)
         res, attempts = _retry_in_memory(r, opts, one)
@@ -435,7 +440,7 @@ def process_one(r: Restorer, opts: RunOptions, out: ResultsFolder, sample: Sampl
     except Exception as e:
         if not out_of_memory(e):
             raise
-        err = _out_of_memory_error(sample, e, reading=one is None)
+        err = _out_of_memory_error(sample, e)
     give_back_memory(r.device)
     raise err
 
@@ -466,6 +471,7 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
     batch's time (plus its own retries)."""
     rows, ready, known = {}, [], {sample.name: {} for _, sample in items}
     for index, sample in items:
+        oom = False
         try:
             ready.append(load_one(r, opts, sample, index, known[sample.name]))
         except ProjectError as e:
@@ -473,8 +479,9 @@ def process_batch(r: Restorer, opts: RunOptions, out: ResultsFolder, items: list
         except Exception as e:
             if not out_of_memory(e):
                 raise
-            rows[sample.name] = _failed_row(sample, _out_of_memory_error(sample, e, reading=True), known[sample.name])
-            give_back_memory(r.device)
+            rows[sample.name], oom = _failed_row(sample, _out_of_memory_error(sample, e), known[sample.name]), True
+        if oom:
+            give_back_memory(r.device)  # after the except block (its traceback holds the partial arrays)
     t0 = time.time()
     starts = [None] * len(ready)
     batch_oom = False

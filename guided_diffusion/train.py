@@ -35,6 +35,8 @@ from util.config import as_dict
 from util.images import IMAGE_EXTS, read_image
 from util.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from util.csvlog import append_csv_row, read_csv_rows, truncate_csv
+from util.device import check_threads, resolve_device
+from util.errors import InputError
 
 CKPT_NAME = "checkpoint.pt"
 LOG_FIELDS = ("step", "loss", "lr", "seconds")
@@ -199,6 +201,11 @@ def parse_args(argv=None):
         ap.error("--export_only needs --export PATH")
     if not a.export_only and not a.data:
         ap.error("--data is required for training")
+    try:  # as the runner's: 10⁵ threads crashed torch; a device this machine lacks failed deep in the set-up
+        check_threads(a.threads or None)
+        resolve_device(a.device)
+    except InputError as e:
+        ap.error(str(e))
     return a
 
 

@@ -30,6 +30,8 @@ import torch
 
 from kernel_denoiser.kernels import camera_shake_kernels
 from util.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
+from util.device import check_threads
+from util.errors import InputError
 from util.geometry import project_simplex
 from kernel_denoiser.network import FDnCNN, load_kernel_denoiser, save_kernel_denoiser
 
@@ -126,6 +128,10 @@ def main(argv=None):
     ap.add_argument("--shared", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                      "..", "shared"))
     a = ap.parse_args(argv)
+    try:
+        check_threads(a.threads)  # as the runner's: 10⁵ threads crashed torch
+    except InputError as e:
+        ap.error(str(e))
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     from tqdm import tqdm

@@ -174,3 +174,10 @@ def test_a_run_stopped_between_its_two_files_does_not_block_the_rerun(pair, tmp_
     assert np.load(tmp_path / "k.npy").shape == (7, 7)
     with Image.open(tmp_path / "k.png") as im:
         assert im.size == (7 * (256 // 7),) * 2
+    (tmp_path / "k.npy").unlink()  # a first run stopped after its preview: the preview alone, rerun accepted
+    assert _run(pair, out, "--kernel_size", "7") == 0, capsys.readouterr().err
+    (tmp_path / "k.npy").unlink()  # ... but not a preview of another size with no kernel beside it
+    before = _files(tmp_path)
+    assert _run(pair, out, "--kernel_size", "5") == 2  # a 255-px preview, not 252
+    assert "k.png exists and is not a kernel preview" in _one_line(capsys.readouterr().err)
+    assert _files(tmp_path) == before

@@ -410,9 +410,18 @@ def test_list_inputs_errors(tmp_path):
     Image.fromarray((_rgb() * 255).astype(np.uint8)).save(d / "blurry" / "b.png")
     dup = {x.name: x for x in list_inputs(d)}  # the duplicate name fails alone, when it is read; b is listed as usual
     assert sorted(dup) == ["a", "b"] and dup["b"].problem is None
-    with pytest.raises(InputError, match=r"blurry: two inputs share the name 'a' \(a.npy, a.png\)"):
+    with pytest.raises(InputError, match=r"2 files share the name 'a' \(blurry/a.npy, blurry/a.png\)"):
         load_sample(dup["a"])
     assert load_sample(dup["b"]).y.shape == _rgb().shape
+    (d / "sharp").mkdir()  # three files of one name are all named; extra files of a name with no blurry/ too
+    for f in ("a.png", "a.tif", "z.png", "z.tif"):
+        Image.fromarray((_rgb() * 255).astype(np.uint8)).save(d / "sharp" / f)
+    notes = []
+    dup = {x.name: x for x in list_inputs(d, notice=notes.append)}
+    with pytest.raises(InputError, match=r"4 files share the name 'a' \(blurry/a.npy, blurry/a.png, sharp/a.png, "
+                                         r"sharp/a.tif\)"):
+        load_sample(dup["a"])
+    assert len(notes) == 1 and "sharp/z.png" in notes[0] and "sharp/z.tif" in notes[0]
     m = tmp_path / "meta"
     (m / "blurry").mkdir(parents=True)
     np.save(m / "blurry" / "a.npy", _rgb())

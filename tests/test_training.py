@@ -187,3 +187,17 @@ def test_kernel_denoiser_trainer_smoke_resume_and_export(tmp_path):
     k = torch.rand(2, 1, 9, 9)
     assert net(k, 0.01).shape == (2, 1, 9, 9)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("flags,message", [(["--threads", "100000"], "--threads 100000: must be in [1, "),
+                                           (["--device", "bogus"], "--device bogus: not a device name")])
+def test_the_trainers_refuse_impossible_threads_and_devices_in_one_line(flags, message, capsys):
+    """--threads 100000 crashed torch (as it did in the runner); --device bogus failed deep in the set-up."""
+    from kernel_denoiser import train as KT
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(["--data", "x", "--out", "o", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    if flags[0] == "--threads":
+        with pytest.raises(SystemExit) as e:
+            KT.main(["--out", "o.pth", *flags])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Discovering a run's inputs and reading one sample: test-set folders, photo folders, the authors' pickles.
 
 `list_inputs` only locates files; `load_sample` reads one sample and raises ImageReadError naming the
-faulty file, touching no other sample; `resolve_sigma` says which σ a sample uses and where it came from.
+faulty file (InputError for a name with several files), touching no other sample; `resolve_sigma` says which
+σ a sample uses and where it came from.
 """
 from __future__ import annotations
 
@@ -64,18 +65,23 @@ def _unused(files: Iterable[Path], exts: Sequence[str]) -> list:
     return [f.name for f in files if f.suffix.lower() not in exts and f.name != "meta.csv"]
 
 
-def _by_stem(files: Iterable[Path], exts: Sequence[str], where: Path, clashes: dict) -> dict:
-    """{stem: file}; a stem with several files (a.png and a.npy) is recorded in `clashes` as {stem: message}:
-    that name fails alone, the others run."""
+def _by_stem(files: Iterable[Path], exts: Sequence[str], clashes: dict) -> dict:
+    """{stem: file}; every file of a stem that has several (a.png and a.npy) goes into `clashes` {stem: [files]}:
+    that name fails alone (`_clash_message`), the others run."""
     out: dict = {}
     for f in files:
         if f.suffix.lower() in exts:
             if f.stem in out:
-                clashes.setdefault(f.stem, f"{where}: two inputs share the name '{f.stem}' ({out[f.stem].name}, "
-                                           f"{f.name}); rename or remove one")
+                same = clashes.setdefault(f.stem, [])  # may hold the name's files of another folder already
+                same += [g for g in (out[f.stem], f) if g not in same]
             else:
                 out[f.stem] = f
     return out
+
+
+def _clash_message(root: Path, name: str, files: list) -> str:
+    shown = ", ".join(sorted(str(f.relative_to(root)) for f in set(files)))
+    return f"{root}: {len(set(files))} files share the name '{name}' ({shown}); rename or remove all but one"
 
 
 def read_meta_csv(path: PathLike) -> dict:
@@ -161,14 +167,13 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
     meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
     bnd = read_meta_boundaries(meta_path) if meta_path.is_file() else {}
 
-    clashes: dict = {}
+    clashes: dict = {}  # {name: [files]}: a name with several files fails alone
     if (root / "blurry").is_dir():
-        blurry = _by_stem(_visible_files(root / "blurry"), IMAGE_EXTS, root / "blurry", clashes)
-        sharp = (_by_stem(_visible_files(root / "sharp"), IMAGE_EXTS, root / "sharp", clashes)
-                 if (root / "sharp").is_dir() else {})
-        kern = (_by_stem(_visible_files(root / "kernel"), (".npy",), root / "kernel", clashes)
-                if (root / "kernel").is_dir() else {})
-        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n), clashes.get(n))
+        found = {sub: _by_stem(_visible_files(root / sub), exts, clashes) if (root / sub).is_dir() else {}
+                 for sub, exts in (("blurry", IMAGE_EXTS), ("sharp", IMAGE_EXTS), ("kernel", (".npy",)))}
+        blurry, sharp, kern = found["blurry"], found["sharp"], found["kernel"]
+        problem = {n: _clash_message(root, n, fs) for n, fs in clashes.items()}
+        samples = [Sample(n, f, sharp.get(n), kern.get(n), meta.get(n), "folder", bnd.get(n), problem.get(n))
                    for n, f in blurry.items()]
         ignored = (_unused(_visible_files(root / "blurry"), IMAGE_EXTS) + _folders(root / "blurry")
                    + _specials(root / "blurry"))
@@ -176,18 +181,20 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
             if (root / sub).is_dir():
                 ignored += [f"{sub}/{n}" for n in _unused(_visible_files(root / sub), exts) + _folders(root / sub)
                             + _specials(root / sub)]
-        ignored += sorted(f"{sub}/{f.name}" for sub, found in (("sharp", sharp), ("kernel", kern))
-                          for n, f in found.items() if n not in blurry)  # no blurry/<name>: nothing to deblur
+        for sub in ("sharp", "kernel"):
+            for n, f in found[sub].items():
+                if n not in blurry:  # no blurry/<name>: nothing to deblur (every file of the name named)
+                    ignored += sorted(f"{sub}/{g.name}" for g in clashes.get(n, [f]) if g.parent == root / sub)
     else:
         files = _visible_files(root)
         ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,)) + _folders(root) + _specials(root)  # never recursed into
-        pickles = _by_stem(files, (PICKLE_EXT,), root, clashes)
-        photos = _by_stem(files, IMAGE_EXTS, root, clashes)
-        for n in set(pickles) & set(photos):  # one name, one sample: it fails alone, as the pickle
-            clashes.setdefault(n, f"{root}: the name '{n}' is used by both a pickle and an image ({pickles[n].name}, "
-                                  f"{photos[n].name}); rename or remove one")
-        samples = [Sample(n, f, sigma=meta.get(n), kind="pickle", problem=clashes.get(n)) for n, f in pickles.items()]
-        samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n), problem=clashes.get(n))
+        pickles = _by_stem(files, (PICKLE_EXT,), clashes)
+        photos = _by_stem(files, IMAGE_EXTS, clashes)
+        for n in set(pickles) & set(photos):  # one name, one sample (the pickle's): it fails alone, naming every file
+            clashes.setdefault(n, []).extend([pickles[n], photos[n]])
+        problem = {n: _clash_message(root, n, fs) for n, fs in clashes.items()}
+        samples = [Sample(n, f, sigma=meta.get(n), kind="pickle", problem=problem.get(n)) for n, f in pickles.items()]
+        samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n), problem=problem.get(n))
                     for n, f in photos.items() if n not in pickles]
     if ignored:
         notice(f"{root}: ignored {len(ignored)} file(s) or folder(s) it does not read: {', '.join(ignored[:5])}"
@@ -213,7 +220,8 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
 
 
 def load_sample(sample: Sample, sigma_given: bool = False) -> LoadedSample:
-    """Read one sample's files. Raises ImageReadError naming the faulty file; touches no other sample.
+    """Read one sample's files. Raises ImageReadError naming the faulty file (InputError naming every file of a
+    name that has several); touches no other sample.
     `sigma_given`: σ comes from elsewhere (--sigma), so a pickle's own σ is not needed (nor checked)."""
     if sample.problem is not None:
         raise InputError(sample.problem)
