@@ -57,20 +57,20 @@ def _same_file(a: PathLike, b: PathLike) -> bool:
         return False
 
 
-def _kernel_file(path: str) -> Optional[str]:
-    """What an existing .npy is when it is not a kernel this command wrote (a float32 square array, no negative
-    taps, sum 1), None when it is one (a rerun may replace it). Memory-mapped: shape and type are checked first."""
+def _kernel_file(path: str) -> Tuple[Optional[int], Optional[str]]:
+    """(its side, None) when an existing .npy is a kernel this command wrote (a float32 square array, no negative
+    taps, sum 1: a rerun may replace it), else (None, what it is). Memory-mapped: shape and type are checked first."""
     try:
         k = np.load(path, mmap_mode="r", allow_pickle=False)
         if not isinstance(k, np.ndarray):  # e.g. an .npz archive under a .npy name
-            return "not a .npy array"
+            return None, "not a .npy array"
         if k.dtype != np.float32 or k.ndim != 2 or k.shape[0] != k.shape[1] or k.size == 0:
-            return f"an array of shape {tuple(k.shape)} and type {k.dtype}"
+            return None, f"an array of shape {tuple(k.shape)} and type {k.dtype}"
         if not (np.isfinite(k).all() and k.min() >= 0 and abs(float(k.sum(dtype=np.float64)) - 1) < 1e-3):
-            return "an array that is not a kernel (negative, non-finite or not summing to 1)"
+            return None, "an array that is not a kernel (negative, non-finite or not summing to 1)"
     except Exception:  # noqa: BLE001 - any unreadable file: not one of ours
-        return "not a .npy array"
-    return None
+        return None, "not a .npy array"
+    return k.shape[0], None
 
 
 def _preview_file(path: str, npy: str, sizes: Tuple[int, ...]) -> Optional[str]:
@@ -100,9 +100,10 @@ def check_outputs(out: str, inputs: dict, kernel_size: int) -> Tuple[str, str]:
     blocked = file_in_the_way(Path(npy).parent)
     if blocked is not None:
         raise InputError(f"--out {out}: {blocked} is a file, not a folder")
-    ours = os.path.isfile(npy) and _kernel_file(npy) is None  # the .npy is read once, memory-mapped
-    # a preview of this run's size is also accepted where no .npy exists yet (a first run stopped between its writes)
-    sizes = (np.load(npy, mmap_mode="r").shape[0], kernel_size) if ours else () if os.path.lexists(npy) else (kernel_size,)
+    # the .npy is read once, memory-mapped (a FIFO or folder there is refused below, never opened)
+    side, not_kernel = _kernel_file(npy) if os.path.isfile(npy) else (None, None)
+    # previews accepted: of the kernel beside it and of this run's size (alone too: a first run stopped between its writes)
+    sizes = () if not_kernel else tuple(s for s in (side, kernel_size) if s is not None)
     for path, what in ((npy, "kernel"), (png, "kernel preview")):
         if os.path.isdir(path):
             raise InputError(f"--out {out}: the {what} {path} would replace a folder; choose another --out")
@@ -113,7 +114,7 @@ def check_outputs(out: str, inputs: dict, kernel_size: int) -> Tuple[str, str]:
         if (os.path.exists(path) or os.path.islink(path)) and not os.path.isfile(path):  # a FIFO would block a read
             raise InputError(f"--out {out}: {path} exists and is not a regular file; choose another --out")
         if os.path.exists(path):
-            other = _preview_file(path, npy, sizes) if path == png else _kernel_file(path)
+            other = _preview_file(path, npy, sizes) if path == png else not_kernel
             if other is not None:
                 raise InputError(f"--out {out}: {path} exists and is not a {what} ({other}); refusing to replace "
                                  f"it, choose another --out")

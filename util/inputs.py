@@ -66,22 +66,21 @@ def _unused(files: Iterable[Path], exts: Sequence[str]) -> list:
 
 
 def _by_stem(files: Iterable[Path], exts: Sequence[str], clashes: dict) -> dict:
-    """{stem: file}; every file of a stem that has several (a.png and a.npy) goes into `clashes` {stem: [files]}:
+    """{stem: file}; every file of a stem that has several (a.png and a.npy) goes into `clashes` {stem: {files}}:
     that name fails alone (`_clash_message`), the others run."""
     out: dict = {}
     for f in files:
         if f.suffix.lower() in exts:
             if f.stem in out:
-                same = clashes.setdefault(f.stem, [])  # may hold the name's files of another folder already
-                same += [g for g in (out[f.stem], f) if g not in same]
+                clashes.setdefault(f.stem, set()).update((out[f.stem], f))
             else:
                 out[f.stem] = f
     return out
 
 
-def _clash_message(root: Path, name: str, files: list) -> str:
-    shown = ", ".join(sorted(str(f.relative_to(root)) for f in set(files)))
-    return f"{root}: {len(set(files))} files share the name '{name}' ({shown}); rename or remove all but one"
+def _clash_message(root: Path, name: str, files: set) -> str:
+    shown = ", ".join(sorted(str(f.relative_to(root)) for f in files))
+    return f"{root}: {len(files)} files share the name '{name}' ({shown}); rename or remove all but one"
 
 
 def read_meta_csv(path: PathLike) -> dict:
@@ -167,7 +166,7 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
     meta = read_meta_csv(meta_path) if meta_path.is_file() else {}
     bnd = read_meta_boundaries(meta_path) if meta_path.is_file() else {}
 
-    clashes: dict = {}  # {name: [files]}: a name with several files fails alone
+    clashes: dict = {}  # {name: {files}}: a name with several files fails alone
     if (root / "blurry").is_dir():
         found = {sub: _by_stem(_visible_files(root / sub), exts, clashes) if (root / sub).is_dir() else {}
                  for sub, exts in (("blurry", IMAGE_EXTS), ("sharp", IMAGE_EXTS), ("kernel", (".npy",)))}
@@ -184,14 +183,14 @@ def list_inputs(input_dir: PathLike, notice: Callable[[str], None] = lambda mess
         for sub in ("sharp", "kernel"):
             for n, f in found[sub].items():
                 if n not in blurry:  # no blurry/<name>: nothing to deblur (every file of the name named)
-                    ignored += sorted(f"{sub}/{g.name}" for g in clashes.get(n, [f]) if g.parent == root / sub)
+                    ignored += sorted(f"{sub}/{g.name}" for g in clashes.get(n, {f}) if g.parent == root / sub)
     else:
         files = _visible_files(root)
         ignored = _unused(files, IMAGE_EXTS + (PICKLE_EXT,)) + _folders(root) + _specials(root)  # never recursed into
         pickles = _by_stem(files, (PICKLE_EXT,), clashes)
         photos = _by_stem(files, IMAGE_EXTS, clashes)
         for n in set(pickles) & set(photos):  # one name, one sample (the pickle's): it fails alone, naming every file
-            clashes.setdefault(n, []).extend([pickles[n], photos[n]])
+            clashes.setdefault(n, set()).update((pickles[n], photos[n]))
         problem = {n: _clash_message(root, n, fs) for n, fs in clashes.items()}
         samples = [Sample(n, f, sigma=meta.get(n), kind="pickle", problem=problem.get(n)) for n, f in pickles.items()]
         samples += [Sample(n, f, sigma=meta.get(n), kind="photo", boundary=bnd.get(n), problem=problem.get(n))

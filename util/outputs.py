@@ -114,8 +114,13 @@ def kernel_to_image(k: Union[np.ndarray, torch.Tensor], scale: int = 8) -> np.nd
     a = np.nan_to_num(a, nan=0.0)
     m = a.max(initial=0.0)
     a = np.clip(a / m, 0, 1) if m > 0 else np.zeros_like(a)
+    return magnify(a, scale).astype(np.float32)
+
+
+def magnify(a: np.ndarray, scale: int) -> np.ndarray:
+    """Nearest-neighbour magnification of a 2-D array by an integer factor (at least 1)."""
     scale = max(1, int(scale))
-    return np.repeat(np.repeat(a, scale, axis=0), scale, axis=1).astype(np.float32)
+    return np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)
 
 
 def save_kernel_png(path: PathLike, k: Union[np.ndarray, torch.Tensor], scale: int = 8) -> Path:
@@ -157,7 +162,7 @@ def make_montage(blurry, restored, sharp=None, k_est=None, k_true=None, gap: int
     flat = [kernel_to_image(k, 1) for k in kernels]  # 2-D, normalised, unmagnified (1×1 included)
     ks = max(max(f.shape) for f in flat)
     scale = kernel_scale or max(1, min(8, (h // 2) // ks))
-    kims = [np.repeat(np.repeat(np.repeat(f, scale, 0), scale, 1)[:, :, None], 3, axis=2) for f in flat]
+    kims = [np.repeat(magnify(f, scale)[:, :, None], 3, axis=2) for f in flat]
     kh = max(k.shape[0] for k in kims)
     row = []
     for k in kims:
